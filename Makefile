@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Each builds .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# A CPU build of PyTorch, pinned exactly (any other spelling pulls a multi-GB CUDA build).
+TORCH  := torch==2.13.0
+
+.PHONY: venv test demo bench lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[torch,test,data]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+demo: venv
+	$(BIN)/python -m train.pretrain --preset demo --output-dir runs/demo
+
+bench: venv
+	$(BIN)/python -m bench.run --quick
+
+lint: venv
+	$(BIN)/ruff check longformer_jax convert train bench tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

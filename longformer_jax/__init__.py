@@ -1,0 +1,51 @@
+"""longformer-jax: the Longformer in JAX/Flax, exact to Hugging Face ``transformers``.
+
+    import longformer_jax as lj
+    model, params = lj.load_pretrained("kiddothe2b/longformer-base-4096", task="masked-lm")
+    out = model.apply({"params": params}, input_ids, attention_mask=am, global_attention_mask=gm)
+"""
+
+from longformer_jax import attention
+from longformer_jax.config import LongformerConfig
+from longformer_jax.heads import (
+    TASKS,
+    LongformerForDocumentClassification,
+    LongformerForMaskedLM,
+    LongformerForMultipleChoice,
+    LongformerForQuestionAnswering,
+    LongformerForSequenceClassification,
+    LongformerForSequentialSentenceClassification,
+    LongformerForTokenClassification,
+)
+from longformer_jax.hf import (
+    build_model,
+    init_params,
+    load_pretrained,
+    params_from_state_dict,
+    save_pretrained,
+    state_dict_from_params,
+)
+from longformer_jax.modeling import LongformerModel, global_slot_bucket
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TASKS",
+    "LongformerConfig",
+    "LongformerForDocumentClassification",
+    "LongformerForMaskedLM",
+    "LongformerForMultipleChoice",
+    "LongformerForQuestionAnswering",
+    "LongformerForSequenceClassification",
+    "LongformerForSequentialSentenceClassification",
+    "LongformerForTokenClassification",
+    "LongformerModel",
+    "attention",
+    "build_model",
+    "global_slot_bucket",
+    "init_params",
+    "load_pretrained",
+    "params_from_state_dict",
+    "save_pretrained",
+    "state_dict_from_params",
+]

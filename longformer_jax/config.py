@@ -1,0 +1,281 @@
+"""LongformerConfig: the Hugging Face ``config.json`` fields, validated, plus JAX-side options.
+
+The HF fields keep their names and meanings (``../shared/SPEC.md``, Config). ``attention_window`` is
+the FULL window (``w = attention_window // 2`` keys on each side), as in ``transformers``. allenai's
+original configs store a one-sided window; :meth:`LongformerConfig.from_dict` recognises them and
+doubles it.
+
+JAX-side options (``dtype``, ``remat``, ``scan_layers``, ``attention_block_size``) are never written to
+``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+# The fields of HF's LongformerConfig (and its PretrainedConfig parents) that the model reads.
+_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "layer_norm_eps",
+    "attention_window",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "num_labels",
+    "problem_type",
+    "id2label",
+    "label2id",
+    "tie_word_embeddings",
+)
+
+# Keys that only allenai's original (pre-transformers) Longformer configs carry.
+_ALLENAI_KEYS = ("attention_mode", "attention_dilation", "autoregressive")
+
+_JAX_FIELDS = ("dtype", "remat", "scan_layers", "attention_block_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class LongformerConfig:
+    """Configuration of a Longformer model; HF defaults, as ``transformers.LongformerConfig``.
+
+    Real checkpoints differ from these defaults (the seed checkpoint has vocab 50265, 4099
+    positions, layer_norm_eps 1e-5, type_vocab_size 1): load their ``config.json``.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    attention_window: int | tuple[int, ...] = 512
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    sep_token_id: int = 2
+    num_labels: int = 2
+    problem_type: str | None = None
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    tie_word_embeddings: bool = True
+    # Fields of config.json this class does not model, kept so that a round trip loses nothing.
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # --- JAX-side options (not written to config.json) ---
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+    remat: bool = False  # rematerialise each layer in the backward pass
+    scan_layers: bool = False  # one lax.scan over the layers (needs one window for all layers)
+    attention_block_size: int | None = None  # query rows per block of the band; None = one-sided window
+
+    def __post_init__(self):
+        if isinstance(self.attention_window, list):
+            object.__setattr__(self, "attention_window", tuple(self.attention_window))
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def fail(msg):
+            raise ValueError(f"LongformerConfig: {msg}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                fail(f"{name}={v!r} must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            fail(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; choose heads that divide the hidden size "
+                f"(e.g. {_divisors_hint(self.hidden_size)})."
+            )
+        windows = self.attention_window
+        if isinstance(windows, tuple):
+            if len(windows) != self.num_hidden_layers:
+                fail(
+                    f"attention_window has {len(windows)} entries but num_hidden_layers="
+                    f"{self.num_hidden_layers}; give one window per layer or a single int."
+                )
+        else:
+            windows = (windows,)
+        for i, w in enumerate(windows):
+            where = f"attention_window[{i}]" if isinstance(self.attention_window, tuple) else "attention_window"
+            if not isinstance(w, int) or isinstance(w, bool) or w <= 0:
+                fail(f"{where}={w!r} must be a positive even integer (the full window, both sides).")
+            if w % 2:
+                fail(
+                    f"{where}={w} is odd; the window is the full width (w//2 keys each side) and must be "
+                    f"even, e.g. {w + 1}. (allenai's one-sided configs store half: pass 2*{w}.)"
+                )
+        largest = max(windows)
+        for i, w in enumerate(windows):
+            if largest % w:
+                fail(
+                    f"attention_window[{i}]={w} does not divide the largest window {largest}; inputs are "
+                    f"padded to a multiple of {largest} and every layer's window must divide it "
+                    f"(e.g. use windows like [4, 8] or [64, 128, 256])."
+                )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            fail(f"dtype={self.dtype!r}; expected 'float32', 'bfloat16' or 'float16'.")
+        if self.hidden_act not in _ACTIVATIONS:
+            fail(f"hidden_act={self.hidden_act!r} is not supported; expected one of {sorted(_ACTIVATIONS)}.")
+        if self.scan_layers and len(set(windows)) > 1:
+            fail(
+                f"scan_layers=True needs the same window on every layer, got {list(windows)}; "
+                "set scan_layers=False for per-layer windows."
+            )
+        if self.attention_block_size is not None:
+            for w in windows:
+                if self.attention_block_size <= 0 or (w // 2) % self.attention_block_size:
+                    fail(
+                        f"attention_block_size={self.attention_block_size} must be a positive divisor of "
+                        f"every one-sided window (attention_window // 2 = {w // 2})."
+                    )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def attention_windows(self) -> tuple[int, ...]:
+        """The full window of every layer."""
+        if isinstance(self.attention_window, tuple):
+            return self.attention_window
+        return (self.attention_window,) * self.num_hidden_layers
+
+    @property
+    def max_window(self) -> int:
+        return max(self.attention_windows)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest input: positions start at pad_token_id + 1."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    def replace(self, **changes) -> LongformerConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides) -> LongformerConfig:
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in (None, "longformer", "roberta") and not any(k in d for k in _ALLENAI_KEYS):
+            raise ValueError(
+                f"config.json has model_type={model_type!r}; a Longformer config is expected "
+                "(model_type 'longformer'). Convert a RoBERTa checkpoint with "
+                "`python -m convert.roberta_to_longformer`."
+            )
+        allenai = any(k in d for k in _ALLENAI_KEYS)
+        if allenai:
+            mode = d.get("attention_mode")
+            if mode not in (None, "longformer", "sliding_chunks", "tvm", "sliding_chunks_no_overlap"):
+                raise ValueError(f"allenai config attention_mode={mode!r} is not supported.")
+            dil = d.get("attention_dilation", 1)
+            dils = dil if isinstance(dil, list) else [dil]
+            if any(x != 1 for x in dils):
+                raise ValueError(f"attention_dilation={dil!r}: dilated windows are not supported (only 1).")
+            if d.get("autoregressive", False):
+                raise ValueError("autoregressive=True (causal Longformer) is not supported.")
+            aw = d.get("attention_window", 512)
+            d["attention_window"] = [2 * x for x in aw] if isinstance(aw, list) else 2 * aw
+        kwargs: dict[str, Any] = {}
+        for k in _HF_FIELDS:
+            if k in d:
+                kwargs[k] = d.pop(k)
+        if kwargs.get("id2label") is not None:
+            kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+            kwargs.setdefault("num_labels", len(kwargs["id2label"]))
+        if "num_labels" in kwargs and kwargs.get("id2label") is not None:
+            kwargs["num_labels"] = len(kwargs["id2label"])
+        for k in _JAX_FIELDS:
+            d.pop(k, None)
+        aw = kwargs.get("attention_window")
+        if isinstance(aw, list):
+            kwargs["attention_window"] = tuple(aw)
+        kwargs["extra"] = {k: v for k, v in d.items() if not k.startswith("_") and k not in _ALLENAI_KEYS}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> LongformerConfig:
+        """Read ``config.json`` from a directory (or the file itself)."""
+        path = os.fspath(path)
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise ValueError(f"no config.json at {path!r}; expected an HF model directory or a config.json path.")
+        with open(file) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON: {e}") from None
+        return cls.from_dict(d, **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json that ``transformers`` reads (model_type longformer)."""
+        d: dict[str, Any] = dict(self.extra)
+        for k in _HF_FIELDS:
+            v = getattr(self, k)
+            if k == "attention_window" and isinstance(v, tuple):
+                v = list(v)
+            if k in ("id2label", "label2id", "problem_type") and v is None:
+                continue
+            if k == "id2label":
+                v = {str(i): lab for i, lab in v.items()}
+            d[k] = v
+        if self.id2label is None:
+            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+            d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        d.pop("num_labels", None)  # transformers derives it from id2label
+        d["model_type"] = "longformer"
+        d.setdefault("onnx_export", False)
+        return dict(sorted(d.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.to_hf_dict()
+        for k in _JAX_FIELDS:
+            d[k] = getattr(self, k)
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike, architectures: list[str] | None = None) -> str:
+        os.makedirs(directory, exist_ok=True)
+        d = self.to_hf_dict()
+        if architectures:
+            d["architectures"] = list(architectures)
+        file = os.path.join(directory, "config.json")
+        with open(file, "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+            f.write("\n")
+        return file
+
+
+_ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh"}
+
+
+def _divisors_hint(n: int) -> str:
+    return ", ".join(str(k) for k in range(2, min(n, 32) + 1) if n % k == 0) or "1"
