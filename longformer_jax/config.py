@@ -211,14 +211,17 @@ class LongformerConfig:
         if kwargs.get("id2label") is not None:
             kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
             kwargs.setdefault("num_labels", len(kwargs["id2label"]))
-        if "num_labels" in kwargs and kwargs.get("id2label") is not None:
+        if kwargs.get("id2label") is not None:
             kwargs["num_labels"] = len(kwargs["id2label"])
+            if kwargs["id2label"] == {i: f"LABEL_{i}" for i in range(kwargs["num_labels"])}:
+                kwargs["id2label"] = kwargs["label2id"] = None  # the default names: nothing to keep
         for k in _JAX_FIELDS:
             d.pop(k, None)
         aw = kwargs.get("attention_window")
         if isinstance(aw, list):
             kwargs["attention_window"] = tuple(aw)
-        kwargs["extra"] = {k: v for k, v in d.items() if not k.startswith("_") and k not in _ALLENAI_KEYS}
+        dropped = set(_ALLENAI_KEYS) | {"model_type", "architectures", "transformers_version"}
+        kwargs["extra"] = {k: v for k, v in d.items() if not k.startswith("_") and k not in dropped}
         kwargs.update(overrides)
         return cls(**kwargs)
 

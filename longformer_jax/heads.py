@@ -162,7 +162,12 @@ class LongformerForMaskedLM(nn.Module):
     ) -> LongformerMaskedLMOutput:
         cfg = self.config
         out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            input_ids,
+            attention_mask,
+            global_attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
             **_model_kwargs(locals()),
         )
         table = None
@@ -215,14 +220,21 @@ class LongformerForSequenceClassification(nn.Module):
             shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
             global_attention_mask = jnp.zeros(shape, jnp.int32).at[:, 0].set(1)
         out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            input_ids,
+            attention_mask,
+            global_attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
             **_model_kwargs(locals()),
         )
         logits = LongformerClassificationHead(cfg, cfg.num_labels, name="classifier")(
             out.last_hidden_state[:, 0], deterministic
         ).astype(jnp.float32)
         loss = classification_loss(cfg, logits, labels) if labels is not None else None
-        return LongformerSequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
+        return LongformerSequenceClassifierOutput(
+            loss, logits, out.hidden_states, out.attentions, out.global_attentions
+        )
 
 
 class LongformerForTokenClassification(nn.Module):
@@ -247,7 +259,12 @@ class LongformerForTokenClassification(nn.Module):
     ) -> LongformerTokenClassifierOutput:
         cfg = self.config
         out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            input_ids,
+            attention_mask,
+            global_attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
             **_model_kwargs(locals()),
         )
         x = nn.Dropout(cfg.hidden_dropout_prob)(out.last_hidden_state, deterministic=deterministic)
@@ -310,7 +327,12 @@ class LongformerForQuestionAnswering(nn.Module):
         if global_attention_mask is None and input_ids is not None:
             global_attention_mask = question_global_attention_mask(input_ids, cfg.sep_token_id)
         out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            input_ids,
+            attention_mask,
+            global_attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
             **_model_kwargs(locals()),
         )
         logits = dense(cfg, 2, "qa_outputs")(out.last_hidden_state).astype(jnp.float32)
@@ -357,7 +379,9 @@ class LongformerForMultipleChoice(nn.Module):
             )
         B, C, L = x.shape[:3]
         if global_attention_mask is None and input_ids is not None:
-            global_attention_mask = choice_global_attention_mask(jnp.asarray(input_ids).reshape(B * C, L), cfg.sep_token_id)
+            global_attention_mask = choice_global_attention_mask(
+                jnp.asarray(input_ids).reshape(B * C, L), cfg.sep_token_id
+            )
 
         def flat(a, trailing=0):
             if a is None:
@@ -369,13 +393,20 @@ class LongformerForMultipleChoice(nn.Module):
 
         gm = jnp.asarray(global_attention_mask).reshape(B * C, L) if global_attention_mask is not None else None
         out = LongformerModel(cfg, add_pooling_layer=True, name="longformer")(
-            flat(input_ids), flat(attention_mask), gm, flat(token_type_ids), flat(position_ids), flat(inputs_embeds),
+            flat(input_ids),
+            flat(attention_mask),
+            gm,
+            flat(token_type_ids),
+            flat(position_ids),
+            flat(inputs_embeds),
             **_model_kwargs(locals()),
         )
         pooled = nn.Dropout(cfg.hidden_dropout_prob)(out.pooler_output, deterministic=deterministic)
         logits = dense(cfg, 1, "classifier")(pooled).astype(jnp.float32).reshape(B, C)
         loss = cross_entropy(logits, jnp.asarray(labels)) if labels is not None else None
-        return LongformerMultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
+        return LongformerMultipleChoiceModelOutput(
+            loss, logits, out.hidden_states, out.attentions, out.global_attentions
+        )
 
 
 # ---------------------------------------------------------------------------------------- sentence blocks
@@ -434,7 +465,12 @@ class LongformerForDocumentClassification(nn.Module):
         if global_attention_mask is None:
             global_attention_mask = block_start_global_mask(am, self.sentence_block_size)
         out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids, am, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            input_ids,
+            am,
+            global_attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
             **_model_kwargs(locals()),
         )
         starts, valid = _block_starts(out.last_hidden_state, am, self.sentence_block_size)
@@ -453,7 +489,9 @@ class LongformerForDocumentClassification(nn.Module):
         logits = LongformerClassificationHead(cfg, cfg.num_labels, name="classifier")(pooled, deterministic)
         logits = logits.astype(jnp.float32)
         loss = classification_loss(cfg, logits, labels) if labels is not None else None
-        return LongformerSequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
+        return LongformerSequenceClassifierOutput(
+            loss, logits, out.hidden_states, out.attentions, out.global_attentions
+        )
 
 
 class LongformerForSequentialSentenceClassification(nn.Module):
@@ -486,7 +524,12 @@ class LongformerForSequentialSentenceClassification(nn.Module):
         if global_attention_mask is None:
             global_attention_mask = block_start_global_mask(am, self.sentence_block_size)
         out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids, am, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            input_ids,
+            am,
+            global_attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
             **_model_kwargs(locals()),
         )
         starts, valid = _block_starts(out.last_hidden_state, am, self.sentence_block_size)

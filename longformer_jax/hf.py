@@ -46,7 +46,12 @@ HF_ARCHITECTURES = {
 }
 _TASK_OF_ARCH = {v: k for k, v in HF_ARCHITECTURES.items()}
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -102,7 +107,9 @@ def init_params(model: nn.Module, rng: jax.Array | int = 0, abstract: bool = Fal
     kwargs = {"global_attention_mask": jnp.zeros_like(ids), "num_global_slots": 0}
     if task in ("document-classification", "sequential-sentence-classification"):
         ids = jnp.full((1, model.sentence_block_size), model.config.bos_token_id, jnp.int32)
-        ids = jnp.pad(ids, ((0, 0), (0, (-ids.shape[1]) % model.config.max_window)), constant_values=model.config.pad_token_id)
+        ids = jnp.pad(
+            ids, ((0, 0), (0, (-ids.shape[1]) % model.config.max_window)), constant_values=model.config.pad_token_id
+        )
         kwargs = {"global_attention_mask": jnp.zeros_like(ids), "num_global_slots": 0}
     init = lambda r: model.init(r, ids, **kwargs)["params"]
     if abstract:
@@ -136,7 +143,12 @@ def _unstack_layers(flat: dict[tuple, Any], num_layers: int) -> dict[tuple, Any]
                 if rest and rest[0] == "layer":
                     rest = rest[1:]
                 for n in range(num_layers):
-                    out[path[: i + 1] + (f"layer_{n}",) + rest] = value[n]
+                    row = (
+                        jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+                        if isinstance(value, jax.ShapeDtypeStruct)
+                        else value[n]
+                    )
+                    out[path[: i + 1] + (f"layer_{n}",) + rest] = row
                 continue
         out[path] = value
     return out
@@ -225,9 +237,7 @@ def params_from_state_dict(
     abstract = init_params(model, 0, abstract=True)
     flat_abs = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract))
     if config.scan_layers:
-        flat_abs = _unstack_layers(
-            {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_abs.items()}, config.num_hidden_layers
-        )
+        flat_abs = _unstack_layers(flat_abs, config.num_hidden_layers)
     expected = {_path_to_hf_key(p): p for p in flat_abs}
 
     sd = _normalise_keys(state_dict, task)
@@ -265,12 +275,15 @@ def params_from_state_dict(
             want = tuple(flat_abs[path].shape)
             have = sd[k].shape[::-1] if path[-1] == "kernel" else sd[k].shape
             if tuple(have) != want:
-                wrong_shape.append(f"{k}: checkpoint {tuple(sd[k].shape)} vs model "
-                                   f"{want[::-1] if path[-1] == 'kernel' else want}")
+                wrong_shape.append(
+                    f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[::-1] if path[-1] == 'kernel' else want}"
+                )
     hard_unexpected = [k for k in unexpected if k not in other_head]
     if missing_backbone or hard_unexpected or wrong_shape or (missing_head and not allow_new_head):
-        lines = [f"cannot load {source} into a Longformer {task} model (config: hidden {config.hidden_size}, "
-                 f"{config.num_hidden_layers} layers, vocab {config.vocab_size}):"]
+        lines = [
+            f"cannot load {source} into a Longformer {task} model (config: hidden {config.hidden_size}, "
+            f"{config.num_hidden_layers} layers, vocab {config.vocab_size}):"
+        ]
         if missing_backbone or (missing_head and not allow_new_head):
             miss = missing_backbone + (missing_head if not allow_new_head else [])
             lines.append(f"  missing keys ({len(miss)}): {_short(miss)}")
@@ -310,7 +323,11 @@ def _to_numpy(v) -> np.ndarray:
         if str(v.dtype) == "torch.bfloat16":
             v = v.float()
         return v.numpy()
-    return np.asarray(jax.device_get(v), dtype=np.float32) if hasattr(v, "dtype") and str(v.dtype) == "bfloat16" else np.asarray(v)
+    return (
+        np.asarray(jax.device_get(v), dtype=np.float32)
+        if hasattr(v, "dtype") and str(v.dtype) == "bfloat16"
+        else np.asarray(v)
+    )
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -329,9 +346,7 @@ def read_state_dict(directory: str) -> dict[str, np.ndarray]:
         return _read_bin(files["pytorch_model.bin"])
     if "pytorch_model.bin.index.json" in files:
         return _read_index(files["pytorch_model.bin.index.json"], _read_bin)
-    raise ValueError(
-        f"no weights in {directory!r}: expected one of {', '.join(WEIGHT_FILES)}."
-    )
+    raise ValueError(f"no weights in {directory!r}: expected one of {', '.join(WEIGHT_FILES)}.")
 
 
 def _read_index(index_file: str, reader) -> dict[str, np.ndarray]:
@@ -388,8 +403,13 @@ def resolve_pretrained(path: str | os.PathLike, revision: str | None = None) -> 
         return snapshot_download(
             path,
             revision=revision,
-            allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin*",
-                            *TOKENIZER_FILES],
+            allow_patterns=[
+                "config.json",
+                "*.safetensors",
+                "*.safetensors.index.json",
+                "pytorch_model.bin*",
+                *TOKENIZER_FILES,
+            ],
         )
     except Exception as e:  # noqa: BLE001 - network / hub errors
         raise ValueError(
@@ -423,8 +443,7 @@ def load_pretrained(
         config = config.replace(**config_overrides) if config_overrides else config
         if saved_task != task:
             sd = state_dict_from_params(params, config.replace(scan_layers=False), saved_task)
-            params = params_from_state_dict(sd, config, task, rng=rng, allow_new_head=allow_new_head,
-                                            source=directory)
+            params = params_from_state_dict(sd, config, task, rng=rng, allow_new_head=allow_new_head, source=directory)
         elif config.scan_layers:
             sd = state_dict_from_params(params, config.replace(scan_layers=False), task)
             params = params_from_state_dict(sd, config, task, rng=rng, source=directory)

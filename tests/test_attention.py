@@ -1,0 +1,171 @@
+"""The blocked sliding-window + global attention equals the dense O(L^2) reference, in linear memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longformer_jax import attention as A
+
+H, D = 2, 4
+
+
+def random_case(seed, B, L, w, n_global, pad_frac=0.2):
+    rng = np.random.default_rng(seed)
+    q, k, v, qg, kg, vg = (jnp.asarray(rng.normal(size=(B, L, H, D)), jnp.float32) for _ in range(6))
+    mask = np.ones((B, L), np.int32)
+    for b in range(B):
+        pads = rng.random(L) < pad_frac
+        pads[rng.integers(0, L)] = False
+        mask[b, pads] = 0
+        glob = rng.choice(L, size=min(n_global[b], L), replace=False)
+        mask[b, glob] = np.where(mask[b, glob] == 1, 2, mask[b, glob])
+    return q, k, v, qg, kg, vg, jnp.asarray(mask)
+
+
+def blocked(q, k, v, qg_full, kg, vg, mask, w, num_slots, block_size=None, return_probs=True):
+    slots = A.global_slots(mask == 2, num_slots)
+    out, probs = A.sliding_window_attention(q, k, v, mask, w, slots, block_size=block_size, return_probs=return_probs)
+    qg = jnp.take_along_axis(qg_full, slots.index_BxG[:, :, None, None], axis=1)
+    out_g, gprobs = A.global_query_attention(qg, kg, vg, mask, slots)
+    return A.scatter_global_rows(out, out_g, slots), probs, gprobs, slots
+
+
+@pytest.mark.parametrize(
+    "B,L,w,block,n_global",
+    [
+        (2, 32, 4, None, (3, 0)),
+        (1, 48, 6, 3, (5,)),
+        (3, 64, 8, 2, (0, 1, 7)),
+        (2, 16, 8, None, (16, 2)),  # window wider than half the sequence; a row that is all global
+        (1, 40, 10, 5, (0,)),
+    ],
+)
+def test_blocked_equals_dense(B, L, w, block, n_global):
+    q, k, v, qg, kg, vg, mask = random_case(B * L + w, B, L, w, n_global)
+    num_slots = max(max(n_global), 1) + 1  # spare slots must change nothing
+    out, probs, gprobs, slots = blocked(q, k, v, qg, kg, vg, mask, w, num_slots, block)
+    ref_out, ref_p = A.dense_attention(q, k, v, qg, kg, vg, mask, w)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5)
+
+    # The probabilities in HF's layout: G global columns, then the band (column w = the query itself).
+    ref_p = np.asarray(ref_p)
+    probs = np.asarray(probs)
+    mask_np = np.asarray(mask)
+    G = num_slots
+    for b in range(B):
+        idx = np.asarray(slots.index_BxG[b])
+        valid = np.asarray(slots.valid_BxG[b])
+        for i in range(L):
+            if mask_np[b, i] == 2:
+                continue  # a global query's local row is replaced by its global one
+            for g in range(G):
+                want = ref_p[b, :, i, idx[g]] if valid[g] else 0.0
+                np.testing.assert_allclose(probs[b, :, i, g], want, atol=1e-6)
+            for c in range(2 * w + 1):
+                j = i - w + c
+                inside = 0 <= j < L and mask_np[b, j] == 1
+                want = ref_p[b, :, i, j] if inside else 0.0
+                np.testing.assert_allclose(probs[b, :, i, G + c], want, atol=1e-6)
+        # global rows: the global probabilities over every key
+        for g in range(G):
+            if valid[g]:
+                np.testing.assert_allclose(np.asarray(gprobs[b, :, g]), ref_p[b, :, idx[g]], atol=1e-6)
+
+
+def test_pad_rows_are_zero_and_probabilities_sum_to_one():
+    q, k, v, qg, kg, vg, mask = random_case(0, 2, 32, 4, (2, 0), pad_frac=0.3)
+    out, probs, _, _ = blocked(q, k, v, qg, kg, vg, mask, 4, 2)
+    m = np.asarray(mask)
+    assert np.all(np.asarray(out)[m == 0] == 0)
+    sums = np.asarray(probs).sum(-1)  # (B, H, L)
+    local = np.broadcast_to((m == 1)[:, None, :], sums.shape)
+    np.testing.assert_allclose(sums[local], 1.0, atol=1e-5)
+
+
+def test_global_slots_in_order_with_overflow():
+    g = jnp.asarray([[0, 1, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], bool)
+    s = A.global_slots(g, 3)
+    assert np.asarray(s.index_BxG).tolist() == [[1, 3, 4], [0, 0, 0], [0, 1, 2]]
+    assert np.asarray(s.valid_BxG).tolist() == [[True] * 3, [False] * 3, [True] * 3]
+    assert np.asarray(s.overflow_B).tolist() == [False, False, True]
+    s0 = A.global_slots(g, 0)
+    assert s0.index_BxG.shape == (3, 0) and np.asarray(s0.overflow_B).tolist() == [True, False, True]
+
+
+def test_gradients_match_dense():
+    q, k, v, qg, kg, vg, mask = random_case(3, 2, 24, 3, (2, 1))
+
+    def f_blocked(q, k, v, qg, kg, vg):
+        return jnp.sum(jnp.sin(blocked(q, k, v, qg, kg, vg, mask, 3, 2, return_probs=False)[0]))
+
+    def f_dense(q, k, v, qg, kg, vg):
+        return jnp.sum(jnp.sin(A.dense_attention(q, k, v, qg, kg, vg, mask, 3)[0]))
+
+    ga = jax.grad(f_blocked, argnums=range(6))(q, k, v, qg, kg, vg)
+    gb = jax.grad(f_dense, argnums=range(6))(q, k, v, qg, kg, vg)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_vmap_over_examples_equals_batch():
+    q, k, v, qg, kg, vg, mask = random_case(4, 3, 16, 4, (1, 2, 0))
+    slots = A.global_slots(mask == 2, 2)
+    full, _ = A.sliding_window_attention(q, k, v, mask, 4, slots)
+
+    def one(q, k, v, m, idx, valid, over):
+        s = A.GlobalSlots(idx[None], valid[None], over[None])
+        return A.sliding_window_attention(q[None], k[None], v[None], m[None], 4, s)[0][0]
+
+    mapped = jax.vmap(one)(q, k, v, mask, *slots)
+    np.testing.assert_allclose(np.asarray(mapped), np.asarray(full), atol=1e-6)
+
+
+def test_dropout_on_probabilities():
+    q, k, v, qg, kg, vg, mask = random_case(5, 1, 32, 4, (2,))
+    slots = A.global_slots(mask == 2, 2)
+    ref, _ = A.sliding_window_attention(q, k, v, mask, 4, slots)
+    same, _ = A.sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.0, dropout_rng=jax.random.PRNGKey(0))
+    dropped, _ = A.sliding_window_attention(
+        q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0)
+    )
+    assert np.array_equal(np.asarray(ref), np.asarray(same))
+    assert not np.allclose(np.asarray(ref), np.asarray(dropped))
+    # the expectation is kept: averaging over many masks approaches the undropped output
+    outs = [
+        A.sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(i))[0]
+        for i in range(200)
+    ]
+    np.testing.assert_allclose(np.mean(np.stack(outs), 0), np.asarray(ref), atol=0.2)
+
+
+def test_bad_lengths_are_clear_errors():
+    q = jnp.zeros((1, 30, H, D))
+    with pytest.raises(ValueError, match="sequence length 30 must be a multiple of the window 2w=8"):
+        A.sliding_window_attention(q, q, q, jnp.ones((1, 30), jnp.int32), 4)
+
+
+def _temp_bytes(L, w=64, G=4):
+    B, Hh, Dd = 1, 4, 16
+    x = jax.ShapeDtypeStruct((B, L, Hh, Dd), jnp.float32)
+    m = jax.ShapeDtypeStruct((B, L), jnp.int32)
+
+    def f(q, k, v, mask):
+        slots = A.global_slots(mask == 2, G)
+        out, _ = A.sliding_window_attention(q, k, v, mask, w, slots)
+        qg = jnp.take_along_axis(q, slots.index_BxG[:, :, None, None], axis=1)
+        og, _ = A.global_query_attention(qg, k, v, mask, slots)
+        return A.scatter_global_rows(out, og, slots)
+
+    compiled = jax.jit(f).lower(x, x, x, m).compile()
+    mem = compiled.memory_analysis()
+    return mem.temp_size_in_bytes
+
+
+def test_memory_grows_linearly_with_length():
+    """The compiled attention holds no L x L buffer: temp memory at 2L is about twice that at L."""
+    a, b, c = _temp_bytes(4096), _temp_bytes(8192), _temp_bytes(16384)
+    assert 1.6 < b / a < 2.4, (a, b)
+    assert 1.6 < c / b < 2.4, (b, c)
+    # a single L x L float32 score matrix at 16384 would be 1 GiB (and 4 GiB for the 4 heads)
+    assert c < 16384 * 16384 * 4 / 4
