@@ -26,6 +26,7 @@ from longformer_jax.hf import (
     state_dict_from_params,
 )
 from longformer_jax.modeling import LongformerModel, global_slot_bucket
+from longformer_jax.pipeline import fill_mask
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "LongformerModel",
     "attention",
     "build_model",
+    "fill_mask",
     "global_slot_bucket",
     "init_params",
     "load_pretrained",

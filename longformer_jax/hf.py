@@ -379,50 +379,29 @@ def _read_bin(file: str) -> dict[str, np.ndarray]:
     try:
         sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ...
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        detail = f" (it asks for {m.group(1)})" if m else ""
         raise ValueError(
-            f"refusing to load {file}: it is not a plain tensor checkpoint that torch.load(weights_only=True) "
-            f"accepts (a pickle that would run code, or a corrupt file): {str(e).splitlines()[0][:300]}"
+            f"refusing to load {file}: the pickle holds more than tensors{detail}, which could run code when "
+            "unpickled; only torch.load(weights_only=True) is used. Use the checkpoint's model.safetensors, or "
+            "re-save its state dict as safetensors where you trust the file."
         ) from None
     if not isinstance(sd, Mapping):
         raise ValueError(f"{file} does not hold a state dict (found {type(sd).__name__}).")
     return {k: _to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
 
 
-def resolve_pretrained(path: str | os.PathLike, revision: str | None = None) -> str:
-    """A local directory, or a hub id downloaded (config, weights and tokenizer files only)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ValueError(f"{path!r} is a file; pass the model directory that holds config.json and the weights.")
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", path):
-        raise ValueError(f"no model directory at {path!r} (and it is not a hub model id such as 'org/name').")
-    try:
-        from huggingface_hub import snapshot_download
+def resolve_pretrained(path: str | os.PathLike) -> str:
+    """A local directory, or a hub id downloaded (config, weights and tokenizer files only; no code)."""
+    from longformer_jax.conversion import resolve_source
 
-        return snapshot_download(
-            path,
-            revision=revision,
-            allow_patterns=[
-                "config.json",
-                "*.safetensors",
-                "*.safetensors.index.json",
-                "pytorch_model.bin*",
-                *TOKENIZER_FILES,
-            ],
-        )
-    except Exception as e:  # noqa: BLE001 - network / hub errors
-        raise ValueError(
-            f"no local directory {path!r}, and downloading it from the Hugging Face hub failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        ) from None
+    return str(resolve_source(path))
 
 
 def load_pretrained(
     path: str | os.PathLike,
     task: str = "masked-lm",
     *,
-    revision: str | None = None,
     allow_new_head: bool = True,
     rng: jax.Array | int = 0,
     **config_overrides,
@@ -433,12 +412,10 @@ def load_pretrained(
     ``remat=True``, ``scan_layers=True``, ``num_labels=3``).
     """
     check_task(task)
-    directory = resolve_pretrained(path, revision)
-    try:
-        from longformer_jax import conversion
-    except ImportError:  # pragma: no cover - conversion is part of the package
-        conversion = None
-    if conversion is not None and conversion.is_flax_checkpoint(directory):
+    directory = resolve_pretrained(path)
+    from longformer_jax import conversion
+
+    if conversion.is_flax_checkpoint(directory):
         config, saved_task, params = conversion.load_flax_checkpoint(directory)
         config = config.replace(**config_overrides) if config_overrides else config
         if saved_task != task:

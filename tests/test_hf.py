@@ -120,7 +120,7 @@ def test_mismatches_are_listed(torch):
 
 
 def test_load_errors(tmp_path, torch):
-    with pytest.raises(ValueError, match="no model directory at './nowhere'"):
+    with pytest.raises(ValueError, match="checkpoint directory nowhere does not exist"):
         lj.load_pretrained("./nowhere")
     (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config().to_dict()))
     with pytest.raises(ValueError, match="no weights in"):

@@ -415,6 +415,9 @@ def test_bad_input_errors(torch):
     apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
     with pytest.raises(ValueError, match=r"sequence length 129 exceeds .* 128"):
         apply(np.full((1, 129), 5))
+    # trailing padding takes no position: a longer row whose real tokens fit is accepted, as in HF
+    padded = np.concatenate([np.full((1, 120), 5), np.ones((1, 16), np.int64)], 1)
+    assert np.isfinite(np.asarray(apply(padded, attention_mask=(padded != 1).astype(np.int32)).logits)).all()
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 9\) but input_ids has shape \(1, 10\)"):
         apply(ok, attention_mask=np.ones((1, 9)))
     with pytest.raises(ValueError, match=r"global_attention_mask has shape"):
