@@ -1,0 +1,166 @@
+"""Device mesh and parameter partition rules.
+
+Two tables decide how every array is laid out (as MaxText does):
+
+* `PARAM_RULES`: parameter path (regex, searched in the "/"-joined path) -> logical axis names
+  of the trailing dimensions, e.g. a query kernel is ("embed", "heads");
+* `LOGICAL_RULES`: logical axis name -> mesh axis (or axes, or None = replicated).
+
+The mesh has two axes: "data" (pure data parallelism) and "fsdp" (data parallelism whose
+parameters and optimizer state are sharded). A dimension is sharded only if its size divides by
+the mesh axis size; otherwise it is replicated, so any model runs on any mesh. The same rules
+apply to the optimizer state: its paths end with the parameter paths (".../mu/<param path>").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+
+# Parameter path regex -> logical axes of the trailing dims (first match wins). Paths are the
+# Flax params paths (HF state-dict names, see longformer_jax.hf); a stacked encoder
+# (scan_layers=True) has one extra leading "layers" dim, added automatically.
+PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"word_embeddings/embedding$", ("vocab", "embed")),
+    (r"position_embeddings/embedding$", ("positions", "embed")),
+    (r"token_type_embeddings/embedding$", ("token_types", "embed")),
+    (r"attention/self/(query|key|value)(_global)?/kernel$", ("embed", "heads")),
+    (r"attention/self/(query|key|value)(_global)?/bias$", ("heads",)),
+    (r"attention/output/dense/kernel$", ("heads", "embed")),
+    (r"intermediate/dense/kernel$", ("embed", "mlp")),
+    (r"intermediate/dense/bias$", ("mlp",)),
+    (r"output/dense/kernel$", ("mlp", "embed")),
+    (r"(pooler|lm_head)/dense/kernel$", ("embed", "embed_out")),
+    (r"lm_head/bias$", ("vocab",)),
+    (r"/kernel$", ("embed", "out")),  # task heads: shard the input dim
+    (r"(scale|bias)$", ("norm",)),
+)
+
+# Logical axis -> mesh axes. "embed" carries FSDP: every embedding table and dense kernel has
+# one dimension of size hidden_size, so all large arrays shard over fsdp (when divisible).
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vocab", None),
+    ("positions", None),
+    ("token_types", None),
+    ("heads", None),
+    ("mlp", None),
+    ("embed_out", None),
+    ("out", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices` (default: all); data=-1 takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"mesh fsdp={fsdp} does not divide the {n} devices; pick --mesh-fsdp among "
+                         f"{[d for d in range(1, n + 1) if n % d == 0]}.")
+    if data == -1:
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are present; "
+                         f"use --mesh-data -1 (all remaining devices) or make the product {n}.")
+    arr = np.asarray(devices, dtype=object).reshape(data, fsdp)
+    return Mesh(arr, MESH_AXES)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """'/'-joined names of a jax.tree_util key path."""
+    parts = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of an array at `path` with `ndim` dims (None = no rule)."""
+    if ndim == 0:
+        return ()
+    for pattern, axes in PARAM_RULES:
+        if re.search(pattern, path):
+            if len(axes) == ndim:
+                return tuple(axes)
+            if len(axes) < ndim:  # stacked layers (scan) or other leading dims
+                return ("layers",) * (ndim - len(axes)) + tuple(axes)
+            break
+    return (None,) * ndim
+
+
+def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> P:
+    """PartitionSpec for logical `axes`; a dim not divisible by its mesh axes is replicated."""
+    table = dict(rules)
+    spec, used = [], set()
+    for name, size in zip(axes, shape, strict=True):
+        mesh_axes = table.get(name) if name is not None else None
+        if mesh_axes is not None:
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            names = tuple(a for a in names if a in mesh.shape and a not in used)
+            n = _mesh_axis_size(mesh, names) if names else 1
+            if names and n > 1 and size % n == 0:
+                used.update(names)
+                spec.append(names[0] if len(names) == 1 else names)
+                continue
+        spec.append(None)
+    return P(*spec)
+
+
+def partition_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
+    return logical_to_spec(logical_axes(path, len(shape)), shape, mesh)
+
+
+def tree_partition_specs(tree: Any, mesh: Mesh) -> Any:
+    """PartitionSpecs for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: partition_spec(path_str(kp), np.shape(x), mesh), tree)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of `tree` from the partition rules."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), tree_partition_specs(tree, mesh),
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(ndim: int, batch_dim: int = 0) -> P:
+    """Spec of a batch array: dim `batch_dim` over ("data", "fsdp"), the rest replicated."""
+    spec: list[Any] = [None] * ndim
+    spec[batch_dim] = MESH_AXES
+    return P(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(ndim, batch_dim))
+
+
+def check_batch_divisible(global_batch: int, num_devices: int, what: str = "batch_size") -> None:
+    if global_batch % num_devices:
+        ok = [b for b in range(num_devices, 4 * num_devices + 1, num_devices)]
+        raise ValueError(
+            f"{what}={global_batch} is not divisible by the {num_devices} devices; each device needs "
+            f"the same number of examples: use a multiple of {num_devices} (e.g. {ok[:3]}) "
+            "or run on fewer devices.")

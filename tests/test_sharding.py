@@ -1,0 +1,105 @@
+"""Partition rules and mesh construction (longformer_jax.sharding), without real devices."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+import longformer_jax as lj
+from longformer_jax import sharding as shd
+
+MESH = AbstractMesh((2, 4), ("data", "fsdp"))
+
+
+def tiny_params(scan_layers=False, vocab=50):
+    cfg = lj.LongformerConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_window=8,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        scan_layers=scan_layers,
+    )
+    return lj.init_params(lj.LongformerForMaskedLM(cfg), 0, abstract=True)
+
+
+def specs_by_path(tree, mesh=MESH):
+    specs = shd.tree_partition_specs(tree, mesh)
+    return {
+        shd.path_str(kp): s
+        for kp, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
+    }
+
+
+def test_every_param_has_a_rule_and_large_arrays_shard_over_fsdp():
+    params = tiny_params()
+    specs = specs_by_path(params)
+    flat = {shd.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(params)}
+    assert set(specs) == set(flat)
+    for path, x in flat.items():
+        axes = shd.logical_axes(path, len(x.shape))
+        assert None not in axes, f"{path} has no partition rule"
+        if x.ndim == 2:  # every embedding table and dense kernel has a hidden dim: sharded
+            assert "fsdp" in specs[path], (path, specs[path])
+        else:
+            assert specs[path] == P(None), (path, specs[path])
+    assert specs["longformer/embeddings/word_embeddings/embedding"] == P(None, "fsdp")
+    assert specs["longformer/encoder/layer_0/attention/self/query_global/kernel"] == P("fsdp", None)
+    assert specs["longformer/encoder/layer_1/attention/output/dense/kernel"] == P(None, "fsdp")
+    assert specs["longformer/encoder/layer_1/intermediate/dense/kernel"] == P("fsdp", None)
+    assert specs["longformer/encoder/layer_1/output/dense/kernel"] == P(None, "fsdp")
+    assert specs["lm_head/bias"] == P(None)
+
+
+def test_not_divisible_dims_are_replicated():
+    mesh = AbstractMesh((1, 3), ("data", "fsdp"))  # 32 % 3 != 0
+    specs = specs_by_path(tiny_params(), mesh)
+    assert all(s == P(*([None] * len(s))) for s in specs.values())
+    assert shd.logical_to_spec(("embed", "mlp"), (33, 64), mesh) == P("fsdp", None)
+
+
+def test_scan_layers_get_a_leading_layer_axis():
+    specs = specs_by_path(tiny_params(scan_layers=True))
+    q = [p for p in specs if p.endswith("attention/self/query/kernel")]
+    assert q and all(specs[p] == P(None, "fsdp", None) for p in q)
+
+
+def test_optimizer_state_follows_the_param_rules():
+    import optax
+
+    params = tiny_params()
+    opt = jax.eval_shape(optax.adamw(1e-3).init, params)
+    specs = specs_by_path(opt)
+    mu = [s for p, s in specs.items() if p.endswith("word_embeddings/embedding")]
+    assert mu and all(s == P(None, "fsdp") for s in mu)
+    assert all(s == P() for p, s in specs.items() if p.endswith("count"))
+
+
+def test_batch_spec_and_divisibility_error():
+    assert shd.batch_spec(3, 1) == P(None, ("data", "fsdp"), None)
+    shd.check_batch_divisible(16, 8)
+    with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the 8 devices.*multiple of 8"):
+        shd.check_batch_divisible(12, 8)
+
+
+def test_make_mesh_errors_name_the_fix():
+    devs = jax.devices()[:1]
+    m = shd.make_mesh(-1, 1, devs)
+    assert dict(m.shape) == {"data": 1, "fsdp": 1}
+    with pytest.raises(ValueError, match="mesh fsdp=2 does not divide the 1 devices"):
+        shd.make_mesh(-1, 2, devs)
+    with pytest.raises(ValueError, match="--mesh-data"):
+        shd.make_mesh(2, 1, devs)
+
+
+def test_path_str():
+    tree = {"a": {"b": [np.zeros(1), np.zeros(2)]}}
+    paths = [shd.path_str(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    assert paths == ["a/b/0", "a/b/1"]

@@ -1,0 +1,197 @@
+"""The same training run on 1 device, on 8 CPU devices (mesh and pmap drivers), and on 2 processes.
+
+Multi-device runs happen in subprocesses: XLA_FLAGS must be set before JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.test_train_utils import ROOT, TINY, env_with_root, write_corpus
+
+SCRIPT = textwrap.dedent(r"""
+    import json, sys, time
+    T0 = time.time()
+    import jax
+    import numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    import longformer_jax as lj
+    from train import config as config_lib, trainer
+
+    L, B, BLOCK, V, STEPS = 64, 8, 16, 64, 5
+    assert jax.device_count() == 8, jax.devices()
+    mcfg = lj.LongformerConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, attention_window=8, max_position_embeddings=L + 2,
+                               type_vocab_size=1, layer_norm_eps=1e-5)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(STEPS):
+        ids = rng.integers(5, V, size=(B, L)).astype(np.int32)
+        ids[:, ::BLOCK] = 2
+        ids[:, 0] = 0
+        ids[3, 40:] = 1
+        am = (ids != 1).astype(np.int32)
+        gm = np.zeros((B, L), np.int32)
+        gm[:, ::BLOCK] = 1
+        gm *= am
+        labels = np.where((rng.random((B, L)) < 0.2) & (am == 1) & (gm == 0), ids, -100).astype(np.int32)
+        batches.append({"input_ids": np.where(labels >= 0, 4, ids).astype(np.int32), "attention_mask": am,
+                        "global_attention_mask": gm, "labels": labels})
+
+    def run(kind, n_dev, data=-1, fsdp=1, accum=1, dropout=False):
+        cfg = config_lib.preset("demo", max_steps=STEPS, batch_size=B // accum, grad_accum_steps=accum,
+                                seq_len=L, block_size=BLOCK, attention_window=8, learning_rate=3e-3,
+                                dropout=dropout, driver=kind, mesh_data=data, mesh_fsdp=fsdp)
+        model = lj.LongformerForMaskedLM(mcfg if dropout else mcfg.replace(hidden_dropout_prob=0.0,
+                                                                             attention_probs_dropout_prob=0.0))
+        params = lj.init_params(model, 0)
+        tx, sched = trainer.make_optimizer(cfg)
+        drv = trainer.make_driver(cfg, model, tx, sched, devices=jax.devices()[:n_dev])
+        state = drv.create_state(params, jax.random.PRNGKey(1))
+        losses = []
+        for i, b in enumerate(batches):
+            mb = B // accum
+            micro = [{k: v[a * mb:(a + 1) * mb] for k, v in b.items()} for a in range(accum)]
+            state, m = drv.train(state, trainer.stack_micro_batches(micro), jax.random.PRNGKey(100 + i))
+            losses.append(float(m["loss"]))
+        ev = trainer.finish_eval([jax.device_get(drv.evaluate(state, batches[0]))])
+        final = drv.host_params(state)
+        emb = final["longformer"]["embeddings"]["word_embeddings"]["embedding"]
+        spec = None
+        if kind == "mesh":
+            table = state.params["longformer"]["embeddings"]["word_embeddings"]["embedding"]
+            spec = list(table.sharding.spec)
+        return {"losses": losses, "eval_loss": ev["loss"], "emb_sum": float(np.abs(emb).sum()),
+                "emb_00": float(emb[5, 0]), "spec": spec}
+
+    out = {
+        "mesh1": run("mesh", 1),
+        "mesh8": run("mesh", 8),
+        "mesh2x4": run("mesh", 8, data=2, fsdp=4),
+        "pmap8": run("pmap", 8),
+        "mesh4_accum2": run("mesh", 4, accum=2),
+        "drop1": run("mesh", 1, dropout=True),
+        "drop2x4": run("mesh", 8, data=2, fsdp=4, dropout=True),
+    }
+    try:
+        cfg = config_lib.preset("demo", batch_size=6, seq_len=L, block_size=BLOCK, attention_window=8)
+        trainer.make_driver(cfg, lj.LongformerForMaskedLM(mcfg), trainer.make_optimizer(cfg)[0])
+        out["error"] = None
+    except ValueError as e:
+        out["error"] = str(e)
+    import time; out["seconds"] = time.time() - T0
+    print("RESULT " + json.dumps(out))
+""")
+
+
+_env = env_with_root
+
+
+@pytest.fixture(scope="module")
+def eight_device_results():
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.mark.parametrize("other", ["mesh8", "mesh2x4", "pmap8", "mesh4_accum2"])
+def test_same_losses_on_1_and_8_devices(eight_device_results, other):
+    r = eight_device_results
+    ref = r["mesh1"]
+    np.testing.assert_allclose(r[other]["losses"], ref["losses"], rtol=2e-5)
+    np.testing.assert_allclose(r[other]["eval_loss"], ref["eval_loss"], rtol=2e-5)
+    np.testing.assert_allclose(r[other]["emb_sum"], ref["emb_sum"], rtol=1e-5)
+    np.testing.assert_allclose(r[other]["emb_00"], ref["emb_00"], rtol=1e-4, atol=1e-6)
+    assert ref["losses"][-1] < ref["losses"][0]
+
+
+def test_fsdp_mesh_shards_parameters(eight_device_results):
+    assert eight_device_results["mesh2x4"]["spec"] == [None, "fsdp"]
+    assert eight_device_results["mesh8"]["spec"] in ([], [None, None])  # fsdp axis of size 1
+
+
+def test_dropout_is_the_same_on_any_mesh(eight_device_results):
+    r = eight_device_results
+    np.testing.assert_allclose(r["drop2x4"]["losses"], r["drop1"]["losses"], rtol=2e-5)
+    assert r["drop1"]["losses"] != r["mesh1"]["losses"]
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(eight_device_results):
+    err = eight_device_results["error"]
+    assert err and "batch_size=6 is not divisible by the 8 devices" in err and "multiple of 8" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "train.pretrain",
+            "--preset",
+            "demo",
+            "--data",
+            str(corpus),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "3",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "4",
+            *TINY,
+            "--coordinator-address",
+            f"localhost:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=_env(JAX_PLATFORMS="cpu"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=400))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, (_so, se) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, se[-4000:]
+    assert "2 device(s)" in outs[0][1]
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3]
+    assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
+    data_files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "3" / "data").iterdir())
+    assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files

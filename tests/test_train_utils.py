@@ -1,0 +1,228 @@
+"""Config presets and CLI, checkpoint manager, metrics and plot; helpers for the other train tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import checkpoint as ckpt_lib
+from train import config as config_lib
+from train import metrics as metrics_lib
+from train import trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny model and data layout for end-to-end runs of the CLI (seconds per step on 2 cores).
+TINY = [
+    "--hidden-size",
+    "32",
+    "--num-hidden-layers",
+    "2",
+    "--num-attention-heads",
+    "4",
+    "--intermediate-size",
+    "64",
+    "--attention-window",
+    "8",
+    "--seq-len",
+    "64",
+    "--block-size",
+    "16",
+    "--tokenizer-vocab-size",
+    "300",
+    "--min-doc-words",
+    "50",
+    "--eval-fraction",
+    "2",
+    "--eval-batches",
+    "1",
+    "--log-every",
+    "1",
+    "--no-progress-bar",
+]
+
+
+def env_with_root(**extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def write_corpus(path: Path, n_docs: int = 12, words: int = 400, seed: int = 0) -> Path:
+    """Synthetic English-like documents (sentences of common words) as JSON lines."""
+    rng = np.random.default_rng(seed)
+    vocab = (
+        "the a an of to in and is was for on with as by at from that this it be are were has have "
+        "model data long document attention window token block global local layer train step "
+        "value key query weight sequence text word sentence paper result time first second new"
+    ).split()
+    docs = []
+    for _ in range(n_docs):
+        sents, n = [], 0
+        while n < words:
+            k = int(rng.integers(6, 16))
+            sents.append(" ".join(rng.choice(vocab, k)).capitalize() + ".")
+            n += k
+        docs.append(json.dumps({"text": " ".join(sents)}))
+    path.write_text("\n".join(docs) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+def test_seed_recipe_preset_is_the_spec():
+    c = config_lib.preset("seed-recipe")
+    assert (c.learning_rate, c.adam_beta1, c.adam_beta2, c.adam_eps, c.weight_decay) == (
+        1e-4,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+    )
+    assert (c.warmup_fraction, c.max_steps, c.batch_size, c.grad_accum_steps) == (0.1, 50_000, 16, 8)
+    assert c.global_batch_size == 128 and c.warmup_steps == 5000
+    assert (c.seed, c.seq_len, c.mlm_probability, c.clip_norm) == (42, 4096, 0.15, 1.0)
+    assert (c.layout, c.block_size, c.num_global_slots, c.min_doc_words) == ("blocks", 128, 32, 1024)
+    assert c.init == "kiddothe2b/longformer-base-4096"
+    c.validate()
+    d = config_lib.preset("demo")
+    d.validate()
+    assert d.data == "builtin:python-docs" and d.init is None and d.hidden_size <= 256
+
+
+def test_cli_flags_set_and_presets(capsys):
+    c = config_lib.parse_args(
+        [
+            "--preset",
+            "seed-recipe",
+            "--max-steps",
+            "20",
+            "--set",
+            "learning_rate=3e-4",
+            "--no-dropout",
+            "--tokenizer",
+            "tok/dir",
+            "--init",
+            "none",
+            "--seed",
+            "7",
+            "--save-every",
+            "5",
+            "--eval-every",
+            "4",
+            "--output-dir",
+            "x",
+            "--data",
+            "d.txt",
+        ]
+    )
+    assert (c.max_steps, c.learning_rate, c.dropout, c.tokenizer, c.init, c.seed) == (
+        20,
+        3e-4,
+        False,
+        "tok/dir",
+        None,
+        7,
+    )
+    assert (c.save_every, c.eval_every, c.output_dir, c.data, c.preset) == (5, 4, "x", "d.txt", "seed-recipe")
+    assert c.batch_size == 16  # untouched preset value
+    with pytest.raises(ValueError, match="unknown setting 'learning_rat'"):
+        config_lib.parse_args(["--set", "learning_rat=1"])
+    with pytest.raises(SystemExit):
+        config_lib.parse_args(["--max-steps", "many"])
+    assert "--max-steps 'many': expected a value of type int" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seq_len=500 is not a multiple of block_size=128"):
+        config_lib.parse_args(["--seq-len", "500"])
+    with pytest.raises(ValueError, match="preset='nope' is unknown"):
+        config_lib.preset("nope")
+
+
+def test_config_json_round_trip_and_fingerprint(tmp_path):
+    c = config_lib.preset("demo", max_steps=7)
+    c.save(tmp_path / "c.json")
+    back = config_lib.TrainConfig.load(tmp_path / "c.json")
+    assert back == c
+    assert back.fingerprint() == c.fingerprint()
+    assert c.replace(save_every=3, output_dir="elsewhere", driver="pmap").fingerprint() == c.fingerprint()
+    assert c.replace(learning_rate=1.0).fingerprint() != c.fingerprint()
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer pieces
+
+
+def test_decay_mask_names():
+    params = {
+        "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+        "LayerNorm": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+        "emb": {"embedding": jnp.ones((3, 2))},
+        "lm_head": {"bias": jnp.ones(3)},
+    }
+    m = trainer.decay_mask(params)
+    assert m == {
+        "dense": {"kernel": True, "bias": False},
+        "LayerNorm": {"scale": False, "bias": False},
+        "emb": {"embedding": True},
+        "lm_head": {"bias": False},
+    }
+
+
+def test_mlm_sums_and_finish_eval_are_exact_over_batches():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    labels = jnp.asarray([[1, -100, 3, -100, 0], [-100, -100, -100, -100, 6]])
+    loss_sum, correct, count = trainer.mlm_sums(logits, labels)
+    lp = jax.nn.log_softmax(logits)
+    ref = -(lp[0, 0, 1] + lp[0, 2, 3] + lp[0, 4, 0] + lp[1, 4, 6])
+    np.testing.assert_allclose(loss_sum, ref, rtol=1e-6)
+    assert count == 4
+    res = trainer.finish_eval(
+        [{"loss_sum": 3.0, "correct": 1.0, "count": 2.0}, {"loss_sum": 1.0, "correct": 1.0, "count": 6.0}]
+    )
+    assert res["loss"] == 0.5 and res["accuracy"] == 0.25
+    np.testing.assert_allclose(res["bpc"], 0.5 / np.log(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints, metrics
+
+
+def test_checkpointer_keeps_last_k_and_restores_data_state(tmp_path):
+    ck = ckpt_lib.Checkpointer(tmp_path / "ck", keep=2)
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(0)}
+    for s in (1, 2, 3):
+        ck.save(s, {**state, "step": jnp.int32(s)}, {"next_index": s * 8}, {"fingerprint": "f", "step": s})
+    assert ck.save(3, state, {}, {}) is False  # an existing step is never overwritten
+    ck.wait()
+    assert ck.all_steps() == [2, 3] and ck.latest_step() == 3
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    st, data_state, meta = ck.restore(3, abstract)
+    assert int(st["step"]) == 3 and data_state == {"next_index": 24} and meta["fingerprint"] == "f"
+    np.testing.assert_array_equal(st["w"], state["w"])
+    ck.close()
+    assert (tmp_path / "ck" / "3" / "data" / "process_0-of-1.json").exists()
+    assert ckpt_lib.from_jsonable(ckpt_lib.to_jsonable(b"abc")) == b"abc"
+
+
+def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
+    log = metrics_lib.MetricsLogger(tmp_path)
+    for s in range(1, 6):
+        log.write("train", s, {"loss": 5.0 / s, "accuracy": 0.1 * s, "lr": 1e-3, "note": "x"})
+    log.write("eval", 5, {"loss": 1.5, "accuracy": 0.4, "bpc": 1.5 / np.log(2)})
+    log.close()
+    recs = metrics_lib.read_metrics(tmp_path)
+    assert len(recs) == 6 and recs[0]["split"] == "train" and "note" not in recs[0]
+    assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
+    assert metrics_lib.main([str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert metrics_lib.main([str(tmp_path / "nope")]) == 2

@@ -1,0 +1,305 @@
+"""One dataclass with every setting of the pretraining program, named presets, and the CLI.
+
+`TrainConfig` holds every option; `PRESETS` names complete recipes; `parse_args` builds an
+argparse parser from the dataclass fields (one `--flag-name` per field, plus `--set key=value`)
+so the command line and the saved `config.json` always carry the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # ----- which recipe -----
+    preset: str = "demo"
+
+    # ----- model: either `init` (HF dir, hub id or converted Flax checkpoint) or the size fields -----
+    init: str | None = None
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    attention_window: int = 64  # full window (one side = window // 2)
+    max_position_embeddings: int | None = None  # None: seq_len + 2 (RoBERTa position offset)
+    dropout: bool = True  # False: hidden and attention dropout off (deterministic forward)
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params always float32)
+    remat: bool = False
+    scan_layers: bool = False
+
+    # ----- data -----
+    data: str = "builtin:python-docs"  # file/dir of .txt/.jsonl/.parquet, hf:NAME[:CONFIG], builtin:...
+    tokenizer: str | None = None  # path or hub id; None: train a byte-level BPE on the corpus
+    tokenizer_vocab_size: int = 8192  # for the trained tokenizer
+    layout: str = "blocks"  # blocks (sentence blocks, global on block starts) | contiguous
+    seq_len: int = 512
+    block_size: int = 128  # tokens per sentence block (blocks layout)
+    min_doc_words: int = 200
+    max_docs: int | None = None
+    eval_fraction: float = 0.05  # < 1: fraction of examples held out; >= 1: number of examples
+    eval_batches: int | None = 8  # None: every held-out batch
+    mlm_probability: float = 0.15
+
+    # ----- optimisation -----
+    batch_size: int = 8  # global micro-batch (examples per forward pass, all devices together)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    max_steps: int = 300  # optimizer steps
+    clip_norm: float | None = 1.0  # None or <= 0: no clipping
+
+    # ----- run -----
+    seed: int = 42
+    output_dir: str = "runs/demo"
+    save_every: int = 100
+    eval_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    overwrite: bool = False  # start over in an output dir that holds another run's checkpoints
+    driver: str = "mesh"  # mesh (jax.jit over a Mesh) | pmap
+    mesh_data: int = -1  # devices on the data axis; -1: all devices not on fsdp
+    mesh_fsdp: int = 1  # devices on the fsdp axis (parameters sharded where divisible)
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    fill_mask_text: str | None = None  # fill-mask sentence run at the end (demo)
+    progress_bar: bool = True
+    log_batch_fingerprints: bool = False  # write a hash of every consumed batch to batches.jsonl
+
+    # ----- derived -----
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum_steps
+
+    @property
+    def warmup_steps(self) -> int:
+        # As TrainingArguments.get_warmup_steps: ceil(max_steps * warmup_ratio).
+        return math.ceil(self.max_steps * self.warmup_fraction)
+
+    @property
+    def num_global_slots(self) -> int:
+        """Static bound of global tokens per row: one per block (blocks layout), none otherwise."""
+        return self.seq_len // self.block_size if self.layout == "blocks" else 0
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        d = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # Fields that change what a checkpoint means; the others (intervals, driver, mesh, paths,
+    # output) can differ between a run and its resumption.
+    FINGERPRINT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "init", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "intermediate_size", "attention_window", "max_position_embeddings", "dropout",
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "scan_layers",
+        "data", "tokenizer", "tokenizer_vocab_size", "layout", "seq_len", "block_size",
+        "min_doc_words", "max_docs", "eval_fraction", "mlm_probability",
+        "batch_size", "grad_accum_steps", "learning_rate", "adam_beta1", "adam_beta2", "adam_eps",
+        "weight_decay", "warmup_fraction", "max_steps", "clip_norm", "seed",
+    )
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        d = self.to_dict()
+        return {k: d[k] for k in self.FINGERPRINT_FIELDS}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.fingerprint_fields(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        def fail(msg: str):
+            raise ValueError(msg)
+
+        if self.layout not in ("blocks", "contiguous"):
+            fail(f"layout={self.layout!r}; expected 'blocks' or 'contiguous' (--layout).")
+        if self.driver not in ("mesh", "pmap"):
+            fail(f"driver={self.driver!r}; expected 'mesh' or 'pmap' (--driver).")
+        if self.dtype not in ("float32", "bfloat16"):
+            fail(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16' (--dtype).")
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "seq_len", "block_size",
+                     "save_every", "eval_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                fail(f"{name}={getattr(self, name)}; expected an integer >= 1 (--{_flag(name)}).")
+        if self.layout == "blocks" and self.seq_len % self.block_size:
+            ok = self.seq_len // self.block_size * self.block_size or self.block_size
+            fail(f"seq_len={self.seq_len} is not a multiple of block_size={self.block_size}; the "
+                 f"blocks layout needs whole blocks: use --seq-len {ok}.")
+        if self.init is None and self.seq_len % self.attention_window:
+            fail(f"seq_len={self.seq_len} is not a multiple of attention_window={self.attention_window}; "
+                 "pick --seq-len as a multiple of the window.")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            fail(f"warmup_fraction={self.warmup_fraction}; expected a value in [0, 1].")
+        if not 0.0 < self.mlm_probability < 1.0:
+            fail(f"mlm_probability={self.mlm_probability}; expected a value in (0, 1).")
+        if self.eval_fraction <= 0:
+            fail(f"eval_fraction={self.eval_fraction}; expected a fraction in (0, 1) or a count >= 1.")
+        if self.mesh_fsdp < 1 or (self.mesh_data < 1 and self.mesh_data != -1):
+            fail(f"mesh shape (data={self.mesh_data}, fsdp={self.mesh_fsdp}) is invalid; use "
+                 "--mesh-data N (or -1 for all remaining devices) and --mesh-fsdp M >= 1.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+_SEED_RECIPE = dict(
+    # kiddothe2b/longformer-base-4096: continued MLM pretraining on C4, 50k steps (SPEC.md).
+    preset="seed-recipe",
+    init="kiddothe2b/longformer-base-4096",
+    tokenizer=None,  # None with --init: the tokenizer saved beside the initial model
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    attention_window=128, max_position_embeddings=4098,
+    data="hf:allenai/c4:en",
+    # max_docs bounds the streamed corpus: examples are built in memory (kept documents >= 1024
+    # words; about 2 examples of 4096 tokens each).
+    layout="blocks", seq_len=4096, block_size=128, min_doc_words=1024, max_docs=50_000,
+    eval_fraction=1000, eval_batches=50, mlm_probability=0.15,
+    batch_size=16, grad_accum_steps=8,
+    learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.01,
+    warmup_fraction=0.1, max_steps=50_000, clip_norm=1.0,
+    seed=42, dropout=True, dtype="bfloat16", remat=True,
+    output_dir="runs/seed-recipe", save_every=1000, eval_every=1000, log_every=50, keep_checkpoints=3,
+)
+
+_DEMO = dict(
+    # A small model that learns visibly in a few minutes on 2 CPU cores, offline.
+    preset="demo",
+    init=None, tokenizer=None, tokenizer_vocab_size=8192,
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+    attention_window=64, max_position_embeddings=None,
+    data="builtin:python-docs",
+    layout="blocks", seq_len=512, block_size=128, min_doc_words=200,
+    eval_fraction=0.05, eval_batches=8, mlm_probability=0.15,
+    batch_size=8, grad_accum_steps=1,
+    learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.1, max_steps=300, clip_norm=1.0,
+    seed=42, dropout=True, dtype="float32",
+    output_dir="runs/demo", save_every=100, eval_every=100, log_every=10, keep_checkpoints=3,
+    fill_mask_text="The function returns a new <mask> object.",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {"seed-recipe": _SEED_RECIPE, "demo": _DEMO}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)} (--preset).")
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional) of a dataclass field annotation such as `int | None`."""
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[f.name]
+    optional = False
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(t))
+        t = args[0]
+    return t, optional
+
+
+def _parse_value(name: str, raw: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
+    if f is None:
+        raise ValueError(f"--set {name}=...: unknown setting {name!r}; known settings: "
+                         f"{', '.join(sorted(x.name for x in dataclasses.fields(TrainConfig)))}.")
+    t, optional = _field_type(f)
+    if optional and raw.lower() in ("none", "null", ""):
+        return None
+    if t is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{_flag(name)} {raw!r}: expected true or false.")
+    try:
+        return t(raw)
+    except ValueError:
+        raise ValueError(f"--{_flag(name)} {raw!r}: expected a value of type {t.__name__}.") from None
+
+
+def _arg_type(name: str):
+    def convert(raw: str):
+        try:
+            return _parse_value(name, raw)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.pretrain",
+        description="Masked-LM pretraining of a Longformer (Optax, Orbax), from one CPU to a TPU pod.",
+            )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting by its config.json name (repeatable)")
+    for f in dataclasses.fields(TrainConfig):
+        t, optional = _field_type(f)
+        default = TrainConfig.__dataclass_fields__[f.name].default
+        demo = PRESETS["demo"].get(f.name, default)
+        help_ = f"{t.__name__}{' or none' if optional else ''} (demo preset: {demo!r})"
+        if f.name == "preset":
+            p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="named recipe")
+        elif t is bool:
+            p.add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
+                           action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
+                           metavar=t.__name__.upper(), type=_arg_type(f.name), help=help_)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Preset values, then `--set key=value`, then per-field flags; returns a validated config."""
+    ns = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in ns.set:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learning_rate=3e-4.")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = _parse_value(k.strip(), v.strip())
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        if hasattr(ns, f.name):
+            overrides[f.name] = getattr(ns, f.name)
+    cfg = preset(ns.preset, **overrides)
+    cfg.validate()
+    return cfg
