@@ -18,7 +18,8 @@ grow linearly with ``L`` -- there is never an ``L x L`` array. Global attention 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,22 +69,19 @@ def _dropout(rng: Array | None, rate: float, p: Array) -> Array:
     return jnp.where(keep, p / (1.0 - rate), 0.0).astype(p.dtype)
 
 
-def _blocks(x_BxLxHxD: Array, block: int) -> Array:
-    B, L, H, D = x_BxLxHxD.shape
-    return x_BxLxHxD.reshape(B, L // block, block, H, D)
+def _key_windows(x_BxHxLx___: Array, w: int, block: int, fill) -> Array:
+    """For every query block, the ``block + 2w`` keys it may see: (B, H, N, C + 2w, ...).
 
-
-def _key_windows(x_BxLx___: Array, w: int, block: int, fill) -> Array:
-    """For every query block, the ``block + 2w`` keys it may see: (B, N, C + 2w, ...)."""
-    B, L = x_BxLx___.shape[:2]
-    rest = x_BxLx___.shape[2:]
-    pad = [(0, 0), (w, w)] + [(0, 0)] * len(rest)
-    xp = jnp.pad(x_BxLx___, pad, constant_values=fill)
+    Works on any array whose sequence axis is axis 2 (use a size-1 head axis for masks)."""
+    B, H, L = x_BxHxLx___.shape[:3]
+    rest = x_BxHxLx___.shape[3:]
+    pad = [(0, 0), (0, 0), (w, w)] + [(0, 0)] * len(rest)
+    xp = jnp.pad(x_BxHxLx___, pad, constant_values=fill)
     n_blocks = L // block
     span = 2 * w // block + 1  # key blocks per query block
-    xp = xp.reshape((B, n_blocks + span - 1, block) + rest)
-    parts = [xp[:, j : j + n_blocks] for j in range(span)]
-    return jnp.concatenate(parts, axis=2)
+    xp = xp.reshape((B, H, n_blocks + span - 1, block) + rest)
+    parts = [xp[:, :, j : j + n_blocks] for j in range(span)]
+    return jnp.concatenate(parts, axis=3)
 
 
 def band_to_hf_layout(p_BxHxNxCxK: Array, w: int) -> Array:
@@ -92,6 +90,377 @@ def band_to_hf_layout(p_BxHxNxCxK: Array, w: int) -> Array:
     cols = jnp.arange(C)[:, None] + jnp.arange(2 * w + 1)[None, :]  # (C, W): key r + c of row r
     p = jnp.take_along_axis(p_BxHxNxCxK, jnp.broadcast_to(cols, (B, H, N, C, 2 * w + 1)), axis=-1)
     return p.reshape(B, H, N * C, 2 * w + 1)
+
+
+def band_bias(mask_BxL: Array, one_sided_window: int, block_size: int) -> Array:
+    """Additive score bias of the blocked band, (B, 1, N, C, C + 2w) float32.
+
+    0 for a local key inside the band; float32's min for a pad or global key inside the band (HF
+    adds it: ``score + min == min`` in float32, so adding equals HF's fill); ``-inf`` outside the
+    band or the sequence (exactly zero probability)."""
+    w, C = one_sided_window, block_size
+    K = C + 2 * w
+    # 0 outside the sequence, 1 pad/global (masked like HF), 2 a local key.
+    key_state_BxL = jnp.where(mask_BxL == 1, 2, 1).astype(jnp.int8)
+    state_Bx1xNxK = _key_windows(key_state_BxL[:, None], w, C, 0)
+    r = jnp.arange(C)[:, None]
+    kk = jnp.arange(K)[None, :]
+    in_band_CxK = (kk >= r) & (kk <= r + 2 * w)
+    state = state_Bx1xNxK[:, :, :, None, :]
+    return jnp.where(
+        in_band_CxK & (state > 0), jnp.where(state == 2, 0.0, _MASKED), _OUTSIDE
+    ).astype(jnp.float32)
+
+
+def _check_band(L: int, w: int, C: int) -> None:
+    if w <= 0 or C <= 0 or w % C or L % C or L % (2 * w):
+        raise ValueError(
+            f"sliding_window_attention: sequence length {L} must be a multiple of the window 2w={2 * w}, "
+            f"and the block size {C} must divide w={w}."
+        )
+
+
+def default_block_size(one_sided_window: int) -> int:
+    """Query rows per band block when none is configured: the one-sided window ``w``.
+
+    A block of ``C`` queries computes ``C x (C + 2w)`` scores for ``2w + 1`` useful columns per row,
+    so smaller blocks waste less work but run smaller matrix products."""
+    return one_sided_window
+
+
+# ------------------------------------------------------------------------------ the lean band
+# The band as one custom-VJP function: the forward walks over chunks of query blocks and keeps
+# only the output and two numbers per row (max and softmax denominator); the backward recomputes
+# each chunk's scores. No (B, H, L, C + 2w) tensor outlives its chunk, forward or backward, so the
+# memory of training grows with L * D, not L * w. Exact: the same products and the same float32
+# softmax as the materialised path, only normalised after the value product.
+
+# Query tokens per chunk: bounds the per-chunk score tensor (H x tokens x (C + 2w) floats).
+BAND_CHUNK_TOKENS = 1024
+
+
+def _chunk_blocks(N: int, C: int, chunk_tokens: int) -> int:
+    """Blocks per chunk: the largest divisor of ``N`` with at most ``chunk_tokens`` queries."""
+    best = 1
+    for n in range(1, N + 1):
+        if N % n == 0 and n * C <= max(chunk_tokens, C):
+            best = n
+    return best
+
+
+def _windows_of(x_Bx_xPxC___: Array, n: int, span: int, axis: int) -> Array:
+    """Key windows of ``n`` query blocks from ``n + span - 1`` padded key blocks along ``axis``."""
+    parts = [jax.lax.slice_in_dim(x_Bx_xPxC___, j, j + n, axis=axis) for j in range(span)]
+    return jnp.concatenate(parts, axis=axis + 1)
+
+
+class _Band(NamedTuple):
+    """Static description of one band computation."""
+
+    w: int
+    C: int
+    blocks_per_chunk: int
+    rate: float
+    dtype: Any
+
+
+def _chunk_inputs(b: _Band, i, q_BxHxNxCxD, kp_BxHxPxCxD, vp_BxHxPxCxD, state_BxPxC, qpad_BxNxC):
+    """Queries, key/value windows, score bias and pad rows of chunk ``i``."""
+    n, C, w = b.blocks_per_chunk, b.C, b.w
+    span = 2 * w // C + 1
+    n0 = i * n
+    q = jax.lax.dynamic_slice_in_dim(q_BxHxNxCxD, n0, n, axis=2)
+    kw = _windows_of(jax.lax.dynamic_slice_in_dim(kp_BxHxPxCxD, n0, n + span - 1, axis=2), n, span, 2)
+    vw = _windows_of(jax.lax.dynamic_slice_in_dim(vp_BxHxPxCxD, n0, n + span - 1, axis=2), n, span, 2)
+    st = _windows_of(jax.lax.dynamic_slice_in_dim(state_BxPxC, n0, n + span - 1, axis=1), n, span, 1)
+    K = C + 2 * w
+    r = jnp.arange(C)[:, None]
+    kk = jnp.arange(K)[None, :]
+    in_band_CxK = (kk >= r) & (kk <= r + 2 * w)
+    st = st[:, :, None, :]  # (B, n, 1, K)
+    bias = jnp.where(in_band_CxK & (st > 0), jnp.where(st == 2, 0.0, _MASKED), _OUTSIDE)[:, None]
+    qpad = jax.lax.dynamic_slice_in_dim(qpad_BxNxC, n0, n, axis=1)[:, None, :, :, None]  # (B, 1, n, C, 1)
+    return q, kw, vw, bias, qpad
+
+
+def _chunk_scores(q, kw, bias, kg, gbias):
+    s = jnp.einsum("bhncd,bhnkd->bhnck", q, kw, preferred_element_type=jnp.float32) + bias
+    sg = None
+    if kg is not None:
+        sg = jnp.einsum("bhncd,bhgd->bhncg", q, kg, preferred_element_type=jnp.float32) + gbias
+    return s, sg
+
+
+def _keep_masks(b: _Band, rng, i, shape_b, G):
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - b.rate, shape_b[:-1] + (G + shape_b[-1],))
+    return keep[..., G:], keep[..., :G]
+
+
+def _pack_bits(keep_Bx___xK: Array) -> Array:
+    """Bool (..., K) -> uint8 (..., K / 8), eight mask entries per byte (K % 8 == 0)."""
+    k8 = keep_Bx___xK.reshape(keep_Bx___xK.shape[:-1] + (-1, 8)).astype(jnp.uint8)
+    return jnp.sum(k8 << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def _unpack_bits(packed_Bx___xK8: Array) -> Array:
+    bits = (packed_Bx___xK8[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+    return bits.reshape(packed_Bx___xK8.shape[:-1] + (-1,)).astype(bool)
+
+
+def _band_prepare(b: _Band, q, k, v, mask_BxL):
+    B, H, L, D = q.shape
+    C, w = b.C, b.w
+    N = L // C
+    pad = ((0, 0), (0, 0), (w, w), (0, 0))
+    kp = jnp.pad(k, pad).reshape(B, H, N + 2 * w // C, C, D)
+    vp = jnp.pad(v, pad).reshape(B, H, N + 2 * w // C, C, D)
+    # 0 outside the sequence, 1 pad/global (masked like HF), 2 a local key.
+    state = jnp.pad(jnp.where(mask_BxL == 1, 2, 1).astype(jnp.int8), ((0, 0), (w, w))).reshape(B, N + 2 * w // C, C)
+    qpad = (mask_BxL == 0).reshape(B, N, C)
+    return q.reshape(B, H, N, C, D), kp, vp, state, qpad
+
+
+def _band_forward(b: _Band, q, k, v, kg, vg, gvalid, mask_BxL, rng):
+    """Chunked forward: output (B, H, L, D), per-row max and denominator, the dropout masks."""
+    B, H, L, D = q.shape
+    N = L // b.C
+    n = b.blocks_per_chunk
+    G = 0 if kg is None else kg.shape[2]
+    qb, kp, vp, state, qpad = _band_prepare(b, q, k, v, mask_BxL)
+    gbias = None if G == 0 else jnp.where(gvalid, 0.0, _MASKED)[:, None, None, None, :]
+    dropout = rng is not None and b.rate > 0.0
+
+    def chunk(_, i):
+        qc, kw, vw, bias, qp = _chunk_inputs(b, i, qb, kp, vp, state, qpad)
+        s, sg = _chunk_scores(qc, kw, bias, kg, gbias)
+        m = jnp.max(s, axis=-1)
+        if G:
+            m = jnp.maximum(m, jnp.max(sg, axis=-1))
+        e = jnp.exp(s - m[..., None])
+        den = jnp.sum(e, axis=-1)
+        if G:
+            eg = jnp.exp(sg - m[..., None])
+            den = den + jnp.sum(eg, axis=-1)
+        keeps = ()
+        if dropout:
+            keep_b, keep_g = _keep_masks(b, rng, i, e.shape, G)
+            e = jnp.where(keep_b, e / (1.0 - b.rate), 0.0)
+            if G:
+                eg = jnp.where(keep_g, eg / (1.0 - b.rate), 0.0)
+            # Saved for the backward pass: one bit per band score when the band width allows.
+            keeps = (_pack_bits(keep_b) if keep_b.shape[-1] % 8 == 0 else keep_b, keep_g)
+        o = jnp.einsum("bhnck,bhnkd->bhncd", e.astype(b.dtype), vw, preferred_element_type=jnp.float32)
+        if G:
+            o = o + jnp.einsum("bhncg,bhgd->bhncd", eg.astype(b.dtype), vg, preferred_element_type=jnp.float32)
+        o = jnp.where(qp, 0.0, o / den[..., None]).astype(b.dtype)
+        return None, (o, m, den) + keeps
+
+    _, outs = jax.lax.scan(chunk, None, jnp.arange(N // n))
+    o = jnp.moveaxis(outs[0], 0, 2).reshape(B, H, L, D)  # (nc, B, H, n, C, D) -> (B, H, L, D)
+    return o, outs[1:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lean_band(b: _Band, q, k, v, kg, vg, gvalid, mask_BxL, rng):
+    return _band_forward(b, q, k, v, kg, vg, gvalid, mask_BxL, rng)[0]
+
+
+def _lean_band_fwd(b, q, k, v, kg, vg, gvalid, mask_BxL, rng):
+    o, stats = _band_forward(b, q, k, v, kg, vg, gvalid, mask_BxL, rng)
+    return o, (q, k, v, kg, vg, gvalid, mask_BxL, rng, o, stats)
+
+
+def _lean_band_bwd(b, res, do_BxHxLxD):
+    q, k, v, kg, vg, gvalid, mask_BxL, rng, o, stats = res
+    B, H, L, D = q.shape
+    C, w, n = b.C, b.w, b.blocks_per_chunk
+    N = L // C
+    span = 2 * w // C + 1
+    G = 0 if kg is None else kg.shape[2]
+    dropout = rng is not None and b.rate > 0.0
+    qb, kp, vp, state, qpad = _band_prepare(b, q, k, v, mask_BxL)
+    gbias = None if G == 0 else jnp.where(gvalid, 0.0, _MASKED)[:, None, None, None, :]
+    dob = do_BxHxLxD.reshape(B, H, N, C, D)
+    ob = o.reshape(B, H, N, C, D)
+
+    def fold(dw_Bxhxnx_KxD):
+        """Window gradient (B, H, n, K, D) -> padded key blocks (B, H, n + span - 1, C, D)."""
+        parts = dw_Bxhxnx_KxD.reshape(dw_Bxhxnx_KxD.shape[:3] + (span, C, D))
+        acc = jnp.zeros(dw_Bxhxnx_KxD.shape[:2] + (n + span - 1, C, D), jnp.float32)
+        for j in range(span):
+            acc = acc.at[:, :, j : j + n].add(parts[:, :, :, j])
+        return acc
+
+    def chunk(carry, xs):
+        dkp, dvp, dkg, dvg = carry
+        i, m, den = xs[:3]
+        keep_b, keep_g = (xs[3], xs[4]) if dropout else (None, None)
+        if dropout and keep_b.dtype == jnp.uint8:
+            keep_b = _unpack_bits(keep_b)
+        qc, kw, vw, bias, qp = _chunk_inputs(b, i, qb, kp, vp, state, qpad)
+        do = jnp.where(qp, 0.0, jax.lax.dynamic_slice_in_dim(dob, i * n, n, axis=2).astype(jnp.float32))
+        oc = jax.lax.dynamic_slice_in_dim(ob, i * n, n, axis=2).astype(jnp.float32)
+        s, sg = _chunk_scores(qc, kw, bias, kg, gbias)
+        inv = 1.0 / den[..., None]
+        p = jnp.exp(s - m[..., None]) * inv
+        row = jnp.sum(do * oc, axis=-1, keepdims=True)  # sum_k P_ik dP_ik = dO_i . O_i
+        scale = 1.0 / (1.0 - b.rate) if dropout else 1.0
+        pd = jnp.where(keep_b, p * scale, 0.0) if dropout else p
+        dvw = jnp.einsum("bhnck,bhncd->bhnkd", pd.astype(b.dtype), do.astype(b.dtype), preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bhncd,bhnkd->bhnck", do.astype(b.dtype), vw, preferred_element_type=jnp.float32)
+        if dropout:
+            dp = jnp.where(keep_b, dp * scale, 0.0)
+        ds = p * (dp - row)
+        dq = jnp.einsum("bhnck,bhnkd->bhncd", ds.astype(b.dtype), kw, preferred_element_type=jnp.float32)
+        dkw = jnp.einsum("bhnck,bhncd->bhnkd", ds.astype(b.dtype), qc, preferred_element_type=jnp.float32)
+        if G:
+            pg = jnp.exp(sg - m[..., None]) * inv
+            pgd = jnp.where(keep_g, pg * scale, 0.0) if dropout else pg
+            dvg = dvg + jnp.einsum("bhncg,bhncd->bhgd", pgd.astype(b.dtype), do.astype(b.dtype),
+                                   preferred_element_type=jnp.float32)
+            dpg = jnp.einsum("bhncd,bhgd->bhncg", do.astype(b.dtype), vg, preferred_element_type=jnp.float32)
+            if dropout:
+                dpg = jnp.where(keep_g, dpg * scale, 0.0)
+            dsg = pg * (dpg - row)
+            dq = dq + jnp.einsum("bhncg,bhgd->bhncd", dsg.astype(b.dtype), kg, preferred_element_type=jnp.float32)
+            dkg = dkg + jnp.einsum("bhncg,bhncd->bhgd", dsg.astype(b.dtype), qc, preferred_element_type=jnp.float32)
+        n0 = i * n
+        upd = lambda acc, dw: jax.lax.dynamic_update_slice_in_dim(
+            acc, jax.lax.dynamic_slice_in_dim(acc, n0, n + span - 1, axis=2) + fold(dw), n0, axis=2
+        )
+        return (upd(dkp, dkw), upd(dvp, dvw), dkg, dvg), dq
+
+    P = N + span - 1
+    zeros_p = jnp.zeros((B, H, P, C, D), jnp.float32)
+    zeros_g = jnp.zeros((B, H, G, D), jnp.float32)
+    xs = (jnp.arange(N // n),) + tuple(stats)
+    (dkp, dvp, dkg, dvg), dq = jax.lax.scan(chunk, (zeros_p, zeros_p, zeros_g, zeros_g), xs)
+    dq = jnp.moveaxis(dq, 0, 2).reshape(B, H, L, D).astype(q.dtype)
+    dk = dkp.reshape(B, H, P * C, D)[:, :, w : w + L].astype(k.dtype)
+    dv = dvp.reshape(B, H, P * C, D)[:, :, w : w + L].astype(v.dtype)
+    dkg = None if kg is None else dkg.astype(kg.dtype)
+    dvg = None if vg is None else dvg.astype(vg.dtype)
+    return dq, dk, dv, dkg, dvg, None, None, None
+
+
+_lean_band.defvjp(_lean_band_fwd, _lean_band_bwd)
+
+
+def lean_band_attention_heads(
+    q_BxHxLxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    one_sided_window: int,
+    slots: GlobalSlots | None = None,
+    *,
+    block_size: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    chunk_tokens: int | None = None,
+) -> Array:
+    """The band plus global columns (head-major), in chunks, with a recomputing backward pass.
+
+    Same result as ``sliding_window_attention_heads`` (without the probabilities); memory of the
+    forward and backward grows with ``L * D`` instead of ``L * (C + 2w)``."""
+    B, H, L, D = q_BxHxLxD.shape
+    w = one_sided_window
+    C = block_size or default_block_size(w)
+    _check_band(L, w, C)
+    N = L // C
+    rate = float(dropout_rate) if dropout_rng is not None else 0.0
+    b = _Band(w, C, _chunk_blocks(N, C, chunk_tokens or BAND_CHUNK_TOKENS), rate, v_BxHxLxD.dtype)
+    G = 0 if slots is None else slots.index_BxG.shape[1]
+    kg = vg = gvalid = None
+    if G:
+        index = slots.index_BxG[:, None, :, None]
+        kg = jnp.take_along_axis(k_BxHxLxD, index, axis=2)
+        vg = jnp.take_along_axis(v_BxHxLxD, index, axis=2)
+        gvalid = slots.valid_BxG
+    rng = dropout_rng if rate > 0.0 else None
+    return _lean_band(b, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, kg, vg, gvalid, mask_BxL, rng)
+
+
+def sliding_window_attention_heads(
+    q_BxHxLxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    one_sided_window: int,
+    slots: GlobalSlots | None = None,
+    *,
+    block_size: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    return_probs: bool = False,
+) -> tuple[Array, Array | None]:
+    """``sliding_window_attention`` in the head-major layout (B, H, L, D), in and out.
+
+    The softmax is normalised after the value product: ``out = (e @ v) / sum(e)`` with
+    ``e = exp(s - max)``, so the (B, H, N, C, K) score tensor is written once and read twice,
+    and the masks are one additive bias shared by the heads."""
+    B, H, L, D = q_BxHxLxD.shape
+    w = one_sided_window
+    C = block_size or default_block_size(w)
+    _check_band(L, w, C)
+    N = L // C
+    dtype = v_BxHxLxD.dtype
+
+    q_BxHxNxCxD = q_BxHxLxD.reshape(B, H, N, C, D)
+    k_BxHxNxKxD = _key_windows(k_BxHxLxD, w, C, 0)
+    v_BxHxNxKxD = _key_windows(v_BxHxLxD, w, C, 0)
+    s_BxHxNxCxK = jnp.einsum(
+        "bhncd,bhnkd->bhnck", q_BxHxNxCxD, k_BxHxNxKxD, preferred_element_type=jnp.float32
+    ) + band_bias(mask_BxL, w, C)
+    m_BxHxNxC = jnp.max(s_BxHxNxCxK, axis=-1)
+
+    G = 0 if slots is None else slots.index_BxG.shape[1]
+    if G:
+        index = slots.index_BxG[:, None, :, None]
+        kg_BxHxGxD = jnp.take_along_axis(k_BxHxLxD, index, axis=2)
+        vg_BxHxGxD = jnp.take_along_axis(v_BxHxLxD, index, axis=2)
+        sg_BxHxNxCxG = jnp.einsum(
+            "bhncd,bhgd->bhncg", q_BxHxNxCxD, kg_BxHxGxD, preferred_element_type=jnp.float32
+        ) + jnp.where(slots.valid_BxG, 0.0, _MASKED)[:, None, None, None, :]
+        m_BxHxNxC = jnp.maximum(m_BxHxNxC, jnp.max(sg_BxHxNxCxG, axis=-1))
+    # The softmax does not depend on the shift: no gradient flows through the max.
+    m_BxHxNxCx1 = jax.lax.stop_gradient(m_BxHxNxC)[..., None]
+    e_BxHxNxCxK = jnp.exp(s_BxHxNxCxK - m_BxHxNxCx1)
+    den_BxHxNxC = jnp.sum(e_BxHxNxCxK, axis=-1)
+    if G:
+        eg_BxHxNxCxG = jnp.exp(sg_BxHxNxCxG - m_BxHxNxCx1)
+        den_BxHxNxC = den_BxHxNxC + jnp.sum(eg_BxHxNxCxG, axis=-1)
+
+    if dropout_rng is not None and dropout_rate > 0.0:
+        # One draw over the (global columns, band) row, as for a concatenated probability tensor.
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, e_BxHxNxCxK.shape[:-1] + (G + e_BxHxNxCxK.shape[-1],))
+        drop = lambda x, kp: jnp.where(kp, x / (1.0 - dropout_rate), 0.0).astype(x.dtype)
+        e_used = drop(e_BxHxNxCxK, keep[..., G:])
+        eg_used = drop(eg_BxHxNxCxG, keep[..., :G]) if G else None
+    else:
+        e_used, eg_used = e_BxHxNxCxK, (eg_BxHxNxCxG if G else None)
+    out_BxHxNxCxD = jnp.einsum(
+        "bhnck,bhnkd->bhncd", e_used.astype(dtype), v_BxHxNxKxD, preferred_element_type=jnp.float32
+    )
+    if G:
+        out_BxHxNxCxD += jnp.einsum(
+            "bhncg,bhgd->bhncd", eg_used.astype(dtype), vg_BxHxGxD, preferred_element_type=jnp.float32
+        )
+    out_BxHxNxCxD = out_BxHxNxCxD / den_BxHxNxC[..., None]
+    is_pad_Bx1xLx1 = (mask_BxL == 0)[:, None, :, None]
+    out_BxHxLxD = jnp.where(is_pad_Bx1xLx1, 0.0, out_BxHxNxCxD.reshape(B, H, L, D)).astype(dtype)
+
+    probs = None
+    if return_probs:
+        inv = 1.0 / den_BxHxNxC[..., None]
+        q_pad = (mask_BxL == 0).reshape(B, 1, N, C, 1)
+        band = band_to_hf_layout(jnp.where(q_pad, 0.0, e_BxHxNxCxK * inv), w)
+        if G:
+            pg = jnp.where(q_pad, 0.0, eg_BxHxNxCxG * inv).reshape(B, H, L, G)
+            probs = jnp.concatenate([pg, band], axis=-1)
+        else:
+            probs = band
+    return out_BxHxLxD, probs
 
 
 def sliding_window_attention(
@@ -114,66 +483,22 @@ def sliding_window_attention(
     as ``G`` extra columns with the local key/value projections. Returns the output (B, L, H, D)
     (zero on pad rows) and, if asked, the probabilities in HF's layout (B, H, L, G + 2w + 1).
     Rows of global queries are returned as computed here; the caller replaces them.
+    (The work happens in the head-major layout: ``sliding_window_attention_heads``.)
     """
-    B, L, H, D = q_BxLxHxD.shape
-    w = one_sided_window
-    C = block_size or w
-    if w <= 0 or w % C or L % C or L % (2 * w):
-        raise ValueError(
-            f"sliding_window_attention: sequence length {L} must be a multiple of the window 2w={2 * w}, "
-            f"and the block size {C} must divide w={w}."
-        )
-    N, K = L // C, C + 2 * w
-    dtype = v_BxLxHxD.dtype
-
-    q_BxNxCxHxD = _blocks(q_BxLxHxD, C)
-    k_BxNxKxHxD = _key_windows(k_BxLxHxD, w, C, 0)
-    v_BxNxKxHxD = _key_windows(v_BxLxHxD, w, C, 0)
-    # 0 outside the sequence, 1 pad/global (masked like HF), 2 a local key.
-    key_state_BxL = jnp.where(mask_BxL == 1, 2, 1).astype(jnp.int8)
-    key_state_BxNxK = _key_windows(key_state_BxL, w, C, 0)
-
-    s_BxHxNxCxK = jnp.einsum(
-        "bnqhd,bnkhd->bhnqk", q_BxNxCxHxD, k_BxNxKxHxD, preferred_element_type=jnp.float32
+    heads = lambda x: jnp.swapaxes(x, 1, 2)
+    out_BxHxLxD, probs = sliding_window_attention_heads(
+        heads(q_BxLxHxD),
+        heads(k_BxLxHxD),
+        heads(v_BxLxHxD),
+        mask_BxL,
+        one_sided_window,
+        slots,
+        block_size=block_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        return_probs=return_probs,
     )
-    r = jnp.arange(C)[:, None]
-    kk = jnp.arange(K)[None, :]
-    in_band_CxK = (kk >= r) & (kk <= r + 2 * w)
-    state = key_state_BxNxK[:, None, :, None, :]
-    s_BxHxNxCxK = jnp.where(
-        in_band_CxK & (state > 0), jnp.where(state == 2, s_BxHxNxCxK, _MASKED), _OUTSIDE
-    )
-
-    G = 0 if slots is None else slots.index_BxG.shape[1]
-    if G:
-        kg_BxGxHxD = _gather_rows(k_BxLxHxD, slots.index_BxG)
-        vg_BxGxHxD = _gather_rows(v_BxLxHxD, slots.index_BxG)
-        sg_BxHxNxCxG = jnp.einsum(
-            "bnqhd,bghd->bhnqg", q_BxNxCxHxD, kg_BxGxHxD, preferred_element_type=jnp.float32
-        )
-        sg_BxHxNxCxG = jnp.where(slots.valid_BxG[:, None, None, None, :], sg_BxHxNxCxG, _MASKED)
-        s_BxHxNxCxK = jnp.concatenate([sg_BxHxNxCxG, s_BxHxNxCxK], axis=-1)
-
-    p = jax.nn.softmax(s_BxHxNxCxK, axis=-1)
-    q_pad_BxN_C = (mask_BxL == 0).reshape(B, 1, N, C, 1)
-    p = jnp.where(q_pad_BxN_C, 0.0, p)
-    p = _dropout(dropout_rng, dropout_rate, p)
-
-    pg, pb = p[..., :G], p[..., G:]
-    out_BxNxCxHxD = jnp.einsum(
-        "bhnqk,bnkhd->bnqhd", pb.astype(dtype), v_BxNxKxHxD, preferred_element_type=jnp.float32
-    )
-    if G:
-        out_BxNxCxHxD += jnp.einsum(
-            "bhnqg,bghd->bnqhd", pg.astype(dtype), vg_BxGxHxD, preferred_element_type=jnp.float32
-        )
-    out_BxLxHxD = out_BxNxCxHxD.reshape(B, L, H, D).astype(dtype)
-
-    probs = None
-    if return_probs:
-        band = band_to_hf_layout(pb, w)
-        probs = jnp.concatenate([pg.reshape(B, H, L, G), band], axis=-1) if G else band
-    return out_BxLxHxD, probs
+    return heads(out_BxHxLxD), probs
 
 
 def global_query_attention(
@@ -208,6 +533,38 @@ def scatter_global_rows(out_BxLxHxD: Array, rows_BxGxHxD: Array, slots: GlobalSl
     B, L = out_BxLxHxD.shape[:2]
     index = jnp.where(slots.valid_BxG, slots.index_BxG, L)  # L: out of bounds -> dropped
     return out_BxLxHxD.at[jnp.arange(B)[:, None], index].set(rows_BxGxHxD, mode="drop")
+
+
+def global_query_attention_heads(
+    qg_BxHxGxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    slots: GlobalSlots,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> tuple[Array, Array]:
+    """``global_query_attention`` in the head-major layout: output (B, H, G, D), probs (B, H, G, L)."""
+    dtype = v_BxHxLxD.dtype
+    s_BxHxGxL = jnp.einsum("bhgd,bhld->bhgl", qg_BxHxGxD, k_BxHxLxD, preferred_element_type=jnp.float32)
+    keep = slots.valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
+    s_BxHxGxL = jnp.where(keep, s_BxHxGxL, _MASKED)
+    p_BxHxGxL = jax.nn.softmax(s_BxHxGxL, axis=-1)
+    p_drop = _dropout(dropout_rng, dropout_rate, p_BxHxGxL)
+    out_BxHxGxD = jnp.einsum(
+        "bhgl,bhld->bhgd", p_drop.astype(dtype), v_BxHxLxD, preferred_element_type=jnp.float32
+    ).astype(dtype)
+    return out_BxHxGxD, p_BxHxGxL
+
+
+def scatter_global_rows_heads(out_BxHxLxD: Array, rows_BxHxGxD: Array, slots: GlobalSlots) -> Array:
+    """``scatter_global_rows`` in the head-major layout."""
+    B, _, L = out_BxHxLxD.shape[:3]
+    index = jnp.where(slots.valid_BxG, slots.index_BxG, L)  # L: out of bounds -> dropped
+    # Advanced indices around a slice: the indexed sub-array is laid out (B, G, H, D).
+    rows_BxGxHxD = jnp.swapaxes(rows_BxHxGxD, 1, 2)
+    return out_BxHxLxD.at[jnp.arange(B)[:, None], :, index].set(rows_BxGxHxD, mode="drop")
 
 
 def dense_attention(

@@ -101,11 +101,16 @@ def check_inputs(config: LongformerConfig, shape, input_ids, masks: dict[str, An
         )
     length = shape[1]
     if length > config.max_sequence_length:
-        raise ValueError(
-            f"sequence length {length} exceeds the model's limit max_position_embeddings - pad_token_id - 1 = "
-            f"{config.max_sequence_length} (max_position_embeddings={config.max_position_embeddings}); "
-            "truncate the input or extend the position embeddings (convert.roberta_to_longformer --max-length)."
-        )
+        # Pads take no position, so a longer row is fine when its real tokens fit (as in HF).
+        ids = concrete(input_ids)
+        real = int((ids != config.pad_token_id).sum(-1).max()) if ids is not None else length
+        if real > config.max_sequence_length:
+            raise ValueError(
+                f"sequence length {real} exceeds the model's limit max_position_embeddings - pad_token_id - 1 = "
+                f"{config.max_sequence_length} (max_position_embeddings={config.max_position_embeddings}); "
+                "truncate the input or extend the position embeddings "
+                "(python -m convert.roberta_to_longformer --max-length)."
+            )
     for name, m in masks.items():
         if m is not None and tuple(m.shape[:2]) != tuple(shape):
             raise ValueError(
@@ -154,30 +159,28 @@ class LongformerSelfAttention(nn.Module):
         cfg = self.config
         B, L, _ = h_BxLxE.shape
         H, D = cfg.num_attention_heads, cfg.head_dim
-        scale = 1.0 / np.sqrt(D)
+        scale = jnp.asarray(1.0 / np.sqrt(D), compute_dtype(cfg))
 
-        def project(name, x):
-            y = dense(cfg, cfg.hidden_size, name)(x)
-            return y.reshape(x.shape[0], x.shape[1], H, D)
+        def heads(x_BxTxE):  # (B, T, H*D) -> head-major (B, H, T, D)
+            return x_BxTxE.reshape(x_BxTxE.shape[0], x_BxTxE.shape[1], H, D).transpose(0, 2, 1, 3)
 
-        q = project("query", h_BxLxE) * jnp.asarray(scale, compute_dtype(cfg))
-        k = project("key", h_BxLxE)
-        v = project("value", h_BxLxE)
+        q = heads(dense(cfg, cfg.hidden_size, "query")(h_BxLxE)) * scale
+        k = heads(dense(cfg, cfg.hidden_size, "key")(h_BxLxE))
+        v = heads(dense(cfg, cfg.hidden_size, "value")(h_BxLxE))
         rate = cfg.attention_probs_dropout_prob
         use_dropout = not self.deterministic and rate > 0.0
         rng_local = self.make_rng("dropout") if use_dropout else None
-        out, probs = attn.sliding_window_attention(
-            q,
-            k,
-            v,
-            mask_BxL,
-            self.attention_window // 2,
-            slots,
-            block_size=cfg.attention_block_size,
-            dropout_rate=rate if use_dropout else 0.0,
-            dropout_rng=rng_local,
-            return_probs=self.output_attentions,
+        band_kw = dict(
+            block_size=cfg.attention_block_size, dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_local
         )
+        if self.output_attentions:
+            out_BxHxLxD, probs = attn.sliding_window_attention_heads(
+                q, k, v, mask_BxL, self.attention_window // 2, slots, return_probs=True, **band_kw
+            )
+        else:
+            # Chunked band with a recomputing backward pass: the same numbers in O(L * D) memory.
+            out_BxHxLxD = attn.lean_band_attention_heads(q, k, v, mask_BxL, self.attention_window // 2, slots, **band_kw)
+            probs = None
         G = slots.index_BxG.shape[1]
         global_probs = None
         # The global projections always exist (HF state dicts carry them); they are only used when G > 0.
@@ -190,18 +193,18 @@ class LongformerSelfAttention(nn.Module):
                     m(h_BxLxE[:, :1])
         else:
             h_BxGxE = jnp.take_along_axis(h_BxLxE, slots.index_BxG[:, :, None], axis=1)
-            qg = q_glob(h_BxGxE).reshape(B, G, H, D) * jnp.asarray(scale, compute_dtype(cfg))
-            kg = k_glob(h_BxLxE).reshape(B, L, H, D)
-            vg = v_glob(h_BxLxE).reshape(B, L, H, D)
+            qg = heads(q_glob(h_BxGxE)) * scale
+            kg = heads(k_glob(h_BxLxE))
+            vg = heads(v_glob(h_BxLxE))
             rng_global = self.make_rng("dropout") if use_dropout else None
-            out_g, global_probs = attn.global_query_attention(
+            out_g, global_probs = attn.global_query_attention_heads(
                 qg, kg, vg, mask_BxL, slots, dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_global
             )
-            out = attn.scatter_global_rows(out, out_g, slots)
+            out_BxHxLxD = attn.scatter_global_rows_heads(out_BxHxLxD, out_g, slots)
             if probs is not None:
                 # HF zeroes the local rows of global queries; their probabilities are the global ones.
                 probs = jnp.where((mask_BxL == 2)[:, None, :, None], 0.0, probs)
-        return out.reshape(B, L, H * D), probs, global_probs
+        return out_BxHxLxD.transpose(0, 2, 1, 3).reshape(B, L, H * D), probs, global_probs
 
 
 class LongformerDenseOutput(nn.Module):
