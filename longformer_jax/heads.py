@@ -72,17 +72,6 @@ def cross_entropy(logits: Array, labels: Array, ignore_index: int = -100) -> Arr
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
 
 
-def mlm_loss_sums(logits: Array, labels: Array) -> tuple[Array, Array, Array]:
-    """Summed MLM loss, number of predicted tokens and number correct (for exact means over batches)."""
-    logits = logits.astype(jnp.float32)
-    valid = labels != -100
-    safe = jnp.where(valid, labels, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, -1) == labels) & valid
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid), jnp.sum(correct)
-
-
 def classification_loss(config: LongformerConfig, logits: Array, labels: Array) -> Array:
     """HF's problem_type rule: regression (MSE), single-label (CE) or multi-label (BCE)."""
     problem = config.problem_type

@@ -262,6 +262,8 @@ def run(cfg: config_lib.TrainConfig) -> dict[str, Any]:
         saved = cfg.to_dict()
         saved["fingerprint"] = cfg.fingerprint()
         (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        # The model's own config.json, so that `convert.flax_to_hf RUN_DIR` exports any checkpoint exactly.
+        model.config.save_pretrained(out / "model", architectures=["LongformerForMaskedLM"])
     host_rng = np.asarray(jax.device_get(train_rng))
 
     # --- watching ---
