@@ -84,7 +84,7 @@ class LongformerConfig:
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
     remat: bool = False  # rematerialise each layer in the backward pass
     scan_layers: bool = False  # one lax.scan over the layers (needs one window for all layers)
-    attention_block_size: int | None = None  # query rows per block of the band; None = one-sided window
+    attention_block_size: int | None = None  # query rows per block of the band; None = largest divisor of w <= 128
 
     def __post_init__(self):
         if isinstance(self.attention_window, list):

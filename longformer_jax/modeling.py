@@ -179,7 +179,9 @@ class LongformerSelfAttention(nn.Module):
             )
         else:
             # Chunked band with a recomputing backward pass: the same numbers in O(L * D) memory.
-            out_BxHxLxD = attn.lean_band_attention_heads(q, k, v, mask_BxL, self.attention_window // 2, slots, **band_kw)
+            out_BxHxLxD = attn.lean_band_attention_heads(
+                q, k, v, mask_BxL, self.attention_window // 2, slots, **band_kw
+            )
             probs = None
         G = slots.index_BxG.shape[1]
         global_probs = None

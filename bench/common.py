@@ -1,0 +1,176 @@
+"""What both sides of the benchmark share: the case, its inputs, its FLOPs, and memory readings.
+
+A case is one (framework, sequence length, window, number of global tokens) with the modes to time
+(``fwd``: encoder forward pass; ``train``: forward, backward and AdamW update of the encoder with a
+token-classification head). It is a plain dict so that it travels to a worker process as JSON.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# The base model (kiddothe2b/longformer-base-4096 and allenai/longformer-base-4096 sizes).
+BASE = dict(
+    vocab_size=50265,
+    hidden_size=768,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    sep_token_id=2,
+)
+NUM_LABELS = 2  # token-classification head of the train step
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 0.01
+DROPOUT = 0.1  # hidden and attention dropout in the train step (as in pretraining); off in fwd
+# glibc settings that keep freed memory in the heap instead of returning it to the kernel, so that
+# large buffers are not page-faulted in again on every call. Applied to both frameworks alike.
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+
+
+def model_kwargs(case: dict) -> dict:
+    L = case["length"]
+    return dict(
+        BASE,
+        num_hidden_layers=case["layers"],
+        attention_window=case["window"],
+        # RoBERTa positions: real tokens take pad+1 .. L+pad, so L + 2 rows.
+        max_position_embeddings=L + BASE["pad_token_id"] + 1,
+    )
+
+
+def global_positions(length: int, num_global: int) -> np.ndarray:
+    """The sentence-block layout: one global token at the start of each of ``num_global`` equal blocks.
+
+    At 4096 tokens and 32 globals these are the seed checkpoint's 128-token block starts."""
+    if num_global == 0:
+        return np.zeros((0,), np.int64)
+    return np.arange(num_global) * (length // num_global)
+
+
+def inputs(case: dict) -> dict[str, np.ndarray]:
+    """Token ids, masks and labels of the case, the same on both sides (int64; cast as needed)."""
+    B, L = case["batch"], case["length"]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, BASE["vocab_size"], (B, L))
+    glob = np.zeros((B, L), np.int64)
+    pos = global_positions(L, case["globals"])
+    glob[:, pos] = 1
+    ids[:, pos] = BASE["eos_token_id"]  # a block starts with </s>
+    ids[:, 0] = BASE["bos_token_id"]
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones((B, L), np.int64),
+        "global_attention_mask": glob,
+        "labels": rng.integers(0, NUM_LABELS, (B, L)),
+    }
+
+
+def forward_flops(case: dict, dense: bool = False) -> float:
+    """Matrix-product FLOPs of one forward pass of the encoder (per batch), of the exact model.
+
+    The band counts ``2w + 1`` keys per query (what the model needs, not what an implementation
+    computes); global tokens add their columns to every query and their rows over every key, and
+    the global key/value projections run over the whole sequence (HF's semantics). ``dense``: the
+    plain O(L^2) attention of the same sizes, without the global projections."""
+    E, F = BASE["hidden_size"], BASE["intermediate_size"]
+    L, B, G = case["length"], case["batch"], case["globals"]
+    w = case["window"] // 2
+    per_layer = 2 * L * E * E * 4 + 2 * L * E * F * 2  # q, k, v, output; feed-forward
+    if dense:
+        per_layer += 2 * 2 * L * L * E
+    else:
+        per_layer += 2 * 2 * L * (2 * w + 1) * E  # band scores and values
+        if G:
+            per_layer += 2 * L * E * E * 2 + 2 * G * E * E  # key_global, value_global; query_global
+            per_layer += 2 * 2 * L * G * E  # global columns of every query
+            per_layer += 2 * 2 * G * L * E  # global queries over every key
+    head = 2 * L * E * NUM_LABELS if case.get("mode") == "train" else 0
+    return float(B * (case["layers"] * per_layer + head))
+
+
+def step_flops(case: dict, mode: str, dense: bool = False) -> float:
+    """Forward: the forward FLOPs; train: 3x (the backward pass does two products per forward one)."""
+    f = forward_flops(dict(case, mode=mode), dense)
+    return f if mode == "fwd" else 3.0 * f
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakRSS:
+    """Peak resident memory of this process above a baseline (Linux: VmHWM after clear_refs)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        gc.collect()
+        _malloc_trim()  # hand freed heap pages back, so that reusing them later counts as new memory
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        self.baseline_kib = _status_kib("VmRSS")
+
+    def peak_bytes(self) -> int:
+        return max(0, _status_kib("VmHWM") - self.baseline_kib) * 1024
+
+
+# ---------------------------------------------------------------------------------------- timing
+def time_calls(fn, reps: int, warmup: int = 1, after_warmup=None) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn`` (which must block until its result is ready).
+
+    ``after_warmup()`` runs between the warm-up and the timed calls (to read the first call's memory)."""
+    for _ in range(warmup):
+        fn()
+    if after_warmup is not None:
+        after_warmup()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def emit(result: dict) -> None:
+    """The worker's answer: one JSON line on stdout, marked so that library logs cannot be mistaken for it."""
+    sys.stdout.write("BENCH_RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
