@@ -533,23 +533,18 @@ def global_query_attention(
     Returns the output (B, G, H, D) and the probabilities (B, H, G, L). Empty slots and pad keys
     are filled with float32's min as HF does (an empty slot's row is uniform, and unused).
     """
-    dtype = v_BxLxHxD.dtype
-    s_BxHxGxL = jnp.einsum("bghd,blhd->bhgl", qg_BxGxHxD, k_BxLxHxD, preferred_element_type=jnp.float32)
-    keep = slots.valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
-    s_BxHxGxL = jnp.where(keep, s_BxHxGxL, _MASKED)
-    p_BxHxGxL = jax.nn.softmax(s_BxHxGxL, axis=-1)
-    p_drop = _dropout(dropout_rng, dropout_rate, p_BxHxGxL)
-    out_BxGxHxD = jnp.einsum(
-        "bhgl,blhd->bghd", p_drop.astype(dtype), v_BxLxHxD, preferred_element_type=jnp.float32
-    ).astype(dtype)
-    return out_BxGxHxD, p_BxHxGxL
+    heads = lambda x: jnp.swapaxes(x, 1, 2)
+    out_BxHxGxD, p_BxHxGxL = global_query_attention_heads(
+        heads(qg_BxGxHxD), heads(k_BxLxHxD), heads(v_BxLxHxD), mask_BxL, slots,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+    )
+    return heads(out_BxHxGxD), p_BxHxGxL
 
 
 def scatter_global_rows(out_BxLxHxD: Array, rows_BxGxHxD: Array, slots: GlobalSlots) -> Array:
     """Write the global queries' outputs over their rows (empty slots write nothing)."""
-    B, L = out_BxLxHxD.shape[:2]
-    index = jnp.where(slots.valid_BxG, slots.index_BxG, L)  # L: out of bounds -> dropped
-    return out_BxLxHxD.at[jnp.arange(B)[:, None], index].set(rows_BxGxHxD, mode="drop")
+    heads = lambda x: jnp.swapaxes(x, 1, 2)
+    return heads(scatter_global_rows_heads(heads(out_BxLxHxD), heads(rows_BxGxHxD), slots))
 
 
 def global_query_attention_heads(
