@@ -69,6 +69,7 @@ def _dense_encoder(cfg):
     import jax.numpy as jnp
 
     from longformer_jax import modeling as M
+    from longformer_jax.dropout import Dropout
 
     class DenseLayer(nn.Module):
         config: object
@@ -89,7 +90,7 @@ def _dense_encoder(cfg):
             s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
             s = jnp.where(mask_BxL[:, None, None, :] > 0, s, jnp.finfo(jnp.float32).min)
             p = jax.nn.softmax(s, axis=-1)
-            p = nn.Dropout(c.attention_probs_dropout_prob)(p, deterministic=self.deterministic)
+            p = Dropout(c.attention_probs_dropout_prob)(p, deterministic=self.deterministic)
             a = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v).transpose(0, 2, 1, 3).reshape(B, L, E)
             a = M.LongformerDenseOutput(c, self.deterministic, name="attention_output")(a, h)
             x = M.LongformerIntermediate(c, name="intermediate")(a)
@@ -109,7 +110,7 @@ def _dense_encoder(cfg):
                 h = DenseLayer(c, deterministic, name=f"layer_{i}")(h, attention_mask)
             if labels is None:
                 return h
-            h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+            h = Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
             logits = M.dense(c, c.num_labels, "classifier")(h).astype(jnp.float32)
             logp = jax.nn.log_softmax(logits, -1)
             return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1))

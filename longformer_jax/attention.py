@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from longformer_jax.dropout import apply_mask, keep_mask
+
 Array = jax.Array
 
 # HF fills masked scores with finfo(float32).min (not -inf): a row whose every key is masked then
@@ -72,8 +74,7 @@ def _gather_rows(x_BxLx___: Array, index_BxG: Array) -> Array:
 def _dropout(rng: Array | None, rate: float, p: Array) -> Array:
     if rng is None or rate == 0.0:
         return p
-    keep = jax.random.bernoulli(rng, 1.0 - rate, p.shape)
-    return jnp.where(keep, p / (1.0 - rate), 0.0).astype(p.dtype)
+    return apply_mask(keep_mask(rng, rate, p.shape), rate, p)
 
 
 def _key_windows(x_BxHxLx___: Array, w: int, block: int, fill) -> Array:
@@ -206,7 +207,7 @@ def _chunk_scores(q, kw, bias, kg, gbias):
 
 
 def _keep_masks(b: _Band, rng, i, shape_b, G):
-    keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - b.rate, shape_b[:-1] + (G + shape_b[-1],))
+    keep = keep_mask(jax.random.fold_in(rng, i), b.rate, shape_b[:-1] + (G + shape_b[-1],))
     return keep[..., G:], keep[..., :G]
 
 
@@ -450,8 +451,8 @@ def sliding_window_attention_heads(
     if dropout_rng is not None and dropout_rate > 0.0:
         # One draw over the (global columns, band) row, as for a concatenated probability tensor.
         row_shape = e_BxHxNxCxK.shape[:-1] + (G + e_BxHxNxCxK.shape[-1],)
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, row_shape)
-        drop = lambda x, kp: jnp.where(kp, x / (1.0 - dropout_rate), 0.0).astype(x.dtype)
+        keep = keep_mask(dropout_rng, dropout_rate, row_shape)
+        drop = lambda x, kp: apply_mask(kp, dropout_rate, x)
         e_used = drop(e_BxHxNxCxK, keep[..., G:])
         eg_used = drop(eg_BxHxNxCxG, keep[..., :G]) if G else None
     else:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longformer_jax.config import LongformerConfig
+from longformer_jax.dropout import Dropout
 from longformer_jax.modeling import (
     LongformerModel,
     activation,
@@ -177,7 +178,7 @@ class LongformerClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic=True):
         cfg = self.config
-        drop = nn.Dropout(cfg.hidden_dropout_prob)
+        drop = Dropout(cfg.hidden_dropout_prob)
         x = drop(x, deterministic=deterministic)
         x = jnp.tanh(dense(cfg, cfg.hidden_size, "dense")(x))
         x = drop(x, deterministic=deterministic)
@@ -256,7 +257,7 @@ class LongformerForTokenClassification(nn.Module):
             inputs_embeds,
             **_model_kwargs(locals()),
         )
-        x = nn.Dropout(cfg.hidden_dropout_prob)(out.last_hidden_state, deterministic=deterministic)
+        x = Dropout(cfg.hidden_dropout_prob)(out.last_hidden_state, deterministic=deterministic)
         logits = dense(cfg, cfg.num_labels, "classifier")(x).astype(jnp.float32)
         loss = cross_entropy(logits.reshape(-1, cfg.num_labels), labels.reshape(-1)) if labels is not None else None
         return LongformerTokenClassifierOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
@@ -390,7 +391,7 @@ class LongformerForMultipleChoice(nn.Module):
             flat(inputs_embeds),
             **_model_kwargs(locals()),
         )
-        pooled = nn.Dropout(cfg.hidden_dropout_prob)(out.pooler_output, deterministic=deterministic)
+        pooled = Dropout(cfg.hidden_dropout_prob)(out.pooler_output, deterministic=deterministic)
         logits = dense(cfg, 1, "classifier")(pooled).astype(jnp.float32).reshape(B, C)
         loss = cross_entropy(logits, jnp.asarray(labels)) if labels is not None else None
         return LongformerMultipleChoiceModelOutput(

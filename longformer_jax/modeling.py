@@ -24,6 +24,7 @@ import numpy as np
 
 from longformer_jax import attention as attn
 from longformer_jax.config import LongformerConfig
+from longformer_jax.dropout import Dropout
 
 Array = jax.Array
 
@@ -145,7 +146,7 @@ class LongformerEmbeddings(nn.Module):
             word(jnp.zeros((1, 1), jnp.int32))  # create the table when built from inputs_embeds
         x = inputs_embeds.astype(jnp.float32) + pos(position_ids) + tok(token_type_ids)
         x = layer_norm(cfg, "LayerNorm")(x)
-        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class LongformerSelfAttention(nn.Module):
@@ -219,7 +220,7 @@ class LongformerDenseOutput(nn.Module):
     def __call__(self, x, residual):
         cfg = self.config
         x = dense(cfg, cfg.hidden_size, "dense")(x)
-        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
+        x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
         return layer_norm(cfg, "LayerNorm")(x + residual)
 
 
