@@ -571,6 +571,59 @@ def global_query_attention_heads(
     return out_BxHxGxD, p_BxHxGxL
 
 
+def reassociate_global(num_slots: int, num_heads: int, hidden_size: int) -> bool:
+    """Whether ``global_query_attention_from_hidden`` does less work than projecting every key.
+
+    Projecting the global keys and values of all ``L`` tokens costs ``2 L E^2``; folding the
+    projections into the ``G`` global queries instead costs about ``2 L H G E``, so it pays while
+    ``H G < E + G`` (``G`` up to 69 for the base model's 12 heads of 64)."""
+    return 0 < num_slots and num_heads * num_slots < hidden_size + num_slots
+
+
+def global_query_attention_from_hidden_heads(
+    qg_BxHxGxD: Array,
+    h_BxLxE: Array,
+    key_kernel_ExE: Array,
+    key_bias_E: Array,
+    value_kernel_ExE: Array,
+    value_bias_E: Array,
+    mask_BxL: Array,
+    slots: GlobalSlots,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> tuple[Array, Array]:
+    """``global_query_attention_heads`` with the global key/value projections folded into the queries.
+
+    With ``k_l = h_l Wk + bk`` and ``v_l = h_l Wv + bv`` (per head ``h``, columns ``h*D .. h*D+D-1``):
+    ``q . k_l = (q Wk_h^T) . h_l + q . bk_h`` and ``sum_l p_l v_l = (sum_l p_l h_l) Wv_h + (sum_l p_l) bv_h``,
+    so the ``L x E`` global keys and values are never formed: the ``G`` queries of every head become
+    ``E``-wide and meet the hidden states in two ``(H G) x E x L`` products. The same numbers as
+    projecting every key (up to float rounding); outputs (B, H, G, D) and probabilities (B, H, G, L)."""
+    B, H, G, D = qg_BxHxGxD.shape
+    E = h_BxLxE.shape[-1]
+    dtype = h_BxLxE.dtype
+    wk_ExHxD = key_kernel_ExE.astype(dtype).reshape(E, H, D)
+    wv_ExHxD = value_kernel_ExE.astype(dtype).reshape(E, H, D)
+    qk_BxHxGxE = jnp.einsum("bhgd,ehd->bhge", qg_BxHxGxD, wk_ExHxD, preferred_element_type=jnp.float32)
+    q_bias_BxHxG = jnp.einsum(
+        "bhgd,hd->bhg", qg_BxHxGxD, key_bias_E.astype(dtype).reshape(H, D), preferred_element_type=jnp.float32
+    )
+    s_BxHxGxL = jnp.einsum("bhge,ble->bhgl", qk_BxHxGxE.astype(dtype), h_BxLxE, preferred_element_type=jnp.float32)
+    s_BxHxGxL = s_BxHxGxL + q_bias_BxHxG[..., None]
+    keep = slots.valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
+    s_BxHxGxL = jnp.where(keep, s_BxHxGxL, _MASKED)
+    p_BxHxGxL = jax.nn.softmax(s_BxHxGxL, axis=-1)
+    p_drop = _dropout(dropout_rng, dropout_rate, p_BxHxGxL)
+    ph_BxHxGxE = jnp.einsum("bhgl,ble->bhge", p_drop.astype(dtype), h_BxLxE, preferred_element_type=jnp.float32)
+    out_BxHxGxD = jnp.einsum("bhge,ehd->bhgd", ph_BxHxGxE.astype(dtype), wv_ExHxD, preferred_element_type=jnp.float32)
+    # sum_l p_l is 1 without dropout; with it, the bias is weighted by what the mask kept.
+    out_BxHxGxD = out_BxHxGxD + jnp.sum(p_drop, axis=-1)[..., None] * value_bias_E.astype(jnp.float32).reshape(H, D)[
+        None, :, None, :
+    ]
+    return out_BxHxGxD.astype(dtype), p_BxHxGxL
+
+
 def scatter_global_rows_heads(out_BxHxLxD: Array, rows_BxHxGxD: Array, slots: GlobalSlots) -> Array:
     """``scatter_global_rows`` in the head-major layout."""
     B, _, L = out_BxHxLxD.shape[:3]

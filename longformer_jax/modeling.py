@@ -187,27 +187,50 @@ class LongformerSelfAttention(nn.Module):
         G = slots.index_BxG.shape[1]
         global_probs = None
         # The global projections always exist (HF state dicts carry them); they are only used when G > 0.
-        q_glob = dense(cfg, cfg.hidden_size, "query_global")
-        k_glob = dense(cfg, cfg.hidden_size, "key_global")
-        v_glob = dense(cfg, cfg.hidden_size, "value_global")
+        E = cfg.hidden_size
+        q_glob = dense(cfg, E, "query_global")
+        wk, bk = DenseParams(cfg, E, name="key_global")(E)
+        wv, bv = DenseParams(cfg, E, name="value_global")(E)
         if G == 0:
             if self.is_initializing():
-                for m in (q_glob, k_glob, v_glob):
-                    m(h_BxLxE[:, :1])
+                q_glob(h_BxLxE[:, :1])
         else:
             h_BxGxE = jnp.take_along_axis(h_BxLxE, slots.index_BxG[:, :, None], axis=1)
             qg = heads(q_glob(h_BxGxE)) * scale
-            kg = heads(k_glob(h_BxLxE))
-            vg = heads(v_glob(h_BxLxE))
             rng_global = self.make_rng("dropout") if use_dropout else None
-            out_g, global_probs = attn.global_query_attention_heads(
-                qg, kg, vg, mask_BxL, slots, dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_global
-            )
+            drop = dict(dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_global)
+            x = h_BxLxE.astype(compute_dtype(cfg))
+            if attn.reassociate_global(G, H, E):
+                # A few global queries: fold the key/value projections into them (no L x E keys).
+                out_g, global_probs = attn.global_query_attention_from_hidden_heads(
+                    qg, x, wk, bk, wv, bv, mask_BxL, slots, **drop
+                )
+            else:
+                project = lambda w, b: heads(x @ w.astype(x.dtype) + b.astype(x.dtype))
+                out_g, global_probs = attn.global_query_attention_heads(
+                    qg, project(wk, bk), project(wv, bv), mask_BxL, slots, **drop
+                )
             out_BxHxLxD = attn.scatter_global_rows_heads(out_BxHxLxD, out_g, slots)
             if probs is not None:
                 # HF zeroes the local rows of global queries; their probabilities are the global ones.
                 probs = jnp.where((mask_BxL == 2)[:, None, :, None], 0.0, probs)
         return out_BxHxLxD.transpose(0, 2, 1, 3).reshape(B, L, H * D), probs, global_probs
+
+
+class DenseParams(nn.Module):
+    """The parameters of ``dense(config, features, name)`` (same names, shapes, initialisers), unapplied.
+
+    For projections that the attention folds into other products instead of applying them."""
+
+    config: LongformerConfig
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array]:
+        init = nn.initializers.normal(self.config.initializer_range)
+        kernel = self.param("kernel", init, (in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return kernel, bias
 
 
 class LongformerDenseOutput(nn.Module):

@@ -227,3 +227,29 @@ def test_lean_band_dropout_gradient_matches_autodiff():
     g2 = jax.grad(lambda *a: jnp.sum(plain(*a) * ct), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.4])
+def test_global_projections_folded_into_the_queries(rate):
+    """Folding key_global/value_global into the global queries gives the projected path's numbers."""
+    rng = np.random.default_rng(7)
+    B, L, H, D = 2, 24, 3, 4
+    E = H * D
+    h = jnp.asarray(rng.normal(size=(B, L, E)), jnp.float32)
+    wk, wv = (jnp.asarray(rng.normal(size=(E, E)) / np.sqrt(E), jnp.float32) for _ in range(2))
+    bk, bv = (jnp.asarray(rng.normal(size=(E,)), jnp.float32) for _ in range(2))
+    mask = np.ones((B, L), np.int32)
+    mask[1, 20:] = 0
+    mask[0, [0, 5, 17]] = 2
+    mask[1, [3]] = 2
+    mask = jnp.asarray(mask)
+    slots = A.global_slots(mask == 2, 4)
+    qg = jnp.asarray(rng.normal(size=(B, H, 4, D)), jnp.float32)
+    heads = lambda x: x.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+    kw = dict(dropout_rate=rate, dropout_rng=jax.random.PRNGKey(2) if rate else None)
+    ref_out, ref_p = A.global_query_attention_heads(qg, heads(h @ wk + bk), heads(h @ wv + bv), mask, slots, **kw)
+    out, p = A.global_query_attention_from_hidden_heads(qg, h, wk, bk, wv, bv, mask, slots, **kw)
+    valid = np.asarray(slots.valid_BxG)[:, None, :, None]
+    np.testing.assert_allclose(np.asarray(p), np.asarray(ref_p), atol=1e-6)
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref_out, 0), atol=1e-5)
+    assert A.reassociate_global(32, 12, 768) and not A.reassociate_global(128, 12, 768)

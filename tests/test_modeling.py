@@ -62,6 +62,14 @@ def batch(case, rng):
         gm = np.zeros((B, L), np.int64)
         gm[:, ::bs] = 1
         gm[0, 5] = 1  # rows hold different numbers of global tokens
+    elif case == "many-global":  # 12 and 17 globals: more slots than fold into the queries (16/32 > H*G rule)
+        B, L = 2, 40
+        ids = rng.integers(5, 100, (B, L))
+        am = np.ones((B, L), np.int64)
+        am[1, 36:] = 0
+        gm = np.zeros((B, L), np.int64)
+        gm[0, ::3] = 1
+        gm[1, :34:2] = 1
     else:
         raise ValueError(case)
     ids = np.where(am == 0, 1, ids)
@@ -83,7 +91,7 @@ def compare_outputs(jo, to, logits_fields):
             assert max_diff(a, b) <= TOL
 
 
-@pytest.mark.parametrize("case", ["mixed", "no-global", "blocks"])
+@pytest.mark.parametrize("case", ["mixed", "no-global", "blocks", "many-global"])
 def test_masked_lm_parity(torch, case):
     tm, model, params, cfg = make_pair(torch, "masked-lm")
     ids, am, gm = batch(case, np.random.default_rng(1))
