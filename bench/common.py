@@ -147,14 +147,21 @@ class PeakRSS:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def time_calls(fn, reps: int, warmup: int = 1, after_warmup=None) -> list[float]:
+def warmup_calls(case: dict) -> int:
+    """Untimed calls before the timed ones (``reps["warmup"]``, default 1)."""
+    r = case.get("reps")
+    return int(r.get("warmup", 1)) if isinstance(r, dict) else 1
+
+
+def time_calls(fn, reps: int, warmup: int = 1, after_first=None) -> list[float]:
     """Seconds of ``reps`` calls of ``fn`` (which must block until its result is ready).
 
-    ``after_warmup()`` runs between the warm-up and the timed calls (to read the first call's memory)."""
-    for _ in range(warmup):
+    ``after_first()`` runs right after the first (warm-up) call, to read that call's memory; more
+    warm-up calls let the allocator's heap reach its steady size before anything is timed."""
+    for i in range(warmup):
         fn()
-    if after_warmup is not None:
-        after_warmup()
+        if i == 0 and after_first is not None:
+            after_first()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()

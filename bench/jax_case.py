@@ -240,7 +240,9 @@ def _measure(case: dict, mode: str, arrays: dict, rss: common.PeakRSS) -> dict:
             state["params"], state["opt"] = p, o
 
     first = {}
-    times = common.time_calls(run, _reps(case, mode), after_warmup=lambda: first.update(b=rss.peak_bytes()))
+    times = common.time_calls(
+        run, _reps(case, mode), common.warmup_calls(case), after_first=lambda: first.update(b=rss.peak_bytes())
+    )
     return {
         "times_s": times,
         "compile_s": compile_s,

@@ -97,7 +97,9 @@ def _measure(case: dict, mode: str, arrays: dict, rss: common.PeakRSS) -> dict:
         base = torch.cuda.memory_allocated()
     rss.reset()  # the optimizer state (created on the first step) is part of the measured memory
     first = {}
-    times = common.time_calls(run, _reps(case, mode), after_warmup=lambda: first.update(b=rss.peak_bytes()))
+    times = common.time_calls(
+        run, _reps(case, mode), common.warmup_calls(case), after_first=lambda: first.update(b=rss.peak_bytes())
+    )
     entry = {"times_s": times, "peak_rss_bytes": first["b"], "peak_rss_all_calls_bytes": rss.peak_bytes()}
     if dev == "cuda":
         entry["peak_device_bytes"] = torch.cuda.max_memory_allocated() - base
