@@ -22,6 +22,7 @@ import sys
 import time
 
 from bench import common
+from longformer_jax.compile_options import training_xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,6 +126,9 @@ def run_worker(module: str, spec: dict, args) -> dict:
     if args.malloc == "tuned":
         env.update(common.MALLOC_ENV)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if module == "bench.jax_case":
+        # The XLA flags that python -m train.pretrain runs with (longformer_jax.compile_options).
+        env["XLA_FLAGS"] = training_xla_flags(env.get("XLA_FLAGS", ""))
     cmd = [sys.executable, "-m", module, json.dumps(spec)]
     t0 = time.perf_counter()
     try:
@@ -402,6 +406,10 @@ def notes(raw, p) -> list[str]:
         + " (keeps freed buffers in the heap instead of page-faulting them in again on every call)"
         if raw["args"]["malloc"] == "tuned"
         else "default glibc malloc settings"
+    )
+    malloc += (
+        "; the JAX workers run with the XLA flags of `python -m train.pretrain`: "
+        f"XLA_FLAGS={training_xla_flags()!r} (longformer_jax/compile_options.py)"
     )
     gpu = p["device"] == "gpu"
     memory = (

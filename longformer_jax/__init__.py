@@ -6,6 +6,7 @@
 """
 
 from longformer_jax import attention
+from longformer_jax.compile_options import use_training_xla_flags
 from longformer_jax.config import LongformerConfig
 from longformer_jax.heads import (
     TASKS,
@@ -50,4 +51,5 @@ __all__ = [
     "params_from_state_dict",
     "save_pretrained",
     "state_dict_from_params",
+    "use_training_xla_flags",
 ]

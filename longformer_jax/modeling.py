@@ -290,6 +290,11 @@ class LongformerLayer(nn.Module):
         return out, probs, global_probs
 
 
+def remat_layer(config: LongformerConfig):
+    """``LongformerLayer``, rematerialised in the backward pass when ``config.remat`` is set."""
+    return nn.remat(LongformerLayer) if config.remat else LongformerLayer
+
+
 class _ScanLayer(nn.Module):
     """``LongformerLayer`` in the (carry, inputs) -> (carry, outputs) form of ``nn.scan``."""
 
@@ -301,7 +306,7 @@ class _ScanLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h, mask_BxL, slots):
-        layer_cls = nn.remat(LongformerLayer) if self.config.remat else LongformerLayer
+        layer_cls = remat_layer(self.config)
         out, probs, global_probs = layer_cls(
             self.config, self.attention_window, self.deterministic, self.output_attentions, name="layer"
         )(h, mask_BxL, slots)
@@ -342,7 +347,7 @@ class LongformerEncoder(nn.Module):
             )
             return h_out, hidden_states, attentions, global_attentions
 
-        layer_cls = nn.remat(LongformerLayer) if cfg.remat else LongformerLayer
+        layer_cls = remat_layer(cfg)
         hidden_states, attentions, global_attentions = [], [], []
         for i in range(cfg.num_hidden_layers):
             hidden_states.append(h)

@@ -459,4 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from longformer_jax.compile_options import use_training_xla_flags
+
+    use_training_xla_flags()  # before the first JAX computation (XLA reads XLA_FLAGS once)
     sys.exit(main())
