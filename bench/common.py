@@ -86,8 +86,10 @@ def forward_flops(case: dict, dense: bool = False) -> float:
 
     The band counts ``2w + 1`` keys per query (what the model needs, not what an implementation
     computes); global tokens add their columns to every query and their rows over every key, and
-    the global key/value projections run over the whole sequence (HF's semantics). ``dense``: the
-    plain O(L^2) attention of the same sizes, without the global projections."""
+    the global queries meet every key at the cheaper of the two exact formulations: projecting
+    the global keys and values of the whole sequence (HF's way) or folding those projections into
+    the ``G`` queries (this project's way while ``H G < E + G``). ``dense``: the plain O(L^2)
+    attention of the same sizes, without the global projections."""
     E, F = BASE["hidden_size"], BASE["intermediate_size"]
     L, B, G = case["length"], case["batch"], case["globals"]
     w = case["window"] // 2
@@ -97,9 +99,12 @@ def forward_flops(case: dict, dense: bool = False) -> float:
     else:
         per_layer += 2 * 2 * L * (2 * w + 1) * E  # band scores and values
         if G:
-            per_layer += 2 * L * E * E * 2 + 2 * G * E * E  # key_global, value_global; query_global
+            H = BASE["num_attention_heads"]
+            per_layer += 2 * G * E * E  # query_global
             per_layer += 2 * 2 * L * G * E  # global columns of every query
-            per_layer += 2 * 2 * G * L * E  # global queries over every key
+            projected = 2 * L * E * E * 2 + 2 * 2 * G * L * E  # key_global, value_global; scores, values
+            folded = 2 * 2 * H * G * E * L + 2 * 2 * H * G * E * (E // H)  # (H G) x E x L twice; fold, unfold
+            per_layer += min(projected, folded)  # global queries over every key
     head = 2 * L * E * NUM_LABELS if case.get("mode") == "train" else 0
     return float(B * (case["layers"] * per_layer + head))
 

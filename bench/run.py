@@ -448,7 +448,8 @@ def notes(raw, p) -> list[str]:
         "parameters and optimizer state donated.",
         "tok/s = tokens per second (batch x length / time). JAX / PyTorch = ratio of tokens/s.",
         eff + " Model FLOPs are those of the exact model: projections, feed-forward, 2w+1 band keys per query, "
-        "global columns and rows, the global key/value projections over the sequence (HF's semantics); "
+        "global columns and rows (the global queries over every key at the cheaper of HF's projection of "
+        "every global key and value and this project's folding of those projections into the G queries); "
         "a train step counts 3x the forward. Work an implementation does beyond that (the blocked "
         "band's unused corners, HF's 2x overlapping chunks) is not counted.",
         memory,
