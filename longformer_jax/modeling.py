@@ -233,16 +233,37 @@ class DenseParams(nn.Module):
         return kernel, bias
 
 
+def activation_then_dense(name: str, x: Array, kernel: Array, bias: Array) -> Array:
+    """``act(x) @ kernel + bias``, with ``act(x)`` recomputed in the backward pass instead of kept.
+
+    The feed-forward's (L x 3072) activation output would otherwise stay alive from the forward to
+    the backward pass next to its input; recomputing it costs one elementwise pass."""
+
+    def f(x, kernel, bias):
+        y = activation(name)(x)
+        return jnp.dot(y, kernel.astype(y.dtype)) + bias.astype(y.dtype)
+
+    return jax.checkpoint(f)(x, kernel, bias)
+
+
 class LongformerDenseOutput(nn.Module):
-    """``dense -> dropout -> LayerNorm(x + residual)``: HF's SelfOutput and Output."""
+    """``dense -> dropout -> LayerNorm(x + residual)``: HF's SelfOutput and Output.
+
+    With ``activation`` set, ``x`` is the intermediate layer's pre-activation and the activation is
+    applied here (see :func:`activation_then_dense`); the parameters are the same."""
 
     config: LongformerConfig
     deterministic: bool = True
+    activation: str | None = None
 
     @nn.compact
     def __call__(self, x, residual):
         cfg = self.config
-        x = dense(cfg, cfg.hidden_size, "dense")(x)
+        if self.activation is None:
+            x = dense(cfg, cfg.hidden_size, "dense")(x)
+        else:
+            kernel, bias = DenseParams(cfg, cfg.hidden_size, name="dense")(x.shape[-1])
+            x = activation_then_dense(self.activation, x.astype(compute_dtype(cfg)), kernel, bias)
         x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=self.deterministic)
         return layer_norm(cfg, "LayerNorm")(x + residual)
 
@@ -263,12 +284,16 @@ class LongformerAttention(nn.Module):
 
 
 class LongformerIntermediate(nn.Module):
+    """``act(dense(x))``; with ``apply_activation=False`` the pre-activation (the layer applies it later)."""
+
     config: LongformerConfig
+    apply_activation: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        return activation(cfg.hidden_act)(dense(cfg, cfg.intermediate_size, "dense")(x))
+        z = dense(cfg, cfg.intermediate_size, "dense")(x)
+        return activation(cfg.hidden_act)(z) if self.apply_activation else z
 
 
 class LongformerLayer(nn.Module):
@@ -285,8 +310,8 @@ class LongformerLayer(nn.Module):
         a, probs, global_probs = LongformerAttention(
             cfg, self.attention_window, self.deterministic, self.output_attentions, name="attention"
         )(h, mask_BxL, slots)
-        x = LongformerIntermediate(cfg, name="intermediate")(a)
-        out = LongformerDenseOutput(cfg, self.deterministic, name="output")(x, a)
+        z = LongformerIntermediate(cfg, apply_activation=False, name="intermediate")(a)
+        out = LongformerDenseOutput(cfg, self.deterministic, activation=cfg.hidden_act, name="output")(z, a)
         return out, probs, global_probs
 
 
