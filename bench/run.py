@@ -63,12 +63,12 @@ def _reps(length: int, quick: bool) -> dict:
     """Timed calls per mode and untimed warm-up calls before them.
 
     At 16384 tokens the first calls still grow the heap (page faults that later calls do not pay),
-    so two warm-up calls come first there."""
+    so three warm-up calls come first there."""
     if quick:
         return {"fwd": 2, "train": 2, "warmup": 1}
     if length <= 4096:
         return {"fwd": 3, "train": 2, "warmup": 1}
-    return {"fwd": 2, "train": 2, "warmup": 2}
+    return {"fwd": 3, "train": 2, "warmup": 3}
 
 
 def plan(args) -> dict:
@@ -439,7 +439,7 @@ def notes(raw, p) -> list[str]:
         "(token ids with a fixed seed, no padding; globals on the first token of each of G equal "
         "blocks, which at 4096 tokens is the seed checkpoint's 128-token block layout). Time: median of "
         "the timed calls after the warm-up calls (timed calls forward/train: 3/2 after one warm-up call at "
-        "1024 and 4096 tokens, 2/2 after two warm-up calls at 16384, which let the heap reach its steady size; "
+        "1024 and 4096 tokens, 3/2 after three warm-up calls at 16384, which let the heap reach its steady size; "
         "every time is in results.json); JAX's compile time is measured separately "
         "(ahead of time) and not included.",
         "forward: the encoder (`LongformerModel`, no pooler), PyTorch in eval mode under `no_grad`. "
