@@ -60,3 +60,14 @@ def test_flax_module_uses_the_dropout_rng_only_when_not_deterministic():
     a = m.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
     b = m.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_vmap_and_grad_compose():
+    keys = jax.random.split(jax.random.PRNGKey(6), 3)
+    x = jnp.ones((3, 64))
+    f = lambda k, x: (dropout(k, 0.5, x) ** 2).sum()
+    a = jax.vmap(jax.grad(f, argnums=1))(keys, x)
+    b = jax.grad(lambda x: jax.vmap(f)(keys, x).sum())(x)
+    c = jnp.stack([jax.grad(f, argnums=1)(k, x[i]) for i, k in enumerate(keys)])
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+    assert set(np.unique(np.asarray(a))) == {0.0, 8.0}  # d/dx (2x)^2 = 8 where kept
