@@ -159,6 +159,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed calls per measurement (the best is kept)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "breakdown.md"))
     args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
     import jax
 
     jax.config.update("jax_platforms", "cpu")

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from longformer_jax.dropout import apply_mask, keep_mask
+from longformer_jax.dropout import apply_mask, dropout, keep_mask
 
 Array = jax.Array
 
@@ -69,12 +69,6 @@ def global_slots(is_global_BxL: Array, num_slots: int) -> GlobalSlots:
 
 def _gather_rows(x_BxLx___: Array, index_BxG: Array) -> Array:
     return jnp.take_along_axis(x_BxLx___, index_BxG.reshape(index_BxG.shape + (1,) * (x_BxLx___.ndim - 2)), axis=1)
-
-
-def _dropout(rng: Array | None, rate: float, p: Array) -> Array:
-    if rng is None or rate == 0.0:
-        return p
-    return apply_mask(keep_mask(rng, rate, p.shape), rate, p)
 
 
 def _key_windows(x_BxHxLx___: Array, w: int, block: int, fill) -> Array:
@@ -564,7 +558,7 @@ def global_query_attention_heads(
     keep = slots.valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
     s_BxHxGxL = jnp.where(keep, s_BxHxGxL, _MASKED)
     p_BxHxGxL = jax.nn.softmax(s_BxHxGxL, axis=-1)
-    p_drop = _dropout(dropout_rng, dropout_rate, p_BxHxGxL)
+    p_drop = dropout(dropout_rng, dropout_rate, p_BxHxGxL)
     out_BxHxGxD = jnp.einsum(
         "bhgl,bhld->bhgd", p_drop.astype(dtype), v_BxHxLxD, preferred_element_type=jnp.float32
     ).astype(dtype)
@@ -572,7 +566,7 @@ def global_query_attention_heads(
 
 
 def reassociate_global(num_slots: int, num_heads: int, hidden_size: int) -> bool:
-    """Whether ``global_query_attention_from_hidden`` does less work than projecting every key.
+    """Whether ``global_query_attention_from_hidden_heads`` does less work than projecting every key.
 
     Projecting the global keys and values of all ``L`` tokens costs ``2 L E^2``; folding the
     projections into the ``G`` global queries instead costs about ``2 L H G E``, so it pays while
@@ -614,7 +608,7 @@ def global_query_attention_from_hidden_heads(
     keep = slots.valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
     s_BxHxGxL = jnp.where(keep, s_BxHxGxL, _MASKED)
     p_BxHxGxL = jax.nn.softmax(s_BxHxGxL, axis=-1)
-    p_drop = _dropout(dropout_rng, dropout_rate, p_BxHxGxL)
+    p_drop = dropout(dropout_rng, dropout_rate, p_BxHxGxL)
     ph_BxHxGxE = jnp.einsum("bhgl,ble->bhge", p_drop.astype(dtype), h_BxLxE, preferred_element_type=jnp.float32)
     out_BxHxGxD = jnp.einsum("bhge,ehd->bhgd", ph_BxHxGxE.astype(dtype), wv_ExHxD, preferred_element_type=jnp.float32)
     # sum_l p_l is 1 without dropout; with it, the bias is weighted by what the mask kept.

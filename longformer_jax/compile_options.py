@@ -3,12 +3,13 @@
 XLA:CPU's default *concurrency optimized* scheduler orders a program so that independent
 operations can run at the same time, which keeps many more buffers alive at once. A training step
 is a long chain of large matrix products that gains nothing from it: without it, the 2-layer
-base-size step at 16384 tokens needs 3.2 GiB of temporaries instead of 4.2 GiB (window 512), at
-the same speed. XLA reads this setting from ``XLA_FLAGS`` only (``jax.jit(compiler_options=...)``
-does not reach the CPU scheduler), so it has to be in the environment before JAX starts its CPU
-backend: ``python -m train.pretrain`` and ``python -m bench.run`` call
-:func:`use_training_xla_flags` first; in your own program call it before the first JAX
-computation, or export the flags yourself. Flags already in ``XLA_FLAGS`` win.
+base-size step at 16384 tokens needs 3.1 GiB of XLA temporaries instead of 4.2 GiB (window 512),
+at about the same speed. XLA reads this setting from ``XLA_FLAGS`` only
+(``jax.jit(compiler_options=...)`` does not reach the CPU scheduler), so it has to be in the
+environment before JAX starts its CPU backend: ``python -m train.pretrain`` calls
+:func:`use_training_xla_flags` first and ``python -m bench.run`` starts its JAX workers with
+:func:`training_xla_flags`; in your own program call the former before the first JAX computation,
+or export the flags yourself. Flags already in ``XLA_FLAGS`` win.
 """
 
 from __future__ import annotations
