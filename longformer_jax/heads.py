@@ -18,6 +18,7 @@ import numpy as np
 
 from longformer_jax.config import LongformerConfig
 from longformer_jax.dropout import Dropout
+from longformer_jax.losses import IGNORE_INDEX, classification_loss, cross_entropy
 from longformer_jax.modeling import (
     LongformerModel,
     activation,
@@ -60,43 +61,6 @@ class LongformerQuestionAnsweringModelOutput:
     hidden_states: tuple[Array, ...] | None = None
     attentions: tuple[Array, ...] | None = None
     global_attentions: tuple[Array, ...] | None = None
-
-
-# ---------------------------------------------------------------------------------------- losses
-def cross_entropy(logits: Array, labels: Array, ignore_index: int = -100) -> Array:
-    """Mean cross-entropy over the labels that are not ``ignore_index`` (torch's CrossEntropyLoss)."""
-    logits = logits.astype(jnp.float32)
-    valid = labels != ignore_index
-    safe = jnp.where(valid, labels, 0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
-
-
-def classification_loss(config: LongformerConfig, logits: Array, labels: Array) -> Array:
-    """HF's problem_type rule: regression (MSE), single-label (CE) or multi-label (BCE)."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if problem == "regression":
-        if config.num_labels == 1:
-            return jnp.mean((jnp.squeeze(logits) - jnp.squeeze(labels).astype(jnp.float32)) ** 2)
-        return jnp.mean((logits - labels.astype(jnp.float32)) ** 2)
-    if problem == "single_label_classification":
-        return cross_entropy(logits.reshape(-1, config.num_labels), labels.reshape(-1))
-    if problem == "multi_label_classification":
-        y = labels.astype(jnp.float32)
-        return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-    raise ValueError(
-        f"problem_type={problem!r}; expected 'regression', 'single_label_classification' or "
-        "'multi_label_classification'."
-    )
 
 
 # ---------------------------------------------------------------------------------------- masked LM
@@ -527,7 +491,7 @@ class LongformerForSequentialSentenceClassification(nn.Module):
         logits = logits.astype(jnp.float32)
         loss = None
         if labels is not None:
-            labels = jnp.where(valid, jnp.asarray(labels), -100)
+            labels = jnp.where(valid, jnp.asarray(labels), IGNORE_INDEX)
             loss = cross_entropy(logits, labels)
         return LongformerTokenClassifierOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
 

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from longformer_jax.losses import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

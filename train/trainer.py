@@ -32,9 +32,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longformer_jax import sharding as shd
+from longformer_jax.losses import IGNORE_INDEX, cross_entropy_sums
 
 Batch = dict[str, Any]
-IGNORE_INDEX = -100
 LN2 = math.log(2.0)
 
 
@@ -91,15 +91,7 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable]:
 # Steps
 
 
-def mlm_sums(logits_BxLxV: jax.Array, labels_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(summed cross-entropy, correct predictions, counted tokens) over labels != -100."""
-    valid_BxL = labels_BxL != IGNORE_INDEX
-    safe_BxL = jnp.where(valid_BxL, labels_BxL, 0)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, safe_BxL)
-    loss_sum = jnp.sum(jnp.where(valid_BxL, ce_BxL, 0.0))
-    correct = jnp.sum(jnp.where(valid_BxL, jnp.argmax(logits_BxLxV, -1) == safe_BxL, False))
-    return loss_sum, correct.astype(jnp.float32), jnp.sum(valid_BxL).astype(jnp.float32)
+mlm_sums = cross_entropy_sums  # (summed loss, correct, counted tokens) over labels != -100
 
 
 def _forward(model, params, mb: Batch, *, num_global_slots: int, deterministic: bool, rng=None):
