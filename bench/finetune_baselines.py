@@ -22,7 +22,7 @@ and written to ``DIR/baselines.md``. The task type is read from the records' fie
   similarity with the question is the answer (nothing is learned but the idf). Accuracy = exact
   span match.
 
-The similarity baselines hash their words (idf from the train split), so that the names and words of
+The similarity baselines hash their words and word pairs (idf from the train split), so that the words of
 held-out documents, unseen in training, still count.
 """
 
@@ -139,7 +139,9 @@ def _open_vocabulary_tfidf():
     from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
     from sklearn.pipeline import make_pipeline
 
-    hashing = HashingVectorizer(n_features=2**20, alternate_sign=False, norm=None, token_pattern=r"(?u)\b\w+\b")
+    hashing = HashingVectorizer(
+        n_features=2**20, alternate_sign=False, norm=None, ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b"
+    )
     return make_pipeline(hashing, TfidfTransformer(sublinear_tf=True))
 
 

@@ -274,9 +274,9 @@ def _blocks(body: str, max_words: int) -> list[str]:
 
 
 def sequential_sentence_classification(
-    docs: Sequence[tuple[str, str]], seed: int = 42, *, max_block_words: int = 100
+    docs: Sequence[tuple[str, str]], seed: int = 42, *, max_block_words: int = 100, min_blocks: int = 4
 ) -> Task:
-    """The blocks of every module page with two or more sections, labelled by their pydoc section."""
+    """The blocks of every module page with 2+ sections and ``min_blocks``+ blocks, labelled by pydoc section."""
     records = []
     for name, text in docs:
         sections = pydoc_sections(text)
@@ -287,11 +287,13 @@ def sequential_sentence_classification(
             for block in _blocks(body, max_block_words):
                 blocks.append(block)
                 labels.append(section)
+        if len(blocks) < min_blocks:
+            continue
         records.append({"id": name, "document": name, "text": blocks, "labels": labels})
     if len(records) < 3:
         raise ValueError(
-            f"sequential-sentence-classification: {len(records)} module pages with 2+ pydoc sections "
-            "among the documents; give at least 3"
+            f"sequential-sentence-classification: {len(records)} module pages with 2+ pydoc sections and "
+            f"{min_blocks}+ blocks among the documents; give at least 3"
         )
     doc_split = split_documents([r["document"] for r in records], seed, "sequential-sentence-classification")
     rule = (
@@ -304,7 +306,8 @@ def sequential_sentence_classification(
         f"paragraph longer than {max_block_words} words is cut at sentence ends (`train.data.split_sentences`) "
         f"into pieces of at most {max_block_words} words. Sections DATA, FILE and the like are not in the "
         "corpus.\n\n"
-        "**Documents.** Every module page of the built-in corpus with at least two sections.\n\n"
+        f"**Documents.** Every module page of the built-in corpus with at least two sections and {min_blocks} "
+        "blocks.\n\n"
         f"**Split.** Pages shuffled with the seed; {HELD_OUT_FRACTION:.0%} (at least one) to validation, as many "
         "to test, the rest to train."
     )
@@ -336,11 +339,18 @@ def _function_entries(page: str) -> list[tuple[str, int, str]]:
 
 
 def question_answering(
-    docs: Sequence[tuple[str, str]], seed: int = 42, *, min_question_words: int = 6, max_per_page: int = 10
+    docs: Sequence[tuple[str, str]],
+    seed: int = 42,
+    *,
+    min_question_words: int = 6,
+    max_per_page: int = 10,
+    min_words: int = 100,
 ) -> Task:
     """Questions from the module-level functions' docstrings; the answer is the function's name."""
     records = []
     for name, text in docs:
+        if _words(text) < min_words:
+            continue
         entries = _function_entries(text)
         flat = " ".join(text.split())
         names = Counter(n for n, _, _ in entries)
@@ -362,7 +372,7 @@ def question_answering(
         "(`train.data.split_sentences`, whitespace collapsed), the answer is the function's name at the start "
         "of its entry; `answer_start` is its character offset in `text` (the whole page). Kept: questions of "
         f"{min_question_words}+ words that occur once in the page (whitespace collapsed) and names with one "
-        f"entry; at most {max_per_page} per page, drawn with the seed.\n\n"
+        f"entry; at most {max_per_page} per page, drawn with the seed, from pages of {min_words}+ words.\n\n"
         "**What it measures.** The question occurs verbatim in the page, so this is a lookup over a long "
         "context (find the entry, return the name that heads it): a check that the extractive head and its "
         "global attention on the question learn, not reading comprehension.\n\n"
@@ -501,26 +511,30 @@ def multiple_choice(
 def _summary(task: Task) -> tuple[str, dict]:
     """The README's counts table (markdown) and the same counts for task.json."""
     counts = {}
-    lines = ["| split | documents | examples | " + ("labels" if task.labels else "") + " |", "|---|---:|---:|---|"]
+    head = "| split | documents | examples | words per example (min / median / max) |"
+    lines = [head + (" labels |" if task.labels else ""), "|---|---:|---:|---:|" + ("---|" if task.labels else "")]
     for split in SPLITS:
         records = task.splits[split]
-        n_docs = len({r["document"] for r in records})
+        words = sorted(_words(" ".join(r["text"]) if isinstance(r["text"], list) else r["text"]) for r in records)
         per_label: Counter = Counter()
         for r in records:
             if "labels" in r:
                 per_label.update(r["labels"])
             elif task.labels:
                 per_label[r["label"]] += 1
-        entry = {"documents": n_docs, "examples": len(records)}
-        if "labels" in (records[0] if records else {}):
+        entry = {"documents": len({r["document"] for r in records}), "examples": len(records)}
+        if words:
+            entry["words"] = {"min": words[0], "median": words[len(words) // 2], "max": words[-1]}
+        row = f"| {split} | {entry['documents']} | {len(records)} | "
+        row += " / ".join(str(v) for v in entry["words"].values()) + " |" if words else " |"
+        if any("labels" in r for r in records):
             entry["blocks"] = sum(len(r["labels"]) for r in records)
         if task.labels:
             entry["labels"] = {label: per_label[label] for label in task.labels}
+            label_text = ", ".join(f"{label} {per_label[label]}" for label in task.labels)
+            row += f" {entry['blocks']} blocks: {label_text} |" if "blocks" in entry else f" {label_text} |"
         counts[split] = entry
-        label_text = ", ".join(f"{label} {per_label[label]}" for label in task.labels) if task.labels else ""
-        if "blocks" in entry:
-            label_text = f"{entry['blocks']} blocks: {label_text}"
-        lines.append(f"| {split} | {n_docs} | {len(records)} | {label_text} |")
+        lines.append(row)
     return "\n".join(lines), counts
 
 
