@@ -20,9 +20,9 @@ Tasks (``TASK_NAMES``):
   ``max_block_words`` words is cut at sentence ends into pieces of at most that many words.
 - ``multiple-choice``: a window of a WikiText-2 article with one sentence cut out and
   ``MASK`` (``"<mask>"``, RoBERTa's mask token, which is also the demo tokenizer's) in its place;
-  four candidates: the cut sentence, one sentence of the same article from outside the window
-  (if the article has one of about the right length), and two (or three) sentences of other articles of the same split,
-  all of about the same length.
+  four candidates of about the same length: the cut sentence, one sentence of the same article
+  from outside the window (if the article has one of about the right length), and two (or three)
+  sentences of other articles of the same split.
 - ``question-answering``: a pydoc page; the question is the first sentence of the docstring of
   one of its module-level functions (a sentence that occurs once in the page), the answer is that
   function's name where its entry starts. A lookup task over a long page (the question occurs
@@ -43,6 +43,9 @@ Format: one JSON object per line. Every record has ``id`` (unique in the task) a
 Splits hold out whole documents (``split_documents``): each document goes to one split, drawn
 from the seed; document classification draws per label, so every split holds every label.
 Everything is deterministic for a given seed and Python version (the pydoc pages depend on it).
+From Python: ``build_tasks(output, tasks, seed, wikitext, docs=..., options={task: {...}})``, or
+one builder per task (``document_classification(docs, seed)`` ...) returning a ``Task``.
+``python -m bench.finetune_baselines DIR`` scores bag-of-words baselines on the written tasks.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from train.corpus import python_docs_corpus, split_wikitext
 from train.data import split_sentences
@@ -142,7 +145,6 @@ class Task:
     splits: dict[str, list[dict]]
     labels: list[str] | None
     rule: str  # the README's paragraphs on the labelling and the split rule (markdown)
-    info: dict = field(default_factory=dict)  # extra facts for task.json
 
 
 def library_chapter(module: str) -> str | None:
@@ -565,8 +567,7 @@ def write_task(task: Task, output: str, seed: int) -> str:
         )
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(readme)
-        meta = {"task": task.name, "builder": _MARKER, "seed": seed, "labels": task.labels, "splits": counts,
-                **task.info}
+        meta = {"task": task.name, "builder": _MARKER, "seed": seed, "labels": task.labels, "splits": counts}
         with open(os.path.join(tmp, "task.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
             f.write("\n")
