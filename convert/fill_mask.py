@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 
-from longformer_jax import conversion
+from convert._cli import run_command
+from longformer_jax.pipeline import fill_mask
 
 
 def _positions(text: str) -> list[int]:
@@ -54,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        from longformer_jax.pipeline import fill_mask
-
         results = fill_mask(args.model, args.texts, top_k=args.top_k, tokenizer=args.tokenizer,
                             global_attention=args.global_attention, dtype=args.dtype)
         if args.json:
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for text, result in zip(args.texts, results, strict=True):
             _print(text, result)
 
-    return conversion.run_command(body)
+    return run_command(body)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longformer_jax import conversion
+from convert._cli import run_command
+from longformer_jax.roberta import convert_roberta_to_longformer
 
 
 def _windows(text: str) -> int | list[int]:
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return conversion.run_command(lambda: conversion.convert_roberta_to_longformer(
+    return run_command(lambda: convert_roberta_to_longformer(
         args.src, args.dst, max_length=args.max_length, attention_window=args.attention_window,
         output_format=args.output_format, max_position_embeddings=args.max_position_embeddings,
         overwrite=args.overwrite))

@@ -1,6 +1,7 @@
 """longformer-jax: the Longformer in JAX/Flax, exact to Hugging Face ``transformers``.
 
-    import longformer_jax as lj
+Usage (``lj`` is ``longformer_jax``; the README has more)::
+
     model, params = lj.load_pretrained("kiddothe2b/longformer-base-4096", task="masked-lm")
     out = model.apply({"params": params}, input_ids, attention_mask=am, global_attention_mask=gm)
 """
@@ -9,7 +10,6 @@ from longformer_jax import attention
 from longformer_jax.compile_options import use_training_xla_flags
 from longformer_jax.config import LongformerConfig
 from longformer_jax.heads import (
-    TASKS,
     LongformerForDocumentClassification,
     LongformerForMaskedLM,
     LongformerForMultipleChoice,
@@ -18,16 +18,11 @@ from longformer_jax.heads import (
     LongformerForSequentialSentenceClassification,
     LongformerForTokenClassification,
 )
-from longformer_jax.hf import (
-    build_model,
-    init_params,
-    load_pretrained,
-    params_from_state_dict,
-    save_pretrained,
-    state_dict_from_params,
-)
 from longformer_jax.modeling import LongformerModel, global_slot_bucket
 from longformer_jax.pipeline import fill_mask
+from longformer_jax.pretrained import load_pretrained, save_pretrained
+from longformer_jax.state_dict import params_from_state_dict, state_dict_from_params
+from longformer_jax.tasks import TASKS, build_model, init_params
 
 __version__ = "0.1.0"
 

@@ -47,6 +47,31 @@ _ALLENAI_KEYS = ("attention_mode", "attention_dilation", "autoregressive")
 
 _JAX_FIELDS = ("dtype", "remat", "scan_layers", "attention_block_size")
 
+# config.json model types whose weights convert.roberta_to_longformer turns into a long Longformer.
+ROBERTA_MODEL_TYPES = ("roberta", "xlm-roberta")
+
+
+def check_model_type(d: dict[str, Any]) -> None:
+    """Accepts a Longformer config.json dict: model_type 'longformer' (or none), or allenai's original
+    release (model_type 'roberta' with ``attention_window`` or their own keys). Anything else, a plain
+    RoBERTa config included, is a ValueError saying what to do instead. The one place this is decided."""
+    model_type = d.get("model_type")
+    if model_type in (None, "longformer") or any(k in d for k in _ALLENAI_KEYS):
+        return
+    if model_type == "roberta" and "attention_window" in d:  # allenai's original release
+        return
+    if model_type in ROBERTA_MODEL_TYPES:
+        raise ValueError(
+            f"config.json has model_type={model_type!r} and no attention_window: a RoBERTa checkpoint, not a "
+            "Longformer. Make a long model from it first: "
+            "python -m convert.roberta_to_longformer SRC DST --max-length 4096."
+        )
+    raise ValueError(
+        f"config.json has model_type={model_type!r}; a Longformer config is expected (model_type 'longformer'). "
+        "Convert a RoBERTa checkpoint with `python -m convert.roberta_to_longformer`; other architectures "
+        "are not supported."
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class LongformerConfig:
@@ -184,13 +209,7 @@ class LongformerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides) -> LongformerConfig:
         d = dict(d)
-        model_type = d.get("model_type")
-        if model_type not in (None, "longformer", "roberta") and not any(k in d for k in _ALLENAI_KEYS):
-            raise ValueError(
-                f"config.json has model_type={model_type!r}; a Longformer config is expected "
-                "(model_type 'longformer'). Convert a RoBERTa checkpoint with "
-                "`python -m convert.roberta_to_longformer`."
-            )
+        check_model_type(d)
         allenai = any(k in d for k in _ALLENAI_KEYS)
         if allenai:
             mode = d.get("attention_mode")

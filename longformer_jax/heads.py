@@ -495,14 +495,3 @@ class LongformerForSequentialSentenceClassification(nn.Module):
             loss = cross_entropy(logits, labels)
         return LongformerTokenClassifierOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
 
-
-TASKS = {
-    "base": None,  # LongformerModel
-    "masked-lm": LongformerForMaskedLM,
-    "sequence-classification": LongformerForSequenceClassification,
-    "token-classification": LongformerForTokenClassification,
-    "question-answering": LongformerForQuestionAnswering,
-    "multiple-choice": LongformerForMultipleChoice,
-    "document-classification": LongformerForDocumentClassification,
-    "sequential-sentence-classification": LongformerForSequentialSentenceClassification,
-}

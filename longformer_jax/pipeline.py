@@ -19,6 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longformer_jax.heads import LongformerForMaskedLM, LongformerLMHead
+from longformer_jax.modeling import LongformerModel
+from longformer_jax.pretrained import load_pretrained, resolve_source
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
@@ -33,8 +37,6 @@ class FillMaskPipeline:
     """A masked-LM Flax model, its params and tokenizer, with one compiled function per bucket."""
 
     def __init__(self, model, params, tokenizer):
-        from longformer_jax.heads import LongformerForMaskedLM
-
         if not isinstance(model, LongformerForMaskedLM):
             raise ValueError(
                 f"fill-mask needs a LongformerForMaskedLM, got {type(model).__name__}; load the model with "
@@ -56,9 +58,6 @@ class FillMaskPipeline:
 
     # -------------------------------------------------------------------------- compiled part
     def _top_k(self, params, ids_BxL, attention_BxL, global_BxL, positions_BxM, *, num_global_slots, top_k):
-        from longformer_jax.heads import LongformerLMHead
-        from longformer_jax.modeling import LongformerModel
-
         cfg = self.config
         base = LongformerModel(cfg, add_pooling_layer=False)
         out = base.apply({"params": params["longformer"]}, ids_BxL, attention_mask=attention_BxL,
@@ -167,10 +166,8 @@ class FillMaskPipeline:
 
 @functools.lru_cache(maxsize=4)
 def _pipeline_for_directory(directory: str, dtype: str) -> FillMaskPipeline:
-    from longformer_jax import hf
-
-    local = hf.resolve_pretrained(directory)
-    model, params = hf.load_pretrained(local, task="masked-lm", dtype=dtype)
+    local = str(resolve_source(directory))
+    model, params = load_pretrained(local, task="masked-lm", dtype=dtype)
     return FillMaskPipeline(model, params, local)
 
 

@@ -10,9 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from longformer_jax import conversion, hf  # noqa: E402
+from convert.hf_to_flax import hf_to_flax  # noqa: E402
 from longformer_jax.pipeline import FillMaskPipeline, _bucket_length, fill_mask  # noqa: E402
-from tests.test_convert import make_hf_model, run_cmd, tokenizer_dir  # noqa: E402,F401
+from longformer_jax.pretrained import load_pretrained  # noqa: E402
+from tests.hf_fixtures import make_hf_model, run_cmd, tokenizer_dir  # noqa: E402,F401
 
 MAX_POS = 70  # longest input: 70 - 1 - 1 = 68 tokens
 
@@ -38,7 +39,7 @@ def pt(mlm_dir):
 
 @pytest.fixture(scope="module")
 def pipe(mlm_dir):
-    model, params = hf.load_pretrained(str(mlm_dir), task="masked-lm")
+    model, params = load_pretrained(str(mlm_dir), task="masked-lm")
     return FillMaskPipeline(model, params, str(mlm_dir))
 
 
@@ -143,7 +144,7 @@ def test_fill_mask_function_and_command(mlm_dir, pt, tmp_path):
     ref = transformers.pipeline("fill-mask", model=pt[0], tokenizer=pt[1])
     ref = ref("Hello I'm a <mask> model.", top_k=3)
     assert_same(fill_mask(str(mlm_dir), "Hello I'm a <mask> model.", top_k=3, global_attention=[]), ref)
-    conversion.hf_to_flax(mlm_dir, tmp_path / "flax", log=lambda s: None)
+    hf_to_flax(mlm_dir, tmp_path / "flax", log=lambda s: None)
     assert_same(fill_mask(str(tmp_path / "flax"), "Hello I'm a <mask> model.", top_k=3, global_attention=[]),
                 ref)
     r = run_cmd("convert.fill_mask", tmp_path / "flax", "Hello I'm a <mask> model.", "--top-k", "3",
