@@ -15,6 +15,11 @@ comparison of two implementations, whole models included.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +71,8 @@ def values_and_grads(fn, args, cotangent_seed: int = 7):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A band problem: B=2, H=2; tail pads on row 0, interior pads on row 1, ``globals[b]`` on row b."""
+    """A band problem (see ``band_inputs``): length, head size, one-sided window, global tokens of even
+    and odd rows, tail pads (even rows), interior pads (odd rows)."""
 
     L: int
     D: int
@@ -84,16 +90,20 @@ CASES = {
 }
 
 
-def band_inputs(case: Case, dtype: str, seed: int = 0):
-    """(q, k, v, mask, slots): q scaled by 1/sqrt(D) as the model does; mask 0 pad / 1 local / 2 global."""
-    B, H = 2, 2
+def band_inputs(case: Case, dtype: str, seed: int = 0, batch: int = 2):
+    """(q, k, v, mask, slots): q scaled by 1/sqrt(D) as the model does; mask 0 pad / 1 local / 2 global.
+
+    Even rows have the case's tail pads and ``globals[0]`` global tokens, odd rows its interior pads
+    and ``globals[1]``."""
+    B, H = batch, 2
     rng = np.random.default_rng(seed)
     mask = np.ones((B, case.L), np.int32)
-    if case.tail_pads:
-        mask[0, case.L - case.tail_pads :] = 0
-    mask[1, case.interior[0] : case.interior[1]] = 0
     for b in range(B):
-        mask[b, rng.choice(np.flatnonzero(mask[b]), size=case.globals[b], replace=False)] = 2
+        if b % 2 == 0 and case.tail_pads:
+            mask[b, case.L - case.tail_pads :] = 0
+        if b % 2 == 1:
+            mask[b, case.interior[0] : case.interior[1]] = 0
+        mask[b, rng.choice(np.flatnonzero(mask[b]), size=case.globals[b % 2], replace=False)] = 2
     q, k, v = (rng.normal(size=(B, H, case.L, case.D)).astype(np.float32) for _ in range(3))
     q = q / np.sqrt(case.D)
     q, k, v = (jnp.asarray(x).astype(dtype) for x in (q, k, v))
@@ -138,6 +148,23 @@ def test_blocked_is_the_lean_band_exactly():
     got = kernels.band_attention("blocked", q, k, v, mask, case.w, slots, dropout_rate=0.2, dropout_rng=rng)
     want = A.lean_band_attention_heads(q, k, v, mask, case.w, slots, dropout_rate=0.2, dropout_rng=rng)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("impl,platform,call", [("pallas-gpu", "cuda", "__gpu$xla.gpu.triton"),
+                                                ("splash", "tpu", "tpu_custom_call")])
+def test_kernels_lower_for_their_accelerator(impl, platform, call):
+    """Compiled (not interpreted) at the model's head size, window and dtype, the forward and both backward
+    kernels lower to Triton / Mosaic from this CPU: every operation they use has a lowering there."""
+    case = Case(L=256, D=64, w=64, globals=(5, 2), tail_pads=11, interior=(20, 25))
+    q, k, v, mask, slots = band_inputs(case, "bfloat16")
+    fn = {"pallas-gpu": kernels.pallas_gpu.band_attention, "splash": kernels.splash.band_attention}[impl]
+    kw = dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)) if impl == "pallas-gpu" else {}
+
+    def grads(q, k, v):
+        return jax.grad(lambda *a: jnp.sum(fn(*a, mask, case.w, slots, **kw).astype(jnp.float32)), (0, 1, 2))(q, k, v)
+
+    text = jax.jit(grads).trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(call) == 3, f"{impl}: {text.count(call)} kernel calls, expected forward, dQ, dK/dV"
 
 
 # ------------------------------------------------------------------------------------- dropout
@@ -257,6 +284,47 @@ def test_interpret_mode_context():
     assert scaled_error(out, A.lean_band_attention_heads(q, k, v, mask, case.w, slots)) <= 1e-5
     with pytest.raises(ValueError, match="runs on GPU"):
         kernels.band_attention("pallas-gpu", q, k, v, mask, case.w, slots)
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from longformer_jax import attention as A, kernels, sharding
+    from tests.test_kernels import CASES, band_inputs, scaled_error
+    assert jax.device_count() == 4, jax.devices()
+    case = CASES["pads+globals,w8"]
+    q, k, v, mask, slots = band_inputs(case, "float32", batch=4)
+    rng = jax.random.PRNGKey(5)
+    def f(impl, **kw):
+        band = lambda q, k, v, mask, slots: kernels.band_attention(impl, q, k, v, mask, case.w, slots,
+                                                                   interpret=True, **kw)
+        return jax.jit(band)
+    cases = [("splash", {}), ("pallas-gpu", {}), ("pallas-gpu", dict(dropout_rate=0.3, dropout_rng=rng))]
+    one_device = [f(impl, **kw)(q, k, v, mask, slots) for impl, kw in cases]
+    mesh = sharding.make_mesh(2, 2)
+    args = jax.device_put((q, k, v, mask, slots), NamedSharding(mesh, P(("data", "fsdp"))))
+    with jax.set_mesh(mesh):
+        assert kernels.batch_shard_axes(4) == ("data", "fsdp") and kernels.batch_shard_axes(6) == ()
+        for (impl, kw), want in zip(cases, one_device):
+            assert "shard_map" in str(jax.make_jaxpr(f(impl, **kw))(*args)), impl
+            assert scaled_error(f(impl, **kw)(*args), want) <= 1e-6, (impl, kw)
+        band = lambda q: jnp.sum(kernels.band_attention("pallas-gpu", q, k, v, mask, case.w, slots, interpret=True))
+        ref = lambda q: jnp.sum(A.lean_band_attention_heads(q, k, v, mask, case.w, slots))
+        assert scaled_error(jax.jit(jax.grad(band))(args[0]), jax.grad(ref)(q)) <= 1e-5
+    print("OK")
+""")
+
+
+def test_kernels_run_on_each_batch_shard_of_a_mesh():
+    """On a 2 x 2 ("data", "fsdp") mesh (4 CPU devices) the kernels run per batch shard (shard_map) with
+    the numbers of one device, dropout masks included, and gradients flow."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------- a whole model

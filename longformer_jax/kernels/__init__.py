@@ -31,10 +31,12 @@ import contextlib
 import contextvars
 
 import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from longformer_jax import attention
+from longformer_jax import attention, sharding
 from longformer_jax.attention import GlobalSlots
-from longformer_jax.kernels import pallas_gpu, splash
+from longformer_jax.kernels import common, pallas_gpu, splash
 
 Array = jax.Array
 
@@ -119,6 +121,23 @@ def check_implementation(name: str, backend: str | None = None, *, dropout: bool
     return impl, bool(interpret) and impl != "blocked"
 
 
+def batch_shard_axes(batch: int) -> tuple[str, ...]:
+    """The axes of the ambient mesh (``jax.set_mesh``) that the batch is split over, () when none.
+
+    The batch axes are those of ``longformer_jax.sharding`` (logical axis ``batch``: "data", "fsdp"),
+    where the mesh has them with more than one device, not already manual (inside a ``shard_map``),
+    and their product divides ``batch``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    wanted = dict(sharding.LOGICAL_RULES)["batch"]
+    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    axes = tuple(a for a in wanted if a in types and mesh.shape[a] > 1 and types[a] != jax.sharding.AxisType.Manual)
+    n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    return axes if axes and batch % n == 0 else ()
+
+
 def band_attention(
     implementation: str,
     q_BxHxLxD: Array,
@@ -138,7 +157,11 @@ def band_attention(
     The arguments are those of ``attention.lean_band_attention_heads``; ``block_size`` (the blocked
     path's query block) is used by ``blocked`` only, the kernels choose their own tiles. Dropout is
     on when ``dropout_rng`` is given and ``dropout_rate > 0``. ``interpret``: run a kernel in Pallas
-    interpret mode (None: only inside :func:`interpret_mode`, on a backend it is not made for)."""
+    interpret mode (None: only inside :func:`interpret_mode`, on a backend it is not made for).
+
+    A kernel is one custom call that XLA cannot split over devices: under an ambient mesh
+    (``jax.set_mesh``) whose batch axes divide the batch (:func:`batch_shard_axes`), it runs on each
+    device's rows in a ``shard_map``, and a row's dropout mask stays the one it draws on one device."""
     dropout = dropout_rng is not None and float(dropout_rate) > 0.0
     impl, interpret = check_implementation(implementation, dropout=dropout, interpret=interpret)
     args = (q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, slots)
@@ -146,18 +169,30 @@ def band_attention(
         return attention.lean_band_attention_heads(
             *args, block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng
         )
-    if impl == "splash":
-        return splash.band_attention(*args, interpret=interpret)
-    return pallas_gpu.band_attention(
-        *args, dropout_rate=dropout_rate if dropout else 0.0, dropout_rng=dropout_rng if dropout else None,
-        interpret=interpret,
-    )
+    B, H = q_BxHxLxD.shape[:2]
+    streams = common.dropout_streams(dropout_rng, B, H) if dropout else None
+    w = one_sided_window
+
+    def kernel(q, k, v, mask, slots, streams):
+        if impl == "splash":
+            return splash.band_attention(q, k, v, mask, w, slots, interpret=interpret)
+        return pallas_gpu.band_attention(q, k, v, mask, w, slots, dropout_rate=dropout_rate if dropout else 0.0,
+                                         dropout_streams_BxH=streams, interpret=interpret)
+
+    operands = (q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, slots, streams)
+    axes = batch_shard_axes(B)
+    if not axes:
+        return kernel(*operands)
+    rows = P(axes)
+    specs = tuple(None if x is None else jax.tree_util.tree_map(lambda _: rows, x) for x in operands)
+    return jax.shard_map(kernel, in_specs=specs, out_specs=rows, check_vma=False)(*operands)
 
 
 __all__ = [
     "IMPLEMENTATIONS",
     "available_implementations",
     "band_attention",
+    "batch_shard_axes",
     "check_implementation",
     "interpret_mode",
     "resolve_implementation",

@@ -329,6 +329,7 @@ def band_attention(
     *,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    dropout_streams_BxH: Array | None = None,
     tiles: tuple[int, int] | None = None,
     interpret: bool = False,
     num_warps: int = 4,
@@ -338,7 +339,9 @@ def band_attention(
 
     ``tiles``: query and key rows per tile (powers of two >= 16; default :func:`default_tiles`). The
     sequence is padded to a multiple of the tiles and the head dimension to a power of two >= 16 (pad
-    tokens, zero features); neither changes the result."""
+    tokens, zero features); neither changes the result. Dropout (``dropout_rate > 0``) needs
+    ``dropout_rng`` or the streams it stands for, ``common.dropout_streams(rng, B, H)`` (given by a caller
+    that runs shards of the batch, so that a row draws the same mask on any number of devices)."""
     B, H, L, D = q_BxHxLxD.shape
     w = one_sided_window
     bq, bk = tiles or default_tiles(L, w)
@@ -358,8 +361,11 @@ def band_attention(
         kg, vg = common.pad_to(kg, 2, Gp), common.pad_to(vg, 2, Gp)
         gbias = jnp.where(slots.valid_BxG, 0.0, MASKED).astype(jnp.float32)
         gbias = common.pad_to(gbias, 1, Gp, -jnp.inf)
-    rate = float(dropout_rate) if dropout_rng is not None else 0.0
-    seeds = common.dropout_streams(dropout_rng, B, H) if rate > 0.0 else None
+    seeds = dropout_streams_BxH
+    if seeds is None and dropout_rng is not None:
+        seeds = common.dropout_streams(dropout_rng, B, H)
+    rate = float(dropout_rate) if seeds is not None else 0.0
+    seeds = seeds if rate > 0.0 else None
     s = _Spec(w, G, Gp, Lp, bq, bk, rate, bool(interpret), num_warps, num_stages)
     o = _band(s, q, k, v, mask, kg, vg, gbias, seeds)
     return o[:, :, :L, :D]
