@@ -22,7 +22,12 @@ On a backend a kernel is not made for it runs only in Pallas interpret mode (slo
 on a CPU use): pass ``interpret=True``, or wrap the call (or a whole model's ``apply``) in
 :func:`interpret_mode`. Otherwise such a request is a ValueError, as are unknown names and dropout
 that a kernel cannot apply. The dropout of ``pallas-gpu`` draws its own mask
-(``kernels.common.keep``), not the blocked path's stream.
+(``kernels.common.keep``), not the blocked path's stream. Under an ambient mesh (``jax.set_mesh``)
+a kernel runs on each device's rows of the batch (``shard_map``), with the numbers of one device.
+
+Status: both kernels are exact to the blocked path in interpret mode and lower to Triton / Mosaic
+(tests/test_kernels.py); neither has yet run on a GPU or TPU, so what ``auto`` picks there is the
+design's expectation, to be confirmed by ``bash bench/accelerator.sh``.
 """
 
 from __future__ import annotations
