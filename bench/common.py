@@ -89,8 +89,10 @@ def forward_flops(case: dict, dense: bool = False) -> float:
     the global queries meet every key at the cheaper of the two exact formulations: projecting
     the global keys and values of the whole sequence (HF's way) or folding those projections into
     the ``G`` queries (this project's way while ``H G < E + G``). ``dense``: the plain O(L^2)
-    attention of the same sizes, without the global projections."""
-    E, F = BASE["hidden_size"], BASE["intermediate_size"]
+    attention of the same sizes, without the global projections. Sizes other than the base model's
+    come from the case (``hidden_size``, ``intermediate_size``, ``num_attention_heads``)."""
+    E = case.get("hidden_size", BASE["hidden_size"])
+    F = case.get("intermediate_size", BASE["intermediate_size"])
     L, B, G = case["length"], case["batch"], case["globals"]
     w = case["window"] // 2
     per_layer = 2 * L * E * E * 4 + 2 * L * E * F * 2  # q, k, v, output; feed-forward
@@ -99,7 +101,7 @@ def forward_flops(case: dict, dense: bool = False) -> float:
     else:
         per_layer += 2 * 2 * L * (2 * w + 1) * E  # band scores and values
         if G:
-            H = BASE["num_attention_heads"]
+            H = case.get("num_attention_heads", BASE["num_attention_heads"])
             per_layer += 2 * G * E * E  # query_global
             per_layer += 2 * 2 * L * G * E  # global columns of every query
             projected = 2 * L * E * E * 2 + 2 * 2 * G * L * E  # key_global, value_global; scores, values

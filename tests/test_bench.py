@@ -39,3 +39,37 @@ def test_report_is_rebuilt_from_results_json(tmp_path):
     assert "| target | measured | met |" in md
     assert f"`{raw['command']}`" in md
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_accelerator_bench_smoke(tmp_path):
+    """bench.accelerator end to end at tiny sizes: the blocked path, a kernel (interpreted) and transformers."""
+    from bench import accelerator
+
+    out = tmp_path / "results_accelerator.md"
+    rc = accelerator.main(["--smoke", "--implementations", "blocked,pallas-gpu", "--in-process", "--out", str(out)])
+    raw = json.load(open(tmp_path / "results_accelerator.json"))
+    errors = [r["result"].get("error") for r in raw["results"] if "error" in r["result"]]
+    assert rc == 0 and not errors, errors
+    rows = {r["impl"]: r for r in raw["rows"]}
+    assert list(rows) == ["blocked", "pallas-gpu", "transformers"]
+    for name in ("blocked", "pallas-gpu"):
+        assert rows[name]["tokens_per_s"] > 0 and rows[name]["attention_tflops_per_s"] > 0
+        assert rows[name]["vs_transformers"] == rows[name]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
+    kernel = next(r["result"] for r in raw["results"] if r["impl"] == "pallas-gpu")
+    assert kernel["interpret"] and kernel["routed_layers"] >= 1  # the model traced its band through the kernel
+    text = out.read_text()
+    assert "| pallas-gpu (interpreted) |" in text and "| transformers (float32) |" in text
+    assert "goals apply to the full case only" in text
+    # the FLOP count of the full case: the encoder's (bench.common) plus the MLM head, x3
+    full = dict(accelerator.FULL, smoke=False)
+    E, V, L, B = 768, 50265, 4096, 8
+    enc = common.forward_flops(dict(length=L, batch=B, globals=32, window=128, layers=12))
+    assert accelerator.step_flops(full) == 3 * (enc + 2 * B * L * (E * E + E * V))
+    assert accelerator.attention_flops(full) == 3.5 * 4 * B * 12 * L * (129 + 32) * 64
+
+
+def test_accelerator_bench_refuses_a_missing_device(capsys):
+    from bench import accelerator
+
+    assert accelerator.main(["--device", "gpu", "--out", "/nonexistent/x.md"]) == 2
+    assert "error: --device gpu asked for, but JAX's backend is 'cpu'" in capsys.readouterr().err
