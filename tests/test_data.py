@@ -1,4 +1,5 @@
-"""Tests of the MLM input pipeline: readers, tokenizer, layouts, masking, grain iterators."""
+"""Tests of the MLM input pipeline (train.data) and the document layouts (train.layout): readers,
+tokenizer, layouts, masking, grain iterators."""
 
 import gzip
 import json
@@ -8,8 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from train import corpus, data
-from train.masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+from longformer_jax.losses import IGNORE_INDEX
+from train import corpus, data, layout
+from train.masking import MaskingSpec, mask_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT_VALID = os.path.join(REPO, "..", "shared", "data", "wikitext-2", "valid.txt")
@@ -206,10 +208,49 @@ def test_tokenizer_without_mask_or_pad_is_rejected(tok, tmp_path):
 
 def test_split_sentences():
     text = 'One sentence. Two "quoted!" Three? \n\nNew paragraph without end\nnext line'
-    assert data.split_sentences(text) == [
+    assert layout.split_sentences(text) == [
         "One sentence.", ' Two "quoted!"', " Three?", " \n\nNew paragraph without end\nnext line"]
-    assert "".join(data.split_sentences(text)) == text
-    assert data.split_sentences("  \n ") == []
+    assert "".join(layout.split_sentences(text)) == text
+    assert layout.split_sentences("  \n ") == []
+
+
+def test_group_blocks_is_greedy_and_cuts_long_sentences():
+    sentences = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10, 11, 12, 13, 14], [15]]
+    assert layout.group_blocks(sentences, 6) == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15]]
+    assert layout.group_blocks([], 6) == []
+
+
+def test_blocks_example_and_document_examples():
+    sizes = dict(seq_len=12, block_size=4, bos_id=0, eos_id=2, pad_id=1)
+    ex = layout.blocks_example([[7, 8, 9], [10]], **sizes)
+    np.testing.assert_array_equal(ex["input_ids"], [0, 7, 8, 9, 2, 10, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(ex["attention_mask"], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(ex["global_attention_mask"], [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    assert all(v.dtype == np.int32 and v.shape == (12,) for v in ex.values())
+    # 7 blocks of 3 tokens: examples of 3, 3 and 1 blocks; min_blocks=2 drops the last.
+    sentences = [[10 + i] * 3 for i in range(7)]
+    assert len(layout.document_blocks_examples(sentences, **sizes)) == 3
+    kept = layout.document_blocks_examples(sentences, min_blocks=2, **sizes)
+    assert len(kept) == 2 and kept[1]["input_ids"][0] == 0 and kept[1]["input_ids"][1] == 13
+
+
+def test_contiguous_examples_cut_the_stream_across_documents():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # stream 5 6 7 </s> 8 9 </s> 10 11 12 13 </s>
+    got = list(layout.contiguous_examples(docs, seq_len=5, bos_id=0, eos_id=2))
+    assert [i for i, _ in got] == [0, 1, 2]
+    np.testing.assert_array_equal([ex["input_ids"] for _, ex in got],
+                                  [[0, 5, 6, 7, 2], [0, 8, 9, 2, 10], [0, 11, 12, 13, 2]])
+    assert all(ex["attention_mask"].all() and not ex["global_attention_mask"].any() for _, ex in got)
+
+
+def test_check_layout_names_the_fix():
+    layout.check_layout("blocks", 64, 16, 4)
+    with pytest.raises(ValueError, match=r"seq_len=100 is not a multiple of block_size=16; use seq_len=96"):
+        layout.check_layout("blocks", 100, 16)
+    with pytest.raises(ValueError, match=r"min_blocks=5 must lie in \[1, 4\]"):
+        layout.check_layout("blocks", 64, 16, 5)
+    with pytest.raises(ValueError, match="layout='rows' is not one of"):
+        layout.check_layout("rows", 64, 16)
 
 
 def test_blocks_layout_invariants(tok, small_docs):
@@ -417,26 +458,26 @@ def test_train_iterator_sharding(tok):
         data.make_train_iterator(ex, tok, batch_size=2, seed=3, shard_index=2, shard_count=2)
 
 
-def test_train_iterator_orbax_checkpoint(tok, tmp_path):
-    grain = pytest.importorskip("grain")
-    ocp = pytest.importorskip("orbax.checkpoint")
+def test_train_iterator_position_is_checkpointed(tok, tmp_path):
+    """The trainer's Checkpointer stores the iterator's position as it was when the save started."""
+    from train.checkpoint import Checkpointer
+
     ex = _synthetic_examples(10)
     it = data.make_train_iterator(ex, tok, batch_size=2, seed=1)
     for _ in range(3):
         next(it)
-    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    ck = Checkpointer(tmp_path / "ckpt", keep=2)
     state = {"w": np.arange(3.0)}
-    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         data=grain.checkpoint.CheckpointSave(it)))
+    ck.save(3, state, it.get_state(), {"step": 3})
     want = [next(it) for _ in range(4)]  # the iterator moves on while the save completes
-    mngr.wait_until_finished()
-    mngr.close()
+    ck.close()
     fresh = data.make_train_iterator(ex, tok, batch_size=2, seed=1)
-    restorer = ocp.CheckpointManager(str(tmp_path / "ckpt"))
-    restored = restorer.restore(restorer.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(fresh)))
+    restorer = Checkpointer(tmp_path / "ckpt", read_only=True)
+    restored, data_state, meta = restorer.restore(restorer.latest_step(), state)
     restorer.close()
-    np.testing.assert_array_equal(restored.state["w"], state["w"])
+    fresh.set_state(data_state)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert meta == {"step": 3}
     for x, y in zip(want, (next(fresh) for _ in range(4)), strict=True):
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
         np.testing.assert_array_equal(x["labels"], y["labels"])

@@ -16,6 +16,8 @@ import pytest
 
 from tests.test_train_utils import ROOT, TINY, env_with_root, write_corpus
 
+pytestmark = pytest.mark.slow  # child processes with 8 devices and 2 processes
+
 SCRIPT = textwrap.dedent(r"""
     import json, sys, time
     T0 = time.time()

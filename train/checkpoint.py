@@ -104,10 +104,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=not read_only,
-            read_only=read_only,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,
+            cleanup_tmp_directories=not read_only,  # a reader leaves a save in progress alone
         )
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -126,6 +126,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> bool:
         """Starts an (async) save of `state` at `step`; returns False when that step exists."""
+        if self.read_only:
+            raise ValueError(f"{self.directory} was opened read-only; open a Checkpointer without read_only to save.")
         if step in self.manager.all_steps():
             return False
         return self.manager.save(

@@ -46,16 +46,20 @@ def write_model(dst: str | Path, config: lj.LongformerConfig, params: Any, token
     """Writes `params` of the `task` model with `config` to `dst`, atomically.
 
     ``output_format="hf"``: config.json, model.safetensors and the tokenizer's files;
-    ``"flax"``: a Flax checkpoint (``longformer_jax.load_pretrained`` reads both).
+    ``"flax"``: a Flax checkpoint with one parameter tree per layer, whatever `config.scan_layers`
+    (``longformer_jax.load_pretrained`` reads both, and stacks the layers again on request).
     """
-    model = lj.build_model(config, task)
     params = jax.device_get(params)
     if output_format == "hf":
         with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-            lj.save_pretrained(tmp, model, params, tokenizer=tokenizer)
-    else:
-        save_flax_checkpoint(dst, config, params, task, overwrite=overwrite,
-                             extra_files=lambda tmp: tokenizer.save_pretrained(str(tmp)))
+            lj.save_pretrained(tmp, lj.build_model(config, task), params, tokenizer=tokenizer)
+        return
+    if config.scan_layers:
+        config = config.replace(scan_layers=False)
+        params = lj.params_from_state_dict(lj.state_dict_from_params(params, config.replace(scan_layers=True), task),
+                                           config, task, allow_new_head=False)
+    save_flax_checkpoint(dst, config, params, task, overwrite=overwrite,
+                         extra_files=lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
 def _check_run_dir(run: Path) -> None:
@@ -170,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (1, its error line already printed)
+        return int(e.code or 0)
     try:
         export_run(args.run_dir, args.dst, step=args.step, output_format=args.output_format,
                    overwrite=args.overwrite)
