@@ -230,46 +230,6 @@ def test_flax_checkpoint_restores_sharded(tmp_path):
     assert all(jax.tree.leaves(same))
 
 
-def test_flax_to_hf_from_training_checkpoint(tmp_path, tokenizer_dir):
-    """A pretraining run dir as train.pretrain leaves it (RUN/config.json = the TrainConfig,
-    RUN/tokenizer/, RUN/checkpoints/<step>/state = Orbax TrainState with scanned layers) -> an HF
-    dir that transformers loads with no missing or unexpected keys and the same tensors."""
-    ckpt_mod = pytest.importorskip("train.checkpoint")
-    trainer = pytest.importorskip("train.trainer")
-    train_config = pytest.importorskip("train.config")
-    import optax
-
-    src = tmp_path / "hf"
-    model = make_hf_model("masked-lm", src, tokenizer_dir, attention_window=[8, 8])
-    config, _, _, _ = conversion.params_from_hf_dir(src)
-    scanned = hf.params_from_state_dict(conversion.read_state_dict(src), config.replace(scan_layers=True),
-                                        "masked-lm")
-    assert "layer" in scanned["longformer"]["encoder"]
-    run = tmp_path / "run"
-    tc = train_config.TrainConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, attention_window=8, scan_layers=True,
-                                  output_dir=str(run))
-    run.mkdir()
-    tc.save(run / "config.json")
-    (run / "tokenizer").mkdir()
-    conversion.copy_tokenizer_files(tokenizer_dir, run / "tokenizer")
-    state = trainer.TrainState.create(scanned, optax.adamw(1e-3), jax.random.PRNGKey(0))
-    ck = ckpt_mod.Checkpointer(run / "checkpoints", async_save=False)
-    ck.save(7, state, {"pos": 1}, {"step": 7})
-    ck.close()
-    assert flax_to_hf_cmd.main([str(run), str(tmp_path / "back")]) == 0
-    back, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "back"),
-                                                                   output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, back.state_dict()[k]), k
-    assert (tmp_path / "back" / "tokenizer.json").is_file()
-    # --task base keeps the encoder only.
-    assert flax_to_hf_cmd.main([str(run), str(tmp_path / "base"), "--task", "base"]) == 0
-    base, info = transformers.AutoModel.from_pretrained(str(tmp_path / "base"), output_loading_info=True)
-    assert not info["unexpected_keys"] and all("pooler" in k for k in info["missing_keys"]), info
-
-
 def test_bin_checkpoint_is_read(tmp_path):
     """pytorch_model.bin (a plain tensor pickle) converts like safetensors."""
     src = tmp_path / "hf"

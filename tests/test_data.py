@@ -397,16 +397,16 @@ def test_masking_spec_from_tokenizer(tok):
 
 def test_train_iterator_batches_and_determinism(tok):
     ex = _synthetic_examples(24)
-    it = data.make_train_iterator(ex, tok, batch_size=4, seed=7)
+    it = data.make_train_iterator(ex, tok, data.Batching(4, seed=7))
     batches = [next(it) for _ in range(12)]  # two epochs
     b = batches[0]
     assert set(b) == {"input_ids", "attention_mask", "global_attention_mask", "labels"}
     assert all(v.shape == (4, 32) and v.dtype == np.int32 for v in b.values())
-    same = data.make_train_iterator(ex, tok, batch_size=4, seed=7, num_threads=0)
+    same = data.make_train_iterator(ex, tok, data.Batching(4, seed=7), num_threads=0)
     for x, y in zip(batches, (next(same) for _ in range(12)), strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    other = next(data.make_train_iterator(ex, tok, batch_size=4, seed=8))
+    other = next(data.make_train_iterator(ex, tok, data.Batching(4, seed=8)))
     assert not np.array_equal(other["input_ids"], b["input_ids"])
     # Each epoch is a permutation of the examples, shuffled anew.
     rows = _rows(batches)
@@ -418,7 +418,7 @@ def test_train_iterator_batches_and_determinism(tok):
 
 def test_masking_is_fresh_each_epoch(tok):
     ex = _synthetic_examples(4, length=256)
-    it = data.make_train_iterator(ex, tok, batch_size=4, seed=0)
+    it = data.make_train_iterator(ex, tok, data.Batching(4, seed=0))
     first, second = next(it), next(it)
     order = {tuple(r): i for i, r in enumerate(_unmask(first))}
     perm = [order[tuple(r)] for r in _unmask(second)]
@@ -427,13 +427,13 @@ def test_masking_is_fresh_each_epoch(tok):
 
 def test_train_iterator_resume(tok):
     ex = _synthetic_examples(20)
-    uninterrupted = data.make_train_iterator(ex, tok, batch_size=3, seed=5)
+    uninterrupted = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
     want = [next(uninterrupted) for _ in range(15)]
-    it = data.make_train_iterator(ex, tok, batch_size=3, seed=5)
+    it = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
     for _ in range(8):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
-    resumed = data.make_train_iterator(ex, tok, batch_size=3, seed=5)
+    resumed = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
     resumed.set_state(state)
     for x, y in zip(want[8:], (next(resumed) for _ in range(7)), strict=True):
         for k in x:
@@ -442,20 +442,20 @@ def test_train_iterator_resume(tok):
 
 def test_train_iterator_sharding(tok):
     ex = _synthetic_examples(16)
-    hosts = [data.make_train_iterator(ex, tok, batch_size=2, seed=3, shard_index=h, shard_count=2)
+    hosts = [data.make_train_iterator(ex, tok, data.Batching(2, seed=3, shard_index=h, shard_count=2))
              for h in range(2)]
     per_host = [[next(h) for _ in range(4)] for h in hosts]
     rows0, rows1 = _rows(per_host[0]), _rows(per_host[1])
     assert not set(rows0) & set(rows1)
     assert sorted(rows0 + rows1) == sorted(tuple(r) for r in ex["input_ids"])
     # Global batch t is the same with one host of batch 4 as with two hosts of batch 2.
-    single = data.make_train_iterator(ex, tok, batch_size=4, seed=3)
+    single = data.make_train_iterator(ex, tok, data.Batching(4, seed=3))
     for t in range(4):
         g = next(single)
         for k in g:
             np.testing.assert_array_equal(g[k], np.concatenate([per_host[0][t][k], per_host[1][t][k]]))
     with pytest.raises(ValueError, match=r"shard_index=2 must lie in \[0, shard_count=2\)"):
-        data.make_train_iterator(ex, tok, batch_size=2, seed=3, shard_index=2, shard_count=2)
+        data.make_train_iterator(ex, tok, data.Batching(2, seed=3, shard_index=2, shard_count=2))
 
 
 def test_train_iterator_position_is_checkpointed(tok, tmp_path):
@@ -463,7 +463,7 @@ def test_train_iterator_position_is_checkpointed(tok, tmp_path):
     from train.checkpoint import Checkpointer
 
     ex = _synthetic_examples(10)
-    it = data.make_train_iterator(ex, tok, batch_size=2, seed=1)
+    it = data.make_train_iterator(ex, tok, data.Batching(2, seed=1))
     for _ in range(3):
         next(it)
     ck = Checkpointer(tmp_path / "ckpt", keep=2)
@@ -471,7 +471,7 @@ def test_train_iterator_position_is_checkpointed(tok, tmp_path):
     ck.save(3, state, it.get_state(), {"step": 3})
     want = [next(it) for _ in range(4)]  # the iterator moves on while the save completes
     ck.close()
-    fresh = data.make_train_iterator(ex, tok, batch_size=2, seed=1)
+    fresh = data.make_train_iterator(ex, tok, data.Batching(2, seed=1))
     restorer = Checkpointer(tmp_path / "ckpt", read_only=True)
     restored, data_state, meta = restorer.restore(restorer.latest_step(), state)
     restorer.close()
@@ -485,16 +485,16 @@ def test_train_iterator_position_is_checkpointed(tok, tmp_path):
 
 def test_eval_batches(tok):
     ex = _synthetic_examples(10, length=64)
-    batches = data.make_eval_batches(ex, tok, batch_size=4, seed=0)
-    again = data.make_eval_batches(ex, tok, batch_size=4, seed=0)
+    batches = data.make_eval_batches(ex, tok, data.Batching(4, seed=0))
+    again = data.make_eval_batches(ex, tok, data.Batching(4, seed=0))
     assert len(batches) == 3 and all(b["labels"].shape == (4, 64) for b in batches)
     for x, y in zip(batches, again, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     assert np.all(batches[-1]["labels"][2:] == IGNORE_INDEX)  # filler rows add no loss
     assert sorted(_rows(batches)[:10]) == sorted(tuple(r) for r in ex["input_ids"])
-    assert len(data.make_eval_batches(ex, tok, batch_size=4, seed=0, pad_last=False)[-1]["labels"]) == 2
-    halves = [data.make_eval_batches(ex, tok, batch_size=2, seed=0, shard_index=h, shard_count=2)
+    assert len(data.make_eval_batches(ex, tok, data.Batching(4, seed=0), pad_last=False)[-1]["labels"]) == 2
+    halves = [data.make_eval_batches(ex, tok, data.Batching(2, seed=0, shard_index=h, shard_count=2))
               for h in range(2)]
     for t, b in enumerate(batches):
         both = np.concatenate([halves[0][t]["labels"], halves[1][t]["labels"]])

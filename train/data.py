@@ -5,7 +5,7 @@ docs = data.read_documents("builtin:python-docs")           # or a path, or "hf:
 tok = data.train_demo_tokenizer(docs, "runs/demo/tokenizer")  # or data.load_tokenizer("roberta-base")
 examples = data.build_examples(data.read_documents(spec), tok, layout="blocks", seq_len=4096)
 train_ex, eval_ex = data.split_examples(examples, 0.05, seed=42)
-it = data.make_train_iterator(train_ex, tok, batch_size=16, seed=42)
+it = data.make_train_iterator(train_ex, tok, data.Batching(batch_size=16, seed=42))
 batch = next(it)      # input_ids, attention_mask, global_attention_mask, labels: (16, 4096) int32
 state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly there
 ```
@@ -47,6 +47,7 @@ from train.masking import MaskingSpec, mask_tokens
 
 __all__ = [
     "BUILTIN_PYTHON_DOCS",
+    "Batching",
     "IGNORE_INDEX",
     "MODEL_KEYS",
     "MaskingSpec",
@@ -56,7 +57,6 @@ __all__ = [
     "load_or_build_examples",
     "load_tokenizer",
     "make_eval_batches",
-    "make_train_dataset",
     "make_train_iterator",
     "mask_tokens",
     "masking_spec",
@@ -500,68 +500,43 @@ def _seeds(seed: int) -> tuple[int, int]:
     return int(shuffle_seed), int(mask_seed)
 
 
-def _check_batching(batch_size: int, shard_index: int, shard_count: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(
-            f"shard_index={shard_index} must lie in [0, shard_count={shard_count}); "
-            "pass jax.process_index() and jax.process_count()"
-        )
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How this host batches and masks examples.
 
+    Attributes:
+      batch_size: rows per batch on this host (the global batch is ``batch_size * shard_count``).
+      seed: decides the shuffling and the masking.
+      mlm_probability: RoBERTa masking's chance that a token is chosen.
+      shard_index, shard_count: this host among all (``jax.process_index()``, ``jax.process_count()``).
+    """
 
-def make_train_dataset(
-    train_ex: dict[str, np.ndarray],
-    tok: Any,
-    batch_size: int,
-    seed: int,
-    mlm_probability: float = 0.15,
-    shard_index: int = 0,
-    shard_count: int = 1,
-) -> grain.MapDataset:
-    """The endless grain ``MapDataset`` of this host's masked batches (see make_train_iterator)."""
-    _check_batching(batch_size, shard_index, shard_count)
-    source = _ExampleSource(train_ex)
-    if len(source) == 0:
-        raise ValueError(
-            "no training examples: the evaluation split took them all; lower the evaluation size"
-        )
-    shuffle_seed, mask_seed = _seeds(seed)
-    ds = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=shuffle_seed)
-        .repeat(None)
-        .random_map(_MaskTransform(masking_spec(tok, mlm_probability)), seed=mask_seed)
-        .batch(batch_size, drop_remainder=True)
-    )
-    # Batch k of the stream goes to host k % shard_count: global batch t (batches
-    # t * shard_count ... t * shard_count + shard_count - 1, hosts in order) is the same
-    # stream of examples whatever the number of hosts.
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    return ds
+    batch_size: int
+    seed: int
+    mlm_probability: float = 0.15
+    shard_index: int = 0
+    shard_count: int = 1
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(
+                f"shard_index={self.shard_index} must lie in [0, shard_count={self.shard_count}); "
+                "pass jax.process_index() and jax.process_count()"
+            )
 
 
 def make_train_iterator(
-    train_ex: dict[str, np.ndarray],
-    tok: Any,
-    batch_size: int,
-    seed: int,
-    mlm_probability: float = 0.15,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    *,
-    num_threads: int = 1,
-    prefetch: int = 4,
+    train_ex: dict[str, np.ndarray], tok: Any, batching: Batching, *, num_threads: int = 1, prefetch: int = 4
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this host's masked training batches.
 
-    The examples are shuffled with ``seed`` (anew each epoch, epochs follow each other
-    without a gap), masked with RoBERTa's rule seeded by ``seed`` and the example's position
+    The examples are shuffled with ``batching.seed`` (anew each epoch, epochs follow each other
+    without a gap), masked with RoBERTa's rule seeded by the seed and the example's position
     in the stream, and grouped into global batches of ``batch_size * shard_count``; this host
-    (``shard_index`` of ``shard_count``, i.e. ``jax.process_index()`` of
-    ``jax.process_count()``) gets its ``batch_size`` rows of each. So the global batches do
-    not depend on the number of hosts.
+    (``shard_index`` of ``shard_count``) gets its ``batch_size`` rows of each. So the global
+    batches do not depend on the number of hosts.
 
     Each batch: ``input_ids``, ``attention_mask``, ``global_attention_mask``, ``labels``,
     int32 arrays (batch_size, L), labels -100 where no loss.
@@ -576,41 +551,48 @@ def make_train_iterator(
       num_threads: threads preparing batches ahead (0: none, batches made on ``next``).
       prefetch: batches prepared ahead.
     """
-    ds = make_train_dataset(
-        train_ex, tok, batch_size, seed, mlm_probability, shard_index=shard_index, shard_count=shard_count
+    source = _ExampleSource(train_ex)
+    if len(source) == 0:
+        raise ValueError(
+            "no training examples: the evaluation split took them all; lower the evaluation size"
+        )
+    shuffle_seed, mask_seed = _seeds(batching.seed)
+    ds = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=shuffle_seed)
+        .repeat(None)
+        .random_map(_MaskTransform(masking_spec(tok, batching.mlm_probability)), seed=mask_seed)
+        .batch(batching.batch_size, drop_remainder=True)
     )
+    # Batch k of the stream goes to host k % shard_count: global batch t (batches
+    # t * shard_count ... t * shard_count + shard_count - 1, hosts in order) is the same
+    # stream of examples whatever the number of hosts.
+    if batching.shard_count > 1:
+        ds = ds[batching.shard_index :: batching.shard_count]
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(read_options))
 
 
 def make_eval_batches(
-    eval_ex: dict[str, np.ndarray],
-    tok: Any,
-    batch_size: int,
-    seed: int,
-    mlm_probability: float = 0.15,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    *,
-    pad_last: bool = True,
+    eval_ex: dict[str, np.ndarray], tok: Any, batching: Batching, *, pad_last: bool = True
 ) -> list[dict[str, np.ndarray]]:
     """Evaluation batches with a fixed masking (the same at every evaluation).
 
-    Example i is masked with a generator seeded by (``seed``, i), so the batches depend only
-    on the examples and the seed. Global batches hold ``batch_size * shard_count`` examples in
-    order; this host gets its ``batch_size`` rows of each. With ``pad_last`` the last global
+    Example i is masked with a generator seeded by (``batching.seed``, i), so the batches depend
+    only on the examples and the seed. Global batches hold ``batch_size * shard_count`` examples
+    in order; this host gets its ``batch_size`` rows of each. With ``pad_last`` the last global
     batch is filled up with copies of the first examples whose labels are all -100 (they add
     nothing to the loss and keep every batch the same shape); without it, the last batch may
     be smaller.
     """
-    _check_batching(batch_size, shard_index, shard_count)
     source = _ExampleSource(eval_ex)
     n = len(source)
     if n == 0:
         return []
-    spec = masking_spec(tok, mlm_probability)
-    rows = [mask_tokens(source[i], np.random.default_rng([int(seed), i]), spec) for i in range(n)]
-    global_batch = batch_size * shard_count
+    spec = masking_spec(tok, batching.mlm_probability)
+    rows = [mask_tokens(source[i], np.random.default_rng([int(batching.seed), i]), spec) for i in range(n)]
+    shard_index, shard_count = batching.shard_index, batching.shard_count
+    global_batch = batching.batch_size * shard_count
     n_pad = (-n) % global_batch if pad_last else 0
     for i in range(n_pad):
         filler = dict(rows[i % n])

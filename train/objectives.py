@@ -48,15 +48,10 @@ class Objective:
 
 def forward(model, params, batch: Batch, rng: jax.Array | None, deterministic: bool, *, num_global_slots: int):
     """`model.apply` on a batch's ``input_ids``, ``attention_mask`` and ``global_attention_mask``."""
-    return model.apply(
-        {"params": params},
-        batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        global_attention_mask=batch["global_attention_mask"],
-        deterministic=deterministic,
-        num_global_slots=num_global_slots,
-        rngs=None if deterministic else {"dropout": rng},
-    )
+    masks = {k: batch[k] for k in ("attention_mask", "global_attention_mask")}
+    rngs = None if deterministic else {"dropout": rng}
+    return model.apply({"params": params}, batch["input_ids"], **masks, deterministic=deterministic,
+                       num_global_slots=num_global_slots, rngs=rngs)
 
 
 def count_labels(batch: Batch) -> jax.Array:

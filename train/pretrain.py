@@ -175,10 +175,10 @@ def setup(cfg: config_lib.TrainConfig) -> Setup:
         block_size=cfg.block_size, min_doc_words=cfg.min_doc_words, max_docs=cfg.max_docs)
     eval_split = int(cfg.eval_fraction) if cfg.eval_fraction >= 1 else cfg.eval_fraction
     train_ex, eval_ex = data.split_examples(examples, eval_split, cfg.seed)
-    batching = dict(batch_size=cfg.batch_size // pc, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
-                    shard_index=pi, shard_count=pc)
-    train_it = data.make_train_iterator(train_ex, tok, **batching)
-    eval_batches = data.make_eval_batches(eval_ex, tok, pad_last=True, **batching)[: cfg.eval_batches]
+    batching = data.Batching(batch_size=cfg.batch_size // pc, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
+                             shard_index=pi, shard_count=pc)
+    train_it = data.make_train_iterator(train_ex, tok, batching)
+    eval_batches = data.make_eval_batches(eval_ex, tok, batching, pad_last=True)[: cfg.eval_batches]
 
     model, init_params = build_model(cfg, tok)
     tx, schedule = trainer.make_optimizer(cfg)
