@@ -162,7 +162,7 @@ def finish_eval(sums: list[dict[str, Any]], objective: Objective | None = None) 
         return {}
     tot = {k: float(sum(float(s[k]) for s in sums)) for k in sums[0]}
     count = tot.pop("count")
-    means = {k: v / max(count, 1.0) for k, v in tot.items()}
+    means = {k: tot[k] / max(count, 1.0) for k in ("loss", *sorted(set(tot) - {"loss"}))}
     if objective is not None:
         means.update(objective.derived(means))
     return {**means, "count": count}
