@@ -1,6 +1,6 @@
 """Flax Linen modules of the Longformer encoder: embeddings, layer, encoder, LongformerModel.
 
-Module and parameter names are the Hugging Face state-dict names (``longformer_jax.hf`` maps them
+Module and parameter names are the Hugging Face state-dict names (``longformer_jax.state_dict`` maps them
 one to one). The attention math lives in :mod:`longformer_jax.attention`; modules only hold the
 parameters and call it.
 

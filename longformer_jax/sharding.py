@@ -1,6 +1,6 @@
-"""Device mesh and parameter partition rules.
+"""Device mesh and parameter partition rules: the one home of how an array is laid out on devices.
 
-Two tables decide how every array is laid out (as MaxText does):
+Two tables decide how every parameter (and optimizer-state) array is laid out (as MaxText does):
 
 * `PARAM_RULES`: parameter path (regex, searched in the "/"-joined path) -> logical axis names
   of the trailing dimensions, e.g. a query kernel is ("embed", "heads");
@@ -10,6 +10,7 @@ The mesh has two axes: "data" (pure data parallelism) and "fsdp" (data paralleli
 parameters and optimizer state are sharded). A dimension is sharded only if its size divides by
 the mesh axis size; otherwise it is replicated, so any model runs on any mesh. The same rules
 apply to the optimizer state: its paths end with the parameter paths (".../mu/<param path>").
+Input batches are split over both axes along their batch dimension (`batch_spec`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp")
 
 # Parameter path regex -> logical axes of the trailing dims (first match wins). Paths are the
-# Flax params paths (HF state-dict names, see longformer_jax.hf); a stacked encoder
+# Flax params paths (HF state-dict names, see longformer_jax.state_dict); a stacked encoder
 # (scan_layers=True) has one extra leading "layers" dim, added automatically.
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"word_embeddings/embedding$", ("vocab", "embed")),
@@ -47,7 +48,6 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 # Logical axis -> mesh axes. "embed" carries FSDP: every embedding table and dense kernel has
 # one dimension of size hidden_size, so all large arrays shard over fsdp (when divisible).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("vocab", None),
     ("positions", None),

@@ -1,4 +1,5 @@
-"""Tests of the MLM input pipeline: readers, tokenizer, layouts, masking, grain iterators."""
+"""Tests of the MLM input pipeline (train.data) and the document layouts (train.layout): readers,
+tokenizer, layouts, masking, grain iterators."""
 
 import gzip
 import json
@@ -8,8 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from train import corpus, data
-from train.masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+from longformer_jax.losses import IGNORE_INDEX
+from train import corpus, data, layout
+from train.masking import MaskingSpec, mask_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT_VALID = os.path.join(REPO, "..", "shared", "data", "wikitext-2", "valid.txt")
@@ -206,10 +208,49 @@ def test_tokenizer_without_mask_or_pad_is_rejected(tok, tmp_path):
 
 def test_split_sentences():
     text = 'One sentence. Two "quoted!" Three? \n\nNew paragraph without end\nnext line'
-    assert data.split_sentences(text) == [
+    assert layout.split_sentences(text) == [
         "One sentence.", ' Two "quoted!"', " Three?", " \n\nNew paragraph without end\nnext line"]
-    assert "".join(data.split_sentences(text)) == text
-    assert data.split_sentences("  \n ") == []
+    assert "".join(layout.split_sentences(text)) == text
+    assert layout.split_sentences("  \n ") == []
+
+
+def test_group_blocks_is_greedy_and_cuts_long_sentences():
+    sentences = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10, 11, 12, 13, 14], [15]]
+    assert layout.group_blocks(sentences, 6) == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15]]
+    assert layout.group_blocks([], 6) == []
+
+
+def test_blocks_example_and_document_examples():
+    sizes = dict(seq_len=12, block_size=4, bos_id=0, eos_id=2, pad_id=1)
+    ex = layout.blocks_example([[7, 8, 9], [10]], **sizes)
+    np.testing.assert_array_equal(ex["input_ids"], [0, 7, 8, 9, 2, 10, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(ex["attention_mask"], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(ex["global_attention_mask"], [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    assert all(v.dtype == np.int32 and v.shape == (12,) for v in ex.values())
+    # 7 blocks of 3 tokens: examples of 3, 3 and 1 blocks; min_blocks=2 drops the last.
+    sentences = [[10 + i] * 3 for i in range(7)]
+    assert len(layout.document_blocks_examples(sentences, **sizes)) == 3
+    kept = layout.document_blocks_examples(sentences, min_blocks=2, **sizes)
+    assert len(kept) == 2 and kept[1]["input_ids"][0] == 0 and kept[1]["input_ids"][1] == 13
+
+
+def test_contiguous_examples_cut_the_stream_across_documents():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # stream 5 6 7 </s> 8 9 </s> 10 11 12 13 </s>
+    got = list(layout.contiguous_examples(docs, seq_len=5, bos_id=0, eos_id=2))
+    assert [i for i, _ in got] == [0, 1, 2]
+    np.testing.assert_array_equal([ex["input_ids"] for _, ex in got],
+                                  [[0, 5, 6, 7, 2], [0, 8, 9, 2, 10], [0, 11, 12, 13, 2]])
+    assert all(ex["attention_mask"].all() and not ex["global_attention_mask"].any() for _, ex in got)
+
+
+def test_check_layout_names_the_fix():
+    layout.check_layout("blocks", 64, 16, 4)
+    with pytest.raises(ValueError, match=r"seq_len=100 is not a multiple of block_size=16; use seq_len=96"):
+        layout.check_layout("blocks", 100, 16)
+    with pytest.raises(ValueError, match=r"min_blocks=5 must lie in \[1, 4\]"):
+        layout.check_layout("blocks", 64, 16, 5)
+    with pytest.raises(ValueError, match="layout='rows' is not one of"):
+        layout.check_layout("rows", 64, 16)
 
 
 def test_blocks_layout_invariants(tok, small_docs):
@@ -356,16 +397,16 @@ def test_masking_spec_from_tokenizer(tok):
 
 def test_train_iterator_batches_and_determinism(tok):
     ex = _synthetic_examples(24)
-    it = data.make_train_iterator(ex, tok, batch_size=4, seed=7)
+    it = data.make_train_iterator(ex, tok, data.Batching(4, seed=7))
     batches = [next(it) for _ in range(12)]  # two epochs
     b = batches[0]
     assert set(b) == {"input_ids", "attention_mask", "global_attention_mask", "labels"}
     assert all(v.shape == (4, 32) and v.dtype == np.int32 for v in b.values())
-    same = data.make_train_iterator(ex, tok, batch_size=4, seed=7, num_threads=0)
+    same = data.make_train_iterator(ex, tok, data.Batching(4, seed=7), num_threads=0)
     for x, y in zip(batches, (next(same) for _ in range(12)), strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    other = next(data.make_train_iterator(ex, tok, batch_size=4, seed=8))
+    other = next(data.make_train_iterator(ex, tok, data.Batching(4, seed=8)))
     assert not np.array_equal(other["input_ids"], b["input_ids"])
     # Each epoch is a permutation of the examples, shuffled anew.
     rows = _rows(batches)
@@ -377,7 +418,7 @@ def test_train_iterator_batches_and_determinism(tok):
 
 def test_masking_is_fresh_each_epoch(tok):
     ex = _synthetic_examples(4, length=256)
-    it = data.make_train_iterator(ex, tok, batch_size=4, seed=0)
+    it = data.make_train_iterator(ex, tok, data.Batching(4, seed=0))
     first, second = next(it), next(it)
     order = {tuple(r): i for i, r in enumerate(_unmask(first))}
     perm = [order[tuple(r)] for r in _unmask(second)]
@@ -386,13 +427,13 @@ def test_masking_is_fresh_each_epoch(tok):
 
 def test_train_iterator_resume(tok):
     ex = _synthetic_examples(20)
-    uninterrupted = data.make_train_iterator(ex, tok, batch_size=3, seed=5)
+    uninterrupted = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
     want = [next(uninterrupted) for _ in range(15)]
-    it = data.make_train_iterator(ex, tok, batch_size=3, seed=5)
+    it = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
     for _ in range(8):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
-    resumed = data.make_train_iterator(ex, tok, batch_size=3, seed=5)
+    resumed = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
     resumed.set_state(state)
     for x, y in zip(want[8:], (next(resumed) for _ in range(7)), strict=True):
         for k in x:
@@ -401,42 +442,42 @@ def test_train_iterator_resume(tok):
 
 def test_train_iterator_sharding(tok):
     ex = _synthetic_examples(16)
-    hosts = [data.make_train_iterator(ex, tok, batch_size=2, seed=3, shard_index=h, shard_count=2)
+    hosts = [data.make_train_iterator(ex, tok, data.Batching(2, seed=3, shard_index=h, shard_count=2))
              for h in range(2)]
     per_host = [[next(h) for _ in range(4)] for h in hosts]
     rows0, rows1 = _rows(per_host[0]), _rows(per_host[1])
     assert not set(rows0) & set(rows1)
     assert sorted(rows0 + rows1) == sorted(tuple(r) for r in ex["input_ids"])
     # Global batch t is the same with one host of batch 4 as with two hosts of batch 2.
-    single = data.make_train_iterator(ex, tok, batch_size=4, seed=3)
+    single = data.make_train_iterator(ex, tok, data.Batching(4, seed=3))
     for t in range(4):
         g = next(single)
         for k in g:
             np.testing.assert_array_equal(g[k], np.concatenate([per_host[0][t][k], per_host[1][t][k]]))
     with pytest.raises(ValueError, match=r"shard_index=2 must lie in \[0, shard_count=2\)"):
-        data.make_train_iterator(ex, tok, batch_size=2, seed=3, shard_index=2, shard_count=2)
+        data.make_train_iterator(ex, tok, data.Batching(2, seed=3, shard_index=2, shard_count=2))
 
 
-def test_train_iterator_orbax_checkpoint(tok, tmp_path):
-    grain = pytest.importorskip("grain")
-    ocp = pytest.importorskip("orbax.checkpoint")
+def test_train_iterator_position_is_checkpointed(tok, tmp_path):
+    """The trainer's Checkpointer stores the iterator's position as it was when the save started."""
+    from train.checkpoint import Checkpointer
+
     ex = _synthetic_examples(10)
-    it = data.make_train_iterator(ex, tok, batch_size=2, seed=1)
+    it = data.make_train_iterator(ex, tok, data.Batching(2, seed=1))
     for _ in range(3):
         next(it)
-    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    ck = Checkpointer(tmp_path / "ckpt", keep=2)
     state = {"w": np.arange(3.0)}
-    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         data=grain.checkpoint.CheckpointSave(it)))
+    ck.save(3, state, it.get_state(), {"step": 3})
     want = [next(it) for _ in range(4)]  # the iterator moves on while the save completes
-    mngr.wait_until_finished()
-    mngr.close()
-    fresh = data.make_train_iterator(ex, tok, batch_size=2, seed=1)
-    restorer = ocp.CheckpointManager(str(tmp_path / "ckpt"))
-    restored = restorer.restore(restorer.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(fresh)))
+    ck.close()
+    fresh = data.make_train_iterator(ex, tok, data.Batching(2, seed=1))
+    restorer = Checkpointer(tmp_path / "ckpt", read_only=True)
+    restored, data_state, meta = restorer.restore(restorer.latest_step(), state)
     restorer.close()
-    np.testing.assert_array_equal(restored.state["w"], state["w"])
+    fresh.set_state(data_state)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert meta == {"step": 3}
     for x, y in zip(want, (next(fresh) for _ in range(4)), strict=True):
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
         np.testing.assert_array_equal(x["labels"], y["labels"])
@@ -444,16 +485,16 @@ def test_train_iterator_orbax_checkpoint(tok, tmp_path):
 
 def test_eval_batches(tok):
     ex = _synthetic_examples(10, length=64)
-    batches = data.make_eval_batches(ex, tok, batch_size=4, seed=0)
-    again = data.make_eval_batches(ex, tok, batch_size=4, seed=0)
+    batches = data.make_eval_batches(ex, tok, data.Batching(4, seed=0))
+    again = data.make_eval_batches(ex, tok, data.Batching(4, seed=0))
     assert len(batches) == 3 and all(b["labels"].shape == (4, 64) for b in batches)
     for x, y in zip(batches, again, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
     assert np.all(batches[-1]["labels"][2:] == IGNORE_INDEX)  # filler rows add no loss
     assert sorted(_rows(batches)[:10]) == sorted(tuple(r) for r in ex["input_ids"])
-    assert len(data.make_eval_batches(ex, tok, batch_size=4, seed=0, pad_last=False)[-1]["labels"]) == 2
-    halves = [data.make_eval_batches(ex, tok, batch_size=2, seed=0, shard_index=h, shard_count=2)
+    assert len(data.make_eval_batches(ex, tok, data.Batching(4, seed=0), pad_last=False)[-1]["labels"]) == 2
+    halves = [data.make_eval_batches(ex, tok, data.Batching(2, seed=0, shard_index=h, shard_count=2))
               for h in range(2)]
     for t, b in enumerate(batches):
         both = np.concatenate([halves[0][t]["labels"], halves[1][t]["labels"]])

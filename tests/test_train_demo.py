@@ -13,6 +13,8 @@ from tests.test_train_utils import ROOT
 from train import config as config_lib
 from train import pretrain
 
+pytestmark = pytest.mark.slow  # an 80-step demo run on real text
+
 WIKITEXT = (ROOT / ".." / "shared" / "data" / "wikitext-2" / "valid.txt").resolve()
 
 

@@ -63,6 +63,7 @@ def test_tokenizer_without_mask_token(tmp_path, capsys, corpus):
     assert "mask token" in err and str(tmp_path / "tok") in err
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_devices(tmp_path, corpus):
     cmd = [
         sys.executable,

@@ -16,6 +16,8 @@ import pytest
 
 from tests.test_train_utils import ROOT, TINY, env_with_root, write_corpus
 
+pytestmark = pytest.mark.slow  # child processes with 8 devices and 2 processes
+
 SCRIPT = textwrap.dedent(r"""
     import json, sys, time
     T0 = time.time()
@@ -24,6 +26,7 @@ SCRIPT = textwrap.dedent(r"""
     jax.config.update("jax_default_matmul_precision", "highest")
     import longformer_jax as lj
     from train import config as config_lib, trainer
+    from train.objectives import mlm_objective
 
     L, B, BLOCK, V, STEPS = 64, 8, 16, 64, 5
     assert jax.device_count() == 8, jax.devices()
@@ -47,21 +50,21 @@ SCRIPT = textwrap.dedent(r"""
 
     def run(kind, n_dev, data=-1, fsdp=1, accum=1, dropout=False):
         cfg = config_lib.preset("demo", max_steps=STEPS, batch_size=B // accum, grad_accum_steps=accum,
-                                seq_len=L, block_size=BLOCK, attention_window=8, learning_rate=3e-3,
+                                seq_len=L, block_size=BLOCK, model={"attention_window": 8}, learning_rate=3e-3,
                                 dropout=dropout, driver=kind, mesh_data=data, mesh_fsdp=fsdp)
         model = lj.LongformerForMaskedLM(mcfg if dropout else mcfg.replace(hidden_dropout_prob=0.0,
                                                                              attention_probs_dropout_prob=0.0))
         params = lj.init_params(model, 0)
         tx, sched = trainer.make_optimizer(cfg)
-        drv = trainer.make_driver(cfg, model, tx, sched, devices=jax.devices()[:n_dev])
-        state = drv.create_state(params, jax.random.PRNGKey(1))
+        drv = trainer.make_driver(cfg, model, tx, mlm_objective(L // BLOCK), sched, devices=jax.devices()[:n_dev])
+        state = drv.create_state(params)
         losses = []
         for i, b in enumerate(batches):
             mb = B // accum
             micro = [{k: v[a * mb:(a + 1) * mb] for k, v in b.items()} for a in range(accum)]
             state, m = drv.train(state, trainer.stack_micro_batches(micro), jax.random.PRNGKey(100 + i))
             losses.append(float(m["loss"]))
-        ev = trainer.finish_eval([jax.device_get(drv.evaluate(state, batches[0]))])
+        ev = trainer.finish_eval([jax.device_get(drv.evaluate(state, batches[0]))], drv.objective)
         final = drv.host_params(state)
         emb = final["longformer"]["embeddings"]["word_embeddings"]["embedding"]
         spec = None
@@ -81,8 +84,8 @@ SCRIPT = textwrap.dedent(r"""
         "drop2x4": run("mesh", 8, data=2, fsdp=4, dropout=True),
     }
     try:
-        cfg = config_lib.preset("demo", batch_size=6, seq_len=L, block_size=BLOCK, attention_window=8)
-        trainer.make_driver(cfg, lj.LongformerForMaskedLM(mcfg), trainer.make_optimizer(cfg)[0])
+        cfg = config_lib.preset("demo", batch_size=6, seq_len=L, block_size=BLOCK, model={"attention_window": 8})
+        trainer.make_driver(cfg, lj.LongformerForMaskedLM(mcfg), trainer.make_optimizer(cfg)[0], mlm_objective(4))
         out["error"] = None
     except ValueError as e:
         out["error"] = str(e)

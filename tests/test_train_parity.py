@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import longformer_jax as lj  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import trainer  # noqa: E402
+from train.objectives import mlm_objective  # noqa: E402
 
 L, B, BLOCK, STEPS, VOCAB = 64, 4, 16, 20, 96
 
@@ -187,12 +188,12 @@ def test_twenty_steps_match_pytorch(setup):
         drv = trainer.MeshDriver(
             model,
             tx,
-            num_global_slots=L // BLOCK,
+            mlm_objective(L // BLOCK),
             dropout=False,
             schedule=schedule,
             devices=jax.devices()[:1],
         )
-        state = drv.create_state(params, jax.random.PRNGKey(0))
+        state = drv.create_state(params)
         ours = []
         for i, b in enumerate(batches):
             state, m = drv.train(state, trainer.stack_micro_batches([b]), jax.random.PRNGKey(i))

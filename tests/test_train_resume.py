@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.test_train_utils import ROOT, TINY, env_with_root, write_corpus
 
@@ -75,6 +76,7 @@ def final_params(out: Path) -> dict[str, np.ndarray]:
     return load_file(str(out / "hf" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_killed_and_preempted_run_resumes_exactly(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=16)
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,21 +16,18 @@ from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import metrics as metrics_lib
 from train import trainer
+from train.objectives import mlm_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny model and data layout for end-to-end runs of the CLI (seconds per step on 2 cores).
 TINY = [
-    "--hidden-size",
-    "32",
-    "--num-hidden-layers",
-    "2",
-    "--num-attention-heads",
-    "4",
-    "--intermediate-size",
-    "64",
-    "--attention-window",
-    "8",
+    "--model",
+    "hidden_size=32",
+    "num_hidden_layers=2",
+    "num_attention_heads=4",
+    "intermediate_size=64",
+    "attention_window=8",
     "--seq-len",
     "64",
     "--block-size",
@@ -97,7 +95,8 @@ def test_seed_recipe_preset_is_the_spec():
     c.validate()
     d = config_lib.preset("demo")
     d.validate()
-    assert d.data == "builtin:python-docs" and d.init is None and d.hidden_size <= 256
+    assert d.data == "builtin:python-docs" and d.init is None and d.model["hidden_size"] <= 256
+    assert c.model["attention_window"] == 128 and c.model["layer_norm_eps"] == 1e-5
 
 
 def test_cli_flags_set_and_presets(capsys):
@@ -136,6 +135,7 @@ def test_cli_flags_set_and_presets(capsys):
     )
     assert (c.save_every, c.eval_every, c.output_dir, c.data, c.preset) == (5, 4, "x", "d.txt", "seed-recipe")
     assert c.batch_size == 16  # untouched preset value
+    assert c.model == {}  # another init than the preset's: the preset's model does not apply
     with pytest.raises(ValueError, match="unknown setting 'learning_rat'"):
         config_lib.parse_args(["--set", "learning_rat=1"])
     with pytest.raises(SystemExit):
@@ -147,14 +147,50 @@ def test_cli_flags_set_and_presets(capsys):
         config_lib.preset("nope")
 
 
+def test_model_settings_are_one_mapping_over_the_preset():
+    c = config_lib.parse_args(["--model", "hidden_size=64", "intermediate_size=96", "--set",
+                               "model.attention_window=[4,8]", "--model", "hidden_dropout_prob=0",
+                               "--seq-len", "128", "--block-size", "32"])
+    assert c.model == {**config_lib.DEMO_MODEL, "hidden_size": 64, "intermediate_size": 96,
+                       "attention_window": [4, 8], "hidden_dropout_prob": 0.0}
+    assert isinstance(c.model["hidden_dropout_prob"], float)
+    assert c.model_options()["attention_window"] == [4, 8] and c.model_options()["dtype"] == "float32"
+    assert config_lib.preset("demo", model={"hidden_size": 64}).model["num_hidden_layers"] == 2
+    # The old per-field spellings name their replacement; bad fields and values name the problem.
+    with pytest.raises(ValueError, match=r"hidden_size is a model field: use --model hidden_size="):
+        config_lib.parse_args(["--set", "hidden_size=64"])
+    with pytest.raises(SystemExit):
+        config_lib.parse_args(["--hidden-size", "64"])
+    for argv, match in [
+        (["--model", "hidden=3"], "model.hidden is not a LongformerConfig field"),
+        (["--model", "dtype=bfloat16"], "use --dtype instead"),
+        (["--set", "model.pad_token_id=3"], "comes from the tokenizer"),
+        (["--model", "hidden_size"], "expected KEY=VALUE"),
+        (["--model", "layer_norm_eps=small"], "expected a number"),
+        (["--model", "hidden_size=30"], "--model: LongformerConfig: hidden_size=30 is not divisible"),
+        (["--model", "attention_window=48"], "not a multiple of the model's attention window 48"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            config_lib.parse_args(argv)
+
+
 def test_config_json_round_trip_and_fingerprint(tmp_path):
     c = config_lib.preset("demo", max_steps=7)
     c.save(tmp_path / "c.json")
     back = config_lib.TrainConfig.load(tmp_path / "c.json")
     assert back == c
     assert back.fingerprint() == c.fingerprint()
-    assert c.replace(save_every=3, output_dir="elsewhere", driver="pmap").fingerprint() == c.fingerprint()
+    resumable = c.replace(save_every=3, output_dir="elsewhere", driver="pmap", dtype="bfloat16", mesh_fsdp=2)
+    assert resumable.fingerprint() == c.fingerprint() and resumable.differences(c) == {}
     assert c.replace(learning_rate=1.0).fingerprint() != c.fingerprint()
+    # Every setting counts unless it is listed as resumable, the model's fields one by one.
+    names = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+    assert set(config_lib.TrainConfig.RESUMABLE_CHANGES) < names
+    assert {"seed", "data", "init", "layout", "scan_layers", "max_steps"} <= set(c.fingerprint_fields())
+    wider = c.replace(model={**c.model, "hidden_size": 256})
+    assert wider.differences(c) == {"model.hidden_size": (128, 256)}
+    dropped = c.replace(model={k: v for k, v in c.model.items() if k != "layer_norm_eps"})
+    assert dropped.differences(c) == {"model.layer_norm_eps": (1e-5, None)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,16 +217,26 @@ def test_mlm_sums_and_finish_eval_are_exact_over_batches():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
     labels = jnp.asarray([[1, -100, 3, -100, 0], [-100, -100, -100, -100, 6]])
-    loss_sum, correct, count = trainer.mlm_sums(logits, labels)
+    obj = mlm_objective(0)
+
+    class Fixed:  # a "model" whose logits are given: the objective's own arithmetic is checked
+        def apply(self, variables, input_ids, **kw):
+            assert kw["num_global_slots"] == 0 and kw["deterministic"] and kw["rngs"] is None
+            return type("Out", (), {"logits": logits})
+
+    loss_sum, sums = obj.sums(Fixed(), {}, {"input_ids": None, "attention_mask": None,
+                                            "global_attention_mask": None, "labels": labels}, None, True)
     lp = jax.nn.log_softmax(logits)
     ref = -(lp[0, 0, 1] + lp[0, 2, 3] + lp[0, 4, 0] + lp[1, 4, 6])
     np.testing.assert_allclose(loss_sum, ref, rtol=1e-6)
-    assert count == 4
+    correct = sum(int(jnp.argmax(logits[r, c]) == labels[r, c]) for r, c in [(0, 0), (0, 2), (0, 4), (1, 4)])
+    assert float(sums["accuracy"]) == correct and obj.metrics == ("accuracy",)
+    assert float(obj.count({"labels": labels})) == 4.0
     res = trainer.finish_eval(
-        [{"loss_sum": 3.0, "correct": 1.0, "count": 2.0}, {"loss_sum": 1.0, "correct": 1.0, "count": 6.0}]
+        [{"loss": 3.0, "accuracy": 1.0, "count": 2.0}, {"loss": 1.0, "accuracy": 1.0, "count": 6.0}], obj
     )
-    assert res["loss"] == 0.5 and res["accuracy"] == 0.25
-    np.testing.assert_allclose(res["bpc"], 0.5 / np.log(2))
+    assert res == {"loss": 0.5, "accuracy": 0.25, "bpc": 0.5 / np.log(2), "count": 8.0}
+    assert trainer.finish_eval([]) == {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,28 +1,38 @@
-"""Orbax checkpoints of a training run: train state, data-iterator position and run metadata.
+"""How a run is resumed: Orbax checkpoints of the train state, data position and metadata,
+the check that a run directory belongs to this run, and `restore_or_init`.
 
 A checkpoint step directory holds three items:
-  state/  the TrainState (step, params, optimizer state, base RNG) as sharded arrays;
+  state/  the TrainState (step, params, optimizer state) as sharded arrays;
   data/   each process's data-iterator state as `process_{i}-of-{n}.json` (the iterator's
           `get_state()`, snapshotted when the save starts, so later batches cannot leak in);
   meta/   JSON: the config fingerprint, the step, the consumed-example count.
 Saves are asynchronous (the step loop keeps running while arrays are written); Orbax only
 makes a step visible once every item is complete, so `latest_step()` is always restorable.
+
+Resuming (`restore_or_init`): the latest complete step is restored into the layout the driver
+would build a new state with (`Driver.abstract_state`), and the data iterator is set to the
+position saved with it; with no checkpoint, the driver builds a new state. Steps are
+deterministic functions of the state, the step number and the data position, so a resumed run
+continues bitwise as the uninterrupted one. `check_resumable` refuses a run directory whose
+saved settings differ (`TrainConfig.fingerprint_fields`) before anything is restored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from train.config import TrainConfig
+
 
 def _process_index_count() -> tuple[int, int]:
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 
@@ -88,14 +98,16 @@ def from_jsonable(data_state: Any) -> Any:
 class Checkpointer:
     """CheckpointManager over `directory` keeping the last `keep` steps."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """`read_only`: only read steps (an export), never create, clean up or delete anything."""
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
+            create=not read_only,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,  # a reader leaves a save in progress alone
         )
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -114,6 +126,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> bool:
         """Starts an (async) save of `state` at `step`; returns False when that step exists."""
+        if self.read_only:
+            raise ValueError(f"{self.directory} was opened read-only; open a Checkpointer without read_only to save.")
         if step in self.manager.all_steps():
             return False
         return self.manager.save(
@@ -138,6 +152,11 @@ class Checkpointer:
         )
         return out["state"], from_jsonable(out["data"]), dict(out["meta"])
 
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The train state of `step` alone (any number of processes may read it)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return out["state"]
+
     def read_meta(self, step: int) -> dict[str, Any]:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
@@ -148,3 +167,42 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """A `ValueError` naming the fix when `run_dir` holds checkpoints that `cfg` cannot resume:
+    ones without the run's `config.json`, or of a run whose fingerprinted settings differ."""
+    out = Path(run_dir)
+    ckpt_dir = out / "checkpoints"
+    if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+        return
+    if not (out / "config.json").exists():
+        raise ValueError(
+            f"--output-dir {out} holds checkpoints ({ckpt_dir}) but no config.json, so they cannot be "
+            "matched to this run: pick another --output-dir, or pass --overwrite to delete them and "
+            "start over.")
+    diff = cfg.differences(TrainConfig.load(out / "config.json"))
+    if diff:
+        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"--output-dir {out} holds checkpoints of a different run ({shown}). Pick another "
+            "--output-dir, rerun with the saved settings to resume, or pass --overwrite to delete "
+            "those checkpoints and start over.")
+
+
+def restore_or_init(ckpt: Checkpointer, driver, make_params: Callable, *inputs,
+                    data_iterator: Any = None) -> tuple[Any, int | None]:
+    """The state to train from, and the step it was restored from (None for a new state).
+
+    `driver` is a `train.trainer.Driver`; a new state is `driver.init_state(make_params, *inputs)`
+    (`make_params(*inputs)` gives the parameters: fresh ones from a key, or given ones). The latest
+    complete checkpoint, if any, is restored into that state's layout instead, and
+    `data_iterator` (anything with `set_state`) continues where the checkpoint left it.
+    """
+    step = ckpt.latest_step()
+    if step is None:
+        return driver.init_state(make_params, *inputs), None
+    state, data_state, _ = ckpt.restore(step, driver.abstract_state(make_params, *inputs))
+    if data_iterator is not None and data_state is not None:
+        data_iterator.set_state(data_state)
+    return driver.place(state), step

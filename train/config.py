@@ -1,8 +1,18 @@
-"""One dataclass with every setting of the pretraining program, named presets, and the CLI.
+"""One dataclass with every setting of the training programs, named presets, and the CLI.
 
 `TrainConfig` holds every option; `PRESETS` names complete recipes; `parse_args` builds an
-argparse parser from the dataclass fields (one `--flag-name` per field, plus `--set key=value`)
-so the command line and the saved `config.json` always carry the same names.
+argparse parser from the dataclass fields (one `--flag-name` per field, `--model KEY=VALUE` for
+the model, plus `--set key=value` / `--set model.key=value`) so the command line and the saved
+`config.json` always carry the same names.
+
+The model is described once, by `longformer_jax.LongformerConfig`: `TrainConfig.model` is a
+mapping of its config.json fields (`{"hidden_size": 128, "attention_window": 64, ...}`) applied
+over the base model (the `init` checkpoint's config, or a fresh config whose vocabulary, special
+token ids and position table come from the tokenizer and `seq_len`).
+
+A run resumes only with the same settings: `fingerprint_fields()` is every setting except those
+in `RESUMABLE_CHANGES` (intervals, paths, driver, mesh, distributed setup, display, compute
+dtype and rematerialisation), so a new setting counts unless it is added there.
 """
 
 from __future__ import annotations
@@ -17,24 +27,39 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from longformer_jax.config import LongformerConfig
+
+# JAX-side options of LongformerConfig that are settings of their own here (--dtype, --remat, ...).
+_RUN_OPTIONS = ("dtype", "remat", "scan_layers")
+# Fields a fresh model takes from the tokenizer: never set by hand.
+_TOKENIZER_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id")
+MODEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(LongformerConfig)
+    if f.name not in (*_RUN_OPTIONS, *_TOKENIZER_FIELDS, "extra")
+)
+
+# The demo's model: a small RoBERTa-style Longformer (one type id, RoBERTa's LayerNorm epsilon).
+DEMO_MODEL: dict[str, Any] = {
+    "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
+    "attention_window": 64, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+}
+# The seed checkpoint's architecture (SPEC.md): what its own init holds, and a fresh model with --init none.
+SEED_MODEL: dict[str, Any] = {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+    "attention_window": 128, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+}
+
 
 @dataclasses.dataclass
 class TrainConfig:
     # ----- which recipe -----
     preset: str = "demo"
 
-    # ----- model: either `init` (HF dir, hub id or converted Flax checkpoint) or the size fields -----
+    # ----- model: `init` (HF dir, hub id or converted Flax checkpoint) or a fresh one, then `model` -----
     init: str | None = None
-    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    intermediate_size: int = 512
-    attention_window: int = 64  # full window (one side = window // 2)
-    max_position_embeddings: int | None = None  # None: seq_len + 2 (RoBERTa position offset)
+    # LongformerConfig (config.json) fields over the base model; see the module docstring.
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
     dropout: bool = True  # False: hidden and attention dropout off (deterministic forward)
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params always float32)
     remat: bool = False
     scan_layers: bool = False
@@ -105,6 +130,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def model_options(self) -> dict[str, Any]:
+        """LongformerConfig fields of this run: `model`, then dtype / remat / scan_layers and dropout."""
+        options = {**self.model, "dtype": self.dtype, "remat": self.remat, "scan_layers": self.scan_layers}
+        if not self.dropout:
+            options.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return options
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
@@ -114,21 +146,26 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    # Fields that change what a checkpoint means; the others (intervals, driver, mesh, paths,
-    # output) can differ between a run and its resumption.
-    FINGERPRINT_FIELDS: typing.ClassVar[tuple[str, ...]] = (
-        "init", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-        "intermediate_size", "attention_window", "max_position_embeddings", "dropout",
-        "hidden_dropout_prob", "attention_probs_dropout_prob", "scan_layers",
-        "data", "tokenizer", "tokenizer_vocab_size", "layout", "seq_len", "block_size",
-        "min_doc_words", "max_docs", "eval_fraction", "mlm_probability",
-        "batch_size", "grad_accum_steps", "learning_rate", "adam_beta1", "adam_beta2", "adam_eps",
-        "weight_decay", "warmup_fraction", "max_steps", "clip_norm", "seed",
+    # Settings a run may change when it resumes; every other one (new ones included) must match.
+    RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
+        "preset", "output_dir", "overwrite", "save_every", "eval_every", "log_every", "eval_batches",
+        "keep_checkpoints", "async_checkpointing", "driver", "mesh_data", "mesh_fsdp", "distributed",
+        "coordinator_address", "num_processes", "process_id", "fill_mask_text", "progress_bar",
+        "log_batch_fingerprints", "dtype", "remat",
     )
 
     def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that decide what a checkpoint means; model fields as `model.<name>`."""
         d = self.to_dict()
-        return {k: d[k] for k in self.FINGERPRINT_FIELDS}
+        out = {k: v for k, v in d.items() if k not in self.RESUMABLE_CHANGES and k != "model"}
+        out.update({f"model.{k}": v for k, v in d["model"].items()})
+        return out
+
+    def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """`{setting: (other's value, this value)}` for every fingerprinted setting that differs."""
+        mine, theirs = self.fingerprint_fields(), other.fingerprint_fields()
+        return {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
+                if theirs.get(k) != mine.get(k)}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_fields(), sort_keys=True)
@@ -152,9 +189,7 @@ class TrainConfig:
             ok = self.seq_len // self.block_size * self.block_size or self.block_size
             fail(f"seq_len={self.seq_len} is not a multiple of block_size={self.block_size}; the "
                  f"blocks layout needs whole blocks: use --seq-len {ok}.")
-        if self.init is None and self.seq_len % self.attention_window:
-            fail(f"seq_len={self.seq_len} is not a multiple of attention_window={self.attention_window}; "
-                 "pick --seq-len as a multiple of the window.")
+        self._validate_model()
         if not 0.0 <= self.warmup_fraction <= 1.0:
             fail(f"warmup_fraction={self.warmup_fraction}; expected a value in [0, 1].")
         if not 0.0 < self.mlm_probability < 1.0:
@@ -165,6 +200,19 @@ class TrainConfig:
             fail(f"mesh shape (data={self.mesh_data}, fsdp={self.mesh_fsdp}) is invalid; use "
                  "--mesh-data N (or -1 for all remaining devices) and --mesh-fsdp M >= 1.")
 
+    def _validate_model(self) -> None:
+        for key in self.model:
+            check_model_field(key)
+        if self.init is not None:
+            return  # the base is the checkpoint's config, read when the run starts
+        try:
+            probe = LongformerConfig(**{"max_position_embeddings": self.seq_len + 2, **self.model_options()})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--model: {e}") from None
+        if self.seq_len % probe.max_window:
+            raise ValueError(f"seq_len={self.seq_len} is not a multiple of the model's attention window "
+                             f"{probe.max_window}; pick --seq-len as a multiple of the window.")
+
 
 # ----------------------------------------------------------------------------------------------
 # Presets
@@ -173,9 +221,8 @@ _SEED_RECIPE = dict(
     # kiddothe2b/longformer-base-4096: continued MLM pretraining on C4, 50k steps (SPEC.md).
     preset="seed-recipe",
     init="kiddothe2b/longformer-base-4096",
+    model=SEED_MODEL,
     tokenizer=None,  # None with --init: the tokenizer saved beside the initial model
-    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    attention_window=128, max_position_embeddings=4098,
     data="hf:allenai/c4:en",
     # max_docs bounds the streamed corpus: examples are built in memory (kept documents >= 1024
     # words; about 2 examples of 4096 tokens each).
@@ -192,8 +239,7 @@ _DEMO = dict(
     # A small model that learns visibly in a few minutes on 2 CPU cores, offline.
     preset="demo",
     init=None, tokenizer=None, tokenizer_vocab_size=8192,
-    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
-    attention_window=64, max_position_embeddings=None,
+    model=DEMO_MODEL,
     data="builtin:python-docs",
     layout="blocks", seq_len=512, block_size=128, min_doc_words=200,
     eval_fraction=0.05, eval_batches=8, mlm_probability=0.15,
@@ -208,9 +254,17 @@ PRESETS: dict[str, dict[str, Any]] = {"seed-recipe": _SEED_RECIPE, "demo": _DEMO
 
 
 def preset(name: str, **overrides) -> TrainConfig:
+    """The preset's settings with `overrides`; a `model` override is merged into the preset's model.
+
+    A preset's model describes the model of the preset's own `init` (a fresh one for the demo):
+    with another `init` only the `model` fields given here apply over that checkpoint's config.
+    """
     if name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)} (--preset).")
-    return TrainConfig(**{**PRESETS[name], **overrides})
+    base = PRESETS[name]
+    same_init = overrides.get("init", base.get("init")) == base.get("init")
+    model = {**(base.get("model", {}) if same_init else {}), **overrides.pop("model", {})}
+    return TrainConfig(**{**base, **overrides, "model": model})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,11 +286,31 @@ def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
     return t, optional
 
 
+def check_model_field(name: str) -> None:
+    """A `ValueError` naming the fix unless `name` is a field `--model` may set."""
+    if name in _RUN_OPTIONS:
+        raise ValueError(f"model.{name} is a setting of its own: use --{_flag(name)} instead of --model {name}=...")
+    if name in _TOKENIZER_FIELDS:
+        raise ValueError(f"model.{name} comes from the tokenizer's special tokens; leave it out of --model.")
+    if name not in MODEL_FIELDS:
+        raise ValueError(f"model.{name} is not a LongformerConfig field; known: {', '.join(MODEL_FIELDS)}.")
+
+
+def _split_item(flag: str, item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ValueError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} "
+                         f"{'hidden_size=256' if flag == '--model' else 'learning_rate=3e-4'}.")
+    k, v = item.split("=", 1)
+    return k.strip(), v.strip()
+
+
 def _parse_value(name: str, raw: str) -> Any:
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
-    if f is None:
-        raise ValueError(f"--set {name}=...: unknown setting {name!r}; known settings: "
-                         f"{', '.join(sorted(x.name for x in dataclasses.fields(TrainConfig)))}.")
+    if f is None or name == "model":
+        hint = f" ({name} is a model field: use --model {name}=...)" if name in MODEL_FIELDS else ""
+        known = sorted(x.name for x in dataclasses.fields(TrainConfig) if x.name != "model")
+        raise ValueError(f"--set {name}=...: unknown setting {name!r}{hint}; known settings: "
+                         f"{', '.join(known)}, model.KEY.")
     t, optional = _field_type(f)
     if optional and raw.lower() in ("none", "null", ""):
         return None
@@ -250,6 +324,23 @@ def _parse_value(name: str, raw: str) -> Any:
         return t(raw)
     except ValueError:
         raise ValueError(f"--{_flag(name)} {raw!r}: expected a value of type {t.__name__}.") from None
+
+
+def parse_model_value(name: str, raw: str) -> Any:
+    """A `--model name=raw` value: text for string fields, JSON otherwise (`8`, `[4, 8]`, `1e-5`)."""
+    check_model_field(name)
+    hint = typing.get_type_hints(LongformerConfig)[name]
+    if raw.lower() in ("none", "null"):
+        return None
+    if hint is str:
+        return raw
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"--model {name}={raw!r}: expected a number, true/false or a JSON list.") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
 
 
 def _arg_type(name: str):
@@ -267,10 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.pretrain",
         description="Masked-LM pretraining of a Longformer (Optax, Orbax), from one CPU to a TPU pod.",
-            )
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting by its config.json name (repeatable)")
+                   help="override any setting by its config.json name, model fields as model.KEY (repeatable)")
+    p.add_argument("--model", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="a LongformerConfig field of the model (repeatable; values in JSON, e.g. "
+                        f"attention_window=[4,8]); demo preset: {DEMO_MODEL}; fields: {', '.join(MODEL_FIELDS)}")
     for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
         t, optional = _field_type(f)
         default = TrainConfig.__dataclass_fields__[f.name].default
         demo = PRESETS["demo"].get(f.name, default)
@@ -287,19 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Preset values, then `--set key=value`, then per-field flags; returns a validated config."""
+    """Preset values, then `--set key=value`, then `--model` and the per-field flags; validated."""
     ns = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {}
+    model: dict[str, Any] = {}
     for item in ns.set:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learning_rate=3e-4.")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _parse_value(k.strip(), v.strip())
+        k, v = _split_item("--set", item)
+        if k.startswith("model."):
+            model[k[len("model."):]] = parse_model_value(k[len("model."):], v)
+        else:
+            overrides[k] = _parse_value(k, v)
+    for item in ns.model:
+        k, v = _split_item("--model", item)
+        model[k] = parse_model_value(k, v)
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "preset":
-            continue
-        if hasattr(ns, f.name):
+        if f.name not in ("preset", "model") and hasattr(ns, f.name):
             overrides[f.name] = getattr(ns, f.name)
-    cfg = preset(ns.preset, **overrides)
+    cfg = preset(ns.preset, **overrides, model=model)
     cfg.validate()
     return cfg

@@ -5,33 +5,24 @@ docs = data.read_documents("builtin:python-docs")           # or a path, or "hf:
 tok = data.train_demo_tokenizer(docs, "runs/demo/tokenizer")  # or data.load_tokenizer("roberta-base")
 examples = data.build_examples(data.read_documents(spec), tok, layout="blocks", seq_len=4096)
 train_ex, eval_ex = data.split_examples(examples, 0.05, seed=42)
-it = data.make_train_iterator(train_ex, tok, batch_size=16, seed=42)
+it = data.make_train_iterator(train_ex, tok, data.Batching(batch_size=16, seed=42))
 batch = next(it)      # input_ids, attention_mask, global_attention_mask, labels: (16, 4096) int32
 state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly there
 ```
 
 Examples are built once, in memory, as int32 arrays (N, L) (``load_or_build_examples`` caches
 them as a ``.npz`` file); ``doc_index`` (N,) records the document each example came from, so
-that the evaluation split holds out whole documents. Two layouts:
-
-- ``"blocks"`` (the seed checkpoint's): a document is split into sentences, sentences are
-  grouped greedily into blocks of ``block_size`` tokens; a block is ``</s>`` (``<s>`` for the
-  first block of an example) followed by at most ``block_size - 1`` tokens and padded with
-  ``<pad>`` to ``block_size`` inside the sequence (attention mask 0 there); global attention
-  on every block start. A sentence longer than a block is cut into block-sized pieces. An
-  example holds ``seq_len // block_size`` blocks; a long document makes several examples, and
-  its last one is dropped if it holds fewer than ``min_blocks`` blocks; blocks an example
-  does not fill are all padding. Documents with fewer than ``min_doc_words`` words (split on
-  whitespace; 1024 in the seed recipe) are dropped.
-- ``"contiguous"``: documents are tokenized, each followed by ``</s>``, concatenated, and cut
-  into examples of ``<s>`` + ``seq_len - 1`` tokens: no padding, no global attention.
+that the evaluation split holds out whole documents. How a document becomes examples (the
+``"blocks"`` and ``"contiguous"`` layouts) is ``train.layout``; this module tokenizes, drops
+documents with fewer than ``min_doc_words`` words (split on whitespace; 1024 in the seed
+recipe) and stacks what the layout returns.
 
 The training iterator is a grain ``MapDataset`` pipeline: seeded shuffle, endless repeat
 (each epoch shuffled anew), RoBERTa masking as a random map (seeded by the seed and the
 example's position in the stream: fresh per step, reproducible), batch, then the host's share
 of every global batch. Its state is one integer (``get_state()`` is JSON), so a restored run
-sees exactly the batches the uninterrupted one would have seen; grain's
-``grain.checkpoint.CheckpointHandler`` saves it with Orbax (see ``make_train_iterator``).
+sees exactly the batches the uninterrupted one would have seen; the trainer's checkpoints
+store that state beside the train state (``train.checkpoint``, one JSON file per process).
 """
 
 from __future__ import annotations
@@ -41,21 +32,23 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
+from longformer_jax.losses import IGNORE_INDEX
 from train.corpus import BUILTIN_PYTHON_DOCS, parse_hf_spec, python_docs_corpus, read_documents
-from train.masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+from train.layout import MODEL_KEYS, check_layout, contiguous_examples, document_blocks_examples, split_sentences
+from train.masking import MaskingSpec, mask_tokens
 
 __all__ = [
     "BUILTIN_PYTHON_DOCS",
+    "Batching",
     "IGNORE_INDEX",
-    "LAYOUTS",
     "MODEL_KEYS",
     "MaskingSpec",
     "TokenIds",
@@ -64,7 +57,6 @@ __all__ = [
     "load_or_build_examples",
     "load_tokenizer",
     "make_eval_batches",
-    "make_train_dataset",
     "make_train_iterator",
     "mask_tokens",
     "masking_spec",
@@ -72,18 +64,17 @@ __all__ = [
     "python_docs_corpus",
     "read_documents",
     "split_examples",
-    "split_sentences",
     "token_ids",
+    "has_tokenizer_files",
     "train_demo_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("blocks", "contiguous")
-MODEL_KEYS = ("input_ids", "attention_mask", "global_attention_mask")
 DOC_KEY = "doc_index"
 ROBERTA_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0, 1, 2, 3, 4
 SEED_MIN_DOC_WORDS = 1024
+RUN_TOKENIZER_DIR = "tokenizer"  # RUN_DIR/tokenizer: the tokenizer a run used (trained or copied there)
 _CACHE_FORMAT = 1
 
 
@@ -168,6 +159,11 @@ def load_tokenizer(path_or_id: str, *, model_max_length: int | None = None, **kw
     return tok
 
 
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a saved ``transformers`` tokenizer."""
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def train_demo_tokenizer(
     texts: Iterable[str],
     out_dir: str,
@@ -246,60 +242,44 @@ def _encode(tok: Any, texts: list[str]) -> list[list[int]]:
 # Examples
 # --------------------------------------------------------------------------------------------
 
-# A sentence ends after . ! or ? (and closing quotes/brackets) before whitespace; a blank line
-# also ends one. The whitespace stays at the start of the next sentence, so the pieces
-# tokenize as the running text does.
-_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])(?=\s)|(?<=[.!?][\"')\]])(?=\s)|(?=\n[ \t]*\n)")
+@dataclasses.dataclass
+class _DocCounts:
+    """What ``_kept_documents`` saw, for the error when no example comes out."""
+
+    read: int = 0
+    kept: int = 0
+    longest: int = 0
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` (a regex splitter: good for prose, approximate for abbreviations).
-
-    Whitespace between sentences starts the next one, so the sentences joined give back the
-    text (less trailing whitespace).
-    """
-    sentences: list[str] = []
-    pending = ""
-    for piece in _SENTENCE_SPLIT_RE.split(text):
-        if piece.strip():
-            sentences.append(pending + piece)
-            pending = ""
-        else:
-            pending += piece
-    return sentences
+def _kept_documents(docs: Iterable[str], min_doc_words: int, max_docs: int | None, counts: _DocCounts):
+    """The documents with at least ``min_doc_words`` words, at most ``max_docs`` of them."""
+    for doc in docs:
+        counts.read += 1
+        words = len(doc.split())
+        counts.longest = max(counts.longest, words)
+        if words < min_doc_words:
+            continue
+        counts.kept += 1
+        yield doc
+        if max_docs is not None and counts.kept >= max_docs:
+            return
 
 
-def _blocks_of(sentences: list[list[int]], content: int) -> list[list[int]]:
-    """Greedy grouping of sentence token lists into blocks of at most ``content`` tokens."""
-    blocks: list[list[int]] = []
-    current: list[int] = []
-    for sentence in sentences:
-        for start in range(0, len(sentence), content):
-            piece = sentence[start : start + content]
-            if current and len(current) + len(piece) > content:
-                blocks.append(current)
-                current = []
-            current.extend(piece)
-    if current:
-        blocks.append(current)
-    return blocks
-
-
-def _layout_blocks(
-    blocks: list[list[int]], ids: TokenIds, seq_len: int, block_size: int
-) -> dict[str, np.ndarray]:
-    """One example (L,) from at most seq_len // block_size blocks."""
-    input_ids = np.full((seq_len,), ids.pad, np.int32)
-    attention_mask = np.zeros((seq_len,), np.int32)
-    global_mask = np.zeros((seq_len,), np.int32)
-    for j, block in enumerate(blocks):
-        start = j * block_size
-        n = 1 + len(block)
-        input_ids[start] = ids.bos if j == 0 else ids.eos
-        input_ids[start + 1 : start + n] = block
-        attention_mask[start : start + n] = 1
-        global_mask[start] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "global_attention_mask": global_mask}
+def _no_example_error(counts: _DocCounts, layout: str, seq_len: int, min_doc_words: int, min_blocks: int):
+    if counts.read == 0:
+        return ValueError("no documents given to build_examples; check the --data corpus")
+    if counts.kept == 0:
+        return ValueError(
+            f"no document long enough: {counts.read} documents read, none with at least "
+            f"min_doc_words={min_doc_words} words (the longest has {counts.longest}); lower "
+            "--min-doc-words or use a corpus of longer documents"
+        )
+    return ValueError(
+        f"the {counts.kept} kept documents make no {layout!r} example of seq_len={seq_len} "
+        + ("(the corpus holds fewer tokens than one example); " if layout == "contiguous"
+           else f"(each has fewer than min_blocks={min_blocks} blocks); ")
+        + "lower --seq-len, add documents, or lower --min-doc-words"
+    )
 
 
 def build_examples(
@@ -313,13 +293,12 @@ def build_examples(
     *,
     min_blocks: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Tokenizes documents and lays them out as fixed-length examples.
+    """Tokenizes documents and lays them out as fixed-length examples (``train.layout``).
 
     Args:
       docs: document strings (e.g. ``read_documents(spec)``).
       tok: a tokenizer with ``<s>``, ``</s>``, ``<pad>``, ``<mask>`` (``load_tokenizer``).
-      layout: ``"blocks"`` (sentence blocks, the seed's) or ``"contiguous"``; see the module
-        docstring.
+      layout: ``"blocks"`` (sentence blocks, the seed's) or ``"contiguous"``; see ``train.layout``.
       seq_len: example length L (a multiple of ``block_size`` for ``"blocks"``).
       block_size: tokens per block, block start included (128 in the seed recipe).
       min_doc_words: documents with fewer whitespace-separated words are dropped. Default:
@@ -332,93 +311,31 @@ def build_examples(
       ``input_ids``, ``attention_mask``, ``global_attention_mask``: (N, L) int32;
       ``doc_index``: (N,) int32, the position of the source document among the kept ones.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
-    if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} is too short; use e.g. 512 or 4096")
-    if layout == "blocks":
-        if block_size < 2:
-            raise ValueError(
-                f"block_size={block_size} must be at least 2 (a block start and a token); the seed uses 128"
-            )
-        if seq_len % block_size:
-            raise ValueError(
-                f"seq_len={seq_len} is not a multiple of block_size={block_size}; "
-                f"use seq_len={max(1, seq_len // block_size) * block_size} or another block size"
-            )
-        n_blocks = seq_len // block_size
-        if not 1 <= min_blocks <= n_blocks:
-            raise ValueError(f"min_blocks={min_blocks} must lie in [1, {n_blocks}] (blocks per example)")
+    check_layout(layout, seq_len, block_size, min_blocks)
     if min_doc_words is None:
         min_doc_words = SEED_MIN_DOC_WORDS if layout == "blocks" else 0
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs={max_docs} must be at least 1 (or None for all)")
     ids = token_ids(tok)
-
-    rows: dict[str, list[np.ndarray]] = {k: [] for k in MODEL_KEYS}
-    doc_rows: list[int] = []
-    n_read = n_kept = longest = 0
-    stream: list[int] = []  # contiguous layout: tokens not yet placed in an example
-    stream_docs: list[int] = []  # contiguous layout: the document of each token in `stream`
-    for doc in docs:
-        n_read += 1
-        words = len(doc.split())
-        longest = max(longest, words)
-        if words < min_doc_words:
-            continue
-        doc_index = n_kept
-        n_kept += 1
-        if layout == "blocks":
-            sentences = _encode(tok, split_sentences(doc))
-            blocks = _blocks_of(sentences, block_size - 1)
-            for start in range(0, len(blocks), n_blocks):
-                chunk = blocks[start : start + n_blocks]
-                if len(chunk) < min_blocks:
-                    continue
-                example = _layout_blocks(chunk, ids, seq_len, block_size)
-                for k in MODEL_KEYS:
-                    rows[k].append(example[k])
-                doc_rows.append(doc_index)
-        else:
-            doc_ids = _encode(tok, [doc])[0] + [ids.eos]
-            stream.extend(doc_ids)
-            stream_docs.extend([doc_index] * len(doc_ids))
-            n_full = len(stream) // (seq_len - 1)
-            for i in range(n_full):
-                piece = slice(i * (seq_len - 1), (i + 1) * (seq_len - 1))
-                rows["input_ids"].append(np.asarray([ids.bos, *stream[piece]], np.int32))
-                doc_rows.append(stream_docs[piece.start])
-            del stream[: n_full * (seq_len - 1)], stream_docs[: n_full * (seq_len - 1)]
-        if max_docs is not None and n_kept >= max_docs:
-            break
-
-    if not doc_rows:
-        if n_read == 0:
-            raise ValueError("no documents given to build_examples; check the --data corpus")
-        if n_kept == 0:
-            raise ValueError(
-                f"no document long enough: {n_read} documents read, none with at least "
-                f"min_doc_words={min_doc_words} words (the longest has {longest}); lower "
-                "--min-doc-words or use a corpus of longer documents"
-            )
-        raise ValueError(
-            f"the {n_kept} kept documents make no {layout!r} example of seq_len={seq_len} "
-            + ("(the corpus holds fewer tokens than one example); " if layout == "contiguous"
-               else f"(each has fewer than min_blocks={min_blocks} blocks); ")
-            + "lower --seq-len, add documents, or lower --min-doc-words"
-        )
-    out = {DOC_KEY: np.asarray(doc_rows, np.int32), "input_ids": np.stack(rows["input_ids"])}
+    counts = _DocCounts()
+    kept = _kept_documents(docs, min_doc_words, max_docs, counts)
     if layout == "blocks":
-        out["attention_mask"] = np.stack(rows["attention_mask"])
-        out["global_attention_mask"] = np.stack(rows["global_attention_mask"])
+        sizes = dict(seq_len=seq_len, block_size=block_size, bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad)
+        rows = [(i, ex) for i, doc in enumerate(kept)
+                for ex in document_blocks_examples(_encode(tok, split_sentences(doc)), min_blocks=min_blocks,
+                                                   **sizes)]
     else:
-        out["attention_mask"] = np.ones_like(out["input_ids"])
-        out["global_attention_mask"] = np.zeros_like(out["input_ids"])
+        tokens = (_encode(tok, [doc])[0] for doc in kept)
+        rows = list(contiguous_examples(tokens, seq_len=seq_len, bos_id=ids.bos, eos_id=ids.eos))
+    if not rows:
+        raise _no_example_error(counts, layout, seq_len, min_doc_words, min_blocks)
+    out = {k: np.stack([ex[k] for _, ex in rows]) for k in MODEL_KEYS}
+    out[DOC_KEY] = np.asarray([i for i, _ in rows], np.int32)
     logger.info(
         "built %d %s examples of length %d from %d of %d documents",
-        len(doc_rows), layout, seq_len, n_kept, n_read,
+        len(rows), layout, seq_len, counts.kept, counts.read,
     )
-    return {k: out[k] for k in (*MODEL_KEYS, DOC_KEY)}
+    return out
 
 
 def _spec_fingerprint(spec: str) -> dict[str, Any]:
@@ -583,125 +500,99 @@ def _seeds(seed: int) -> tuple[int, int]:
     return int(shuffle_seed), int(mask_seed)
 
 
-def make_train_dataset(
-    train_ex: dict[str, np.ndarray],
-    tok: Any,
-    batch_size: int,
-    seed: int,
-    mlm_probability: float = 0.15,
-    shard_index: int = 0,
-    shard_count: int = 1,
-) -> grain.MapDataset:
-    """The endless grain ``MapDataset`` of this host's masked batches (see make_train_iterator)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(
-            f"shard_index={shard_index} must lie in [0, shard_count={shard_count}); "
-            "pass jax.process_index() and jax.process_count()"
-        )
-    source = _ExampleSource(train_ex)
-    if len(source) == 0:
-        raise ValueError(
-            "no training examples: the evaluation split took them all; lower the evaluation size"
-        )
-    shuffle_seed, mask_seed = _seeds(seed)
-    ds = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=shuffle_seed)
-        .repeat(None)
-        .random_map(_MaskTransform(masking_spec(tok, mlm_probability)), seed=mask_seed)
-        .batch(batch_size, drop_remainder=True)
-    )
-    # Batch k of the stream goes to host k % shard_count: global batch t (batches
-    # t * shard_count ... t * shard_count + shard_count - 1, hosts in order) is the same
-    # stream of examples whatever the number of hosts.
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    return ds
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How this host batches and masks examples.
+
+    Attributes:
+      batch_size: rows per batch on this host (the global batch is ``batch_size * shard_count``).
+      seed: decides the shuffling and the masking.
+      mlm_probability: RoBERTa masking's chance that a token is chosen.
+      shard_index, shard_count: this host among all (``jax.process_index()``, ``jax.process_count()``).
+    """
+
+    batch_size: int
+    seed: int
+    mlm_probability: float = 0.15
+    shard_index: int = 0
+    shard_count: int = 1
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(
+                f"shard_index={self.shard_index} must lie in [0, shard_count={self.shard_count}); "
+                "pass jax.process_index() and jax.process_count()"
+            )
 
 
 def make_train_iterator(
-    train_ex: dict[str, np.ndarray],
-    tok: Any,
-    batch_size: int,
-    seed: int,
-    mlm_probability: float = 0.15,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    *,
-    num_threads: int = 1,
-    prefetch: int = 4,
+    train_ex: dict[str, np.ndarray], tok: Any, batching: Batching, *, num_threads: int = 1, prefetch: int = 4
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this host's masked training batches.
 
-    The examples are shuffled with ``seed`` (anew each epoch, epochs follow each other
-    without a gap), masked with RoBERTa's rule seeded by ``seed`` and the example's position
+    The examples are shuffled with ``batching.seed`` (anew each epoch, epochs follow each other
+    without a gap), masked with RoBERTa's rule seeded by the seed and the example's position
     in the stream, and grouped into global batches of ``batch_size * shard_count``; this host
-    (``shard_index`` of ``shard_count``, i.e. ``jax.process_index()`` of
-    ``jax.process_count()``) gets its ``batch_size`` rows of each. So the global batches do
-    not depend on the number of hosts.
+    (``shard_index`` of ``shard_count``) gets its ``batch_size`` rows of each. So the global
+    batches do not depend on the number of hosts.
 
     Each batch: ``input_ids``, ``attention_mask``, ``global_attention_mask``, ``labels``,
     int32 arrays (batch_size, L), labels -100 where no loss.
 
     The iterator is grain's ``DatasetIterator``: ``get_state()`` is a small JSON-serialisable
     dict (the position in the stream) and ``set_state(state)`` on an iterator made with the
-    same arguments continues exactly there. With Orbax, save it beside the train state::
-
-        import grain, orbax.checkpoint as ocp
-        mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=3))
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(train_state),
-            data=grain.checkpoint.CheckpointSave(it)))
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_train_state),
-            data=grain.checkpoint.CheckpointRestore(it)))   # sets `it`'s state in place
-
-    Each host writes its own ``process_<i>-of-<n>.json`` under ``data/``.
+    same arguments continues exactly there. The trainer's ``train.checkpoint.Checkpointer``
+    stores that dict beside the train state, one ``data/process_<i>-of-<n>.json`` per host,
+    snapshotted when the save starts.
 
     Args:
       num_threads: threads preparing batches ahead (0: none, batches made on ``next``).
       prefetch: batches prepared ahead.
     """
-    ds = make_train_dataset(
-        train_ex, tok, batch_size, seed, mlm_probability, shard_index=shard_index, shard_count=shard_count
+    source = _ExampleSource(train_ex)
+    if len(source) == 0:
+        raise ValueError(
+            "no training examples: the evaluation split took them all; lower the evaluation size"
+        )
+    shuffle_seed, mask_seed = _seeds(batching.seed)
+    ds = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=shuffle_seed)
+        .repeat(None)
+        .random_map(_MaskTransform(masking_spec(tok, batching.mlm_probability)), seed=mask_seed)
+        .batch(batching.batch_size, drop_remainder=True)
     )
+    # Batch k of the stream goes to host k % shard_count: global batch t (batches
+    # t * shard_count ... t * shard_count + shard_count - 1, hosts in order) is the same
+    # stream of examples whatever the number of hosts.
+    if batching.shard_count > 1:
+        ds = ds[batching.shard_index :: batching.shard_count]
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(read_options))
 
 
 def make_eval_batches(
-    eval_ex: dict[str, np.ndarray],
-    tok: Any,
-    batch_size: int,
-    seed: int,
-    mlm_probability: float = 0.15,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    *,
-    pad_last: bool = True,
+    eval_ex: dict[str, np.ndarray], tok: Any, batching: Batching, *, pad_last: bool = True
 ) -> list[dict[str, np.ndarray]]:
     """Evaluation batches with a fixed masking (the same at every evaluation).
 
-    Example i is masked with a generator seeded by (``seed``, i), so the batches depend only
-    on the examples and the seed. Global batches hold ``batch_size * shard_count`` examples in
-    order; this host gets its ``batch_size`` rows of each. With ``pad_last`` the last global
+    Example i is masked with a generator seeded by (``batching.seed``, i), so the batches depend
+    only on the examples and the seed. Global batches hold ``batch_size * shard_count`` examples
+    in order; this host gets its ``batch_size`` rows of each. With ``pad_last`` the last global
     batch is filled up with copies of the first examples whose labels are all -100 (they add
     nothing to the loss and keep every batch the same shape); without it, the last batch may
     be smaller.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count})")
     source = _ExampleSource(eval_ex)
     n = len(source)
     if n == 0:
         return []
-    spec = masking_spec(tok, mlm_probability)
-    rows = [mask_tokens(source[i], np.random.default_rng([int(seed), i]), spec) for i in range(n)]
-    global_batch = batch_size * shard_count
+    spec = masking_spec(tok, batching.mlm_probability)
+    rows = [mask_tokens(source[i], np.random.default_rng([int(batching.seed), i]), spec) for i in range(n)]
+    shard_index, shard_count = batching.shard_index, batching.shard_count
+    global_batch = batching.batch_size * shard_count
     n_pad = (-n) % global_batch if pad_last else 0
     for i in range(n_pad):
         filler = dict(rows[i % n])

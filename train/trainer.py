@@ -2,14 +2,19 @@
 
 `train_step(state, batch, rng) -> (state, metrics)` is one optimizer step over a batch of
 shape (A, B, L): A micro-batches of B examples, accumulated with a `lax.scan` inside the step.
+What the step minimises is an `Objective` (`train.objectives`): masked-LM for pretraining, a
+task loss for fine-tuning; the step itself does not know which.
 Accumulating inside the step (rather than with `optax.MultiSteps`) keeps one compiled call per
 optimizer step, keeps `state.step` equal to the optimizer step (so the LR schedule, checkpoints
 and the data position all count the same unit, and a checkpoint never holds a half-accumulated
 gradient), and only holds one micro-batch's activations at a time. The loss is the exact mean
-over every masked token of the whole step (sum over micro-batches and devices, divided by the
-total count), so A x B and 1 x (A*B) give the same update.
+over everything the objective counts in the whole step (sum over micro-batches and devices,
+divided by the total count), so A x B and 1 x (A*B) give the same update. Dropout keys are
+`fold_in(key, step)` (then the device and the micro-batch), so one key serves a whole run and a
+resumed run draws the same masks.
 
-Drivers:
+Drivers share one way to build a state (`Driver.init_state`, also the restore target of
+`abstract_state`) and differ in where it lives:
   * `MeshDriver` (default): `jax.jit` over a ("data", "fsdp") mesh; parameters and optimizer
     state laid out by `longformer_jax.sharding`'s rules; each host feeds its share of the global
     batch (`jax.make_array_from_process_local_data`);
@@ -19,7 +24,7 @@ Drivers:
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,21 +37,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longformer_jax import sharding as shd
-from longformer_jax.losses import IGNORE_INDEX, cross_entropy_sums
+from train.objectives import Objective
 
 Batch = dict[str, Any]
-LN2 = math.log(2.0)
 
 
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # float32 parameters
     opt_state: Any
-    rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    def create(cls, params: Any, tx: optax.GradientTransformation) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,65 +94,44 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable]:
 # Steps
 
 
-mlm_sums = cross_entropy_sums  # (summed loss, correct, counted tokens) over labels != -100
+def make_train_step(model, tx: optax.GradientTransformation, objective: Objective, *, dropout: bool,
+                    schedule: Callable | None = None, axis_name: str | None = None):
+    """The pure step `train_step(state, batch, rng) -> (state, metrics)`; batch arrays (A, B, ...).
 
-
-def _forward(model, params, mb: Batch, *, num_global_slots: int, deterministic: bool, rng=None):
-    return model.apply(
-        {"params": params},
-        mb["input_ids"],
-        attention_mask=mb["attention_mask"],
-        global_attention_mask=mb["global_attention_mask"],
-        deterministic=deterministic,
-        num_global_slots=num_global_slots,
-        rngs=None if deterministic else {"dropout": rng},
-    )
-
-
-def make_train_step(model, tx: optax.GradientTransformation, *, num_global_slots: int,
-                    dropout: bool, schedule: Callable | None = None, axis_name: str | None = None):
-    """The pure step `train_step(state, batch, rng) -> (state, metrics)`; batch arrays (A, B, L).
-
-    `axis_name`: the pmap axis over which gradients and counts are summed (None under jit).
+    `rng`: the run's dropout key (the step folds in `state.step`). `axis_name`: the pmap axis
+    over which gradients, sums and counts are summed (None under jit).
     """
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-        labels_AxBxL = batch["labels"]
-        count = jnp.sum(labels_AxBxL != IGNORE_INDEX).astype(jnp.float32)
+        rng = jax.random.fold_in(rng, state.step)
+        count = objective.count(batch)
         if axis_name is not None:
             count = jax.lax.psum(count, axis_name)
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         denom = jnp.maximum(count, 1.0)
 
         def micro(carry, xs):
-            grads_acc, loss_acc, correct_acc = carry
+            grads_acc, sums_acc = carry
             mb, i = xs
 
             def loss_fn(params):
-                out = _forward(model, params, mb, num_global_slots=num_global_slots,
-                               deterministic=not dropout, rng=jax.random.fold_in(rng, i))
-                loss_sum, correct, _ = mlm_sums(out.logits, mb["labels"])
-                return loss_sum / denom, (loss_sum, correct)
+                loss_sum, metric_sums = objective.sums(model, params, mb, jax.random.fold_in(rng, i), not dropout)
+                return loss_sum / denom, {"loss": loss_sum, **metric_sums}
 
-            (_, (loss_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, correct_acc + correct), None
+            (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            return (jax.tree.map(jnp.add, grads_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
 
-        num_micro = labels_AxBxL.shape[0]
+        num_micro = jax.tree.leaves(batch)[0].shape[0]
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, correct), _ = jax.lax.scan(micro, init, (batch, jnp.arange(num_micro)))
+        init = (zeros, {k: jnp.zeros((), jnp.float32) for k in ("loss", *objective.metrics)})
+        (grads, sums), _ = jax.lax.scan(micro, init, (batch, jnp.arange(num_micro)))
         if axis_name is not None:
-            grads, loss_sum, correct = jax.lax.psum((grads, loss_sum, correct), axis_name)
+            grads, sums = jax.lax.psum((grads, sums), axis_name)
 
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss_sum / denom,
-            "accuracy": correct / denom,
-            "grad_norm": grad_norm,
-            "masked_tokens": count,
-        }
+        metrics = {k: v / denom for k, v in sums.items()}
+        metrics.update(grad_norm=grad_norm, count=count)
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -158,15 +140,14 @@ def make_train_step(model, tx: optax.GradientTransformation, *, num_global_slots
     return train_step
 
 
-def make_eval_step(model, *, num_global_slots: int, axis_name: str | None = None):
-    """`eval_step(params, batch) -> sums`: loss_sum, correct, count over a (B, L) batch.
+def make_eval_step(model, objective: Objective, *, axis_name: str | None = None):
+    """`eval_step(params, batch) -> sums`: the loss, metric sums and count of a (B, ...) batch.
 
     Sums (not means) so that the mean over many batches (and devices) is exact: see `finish_eval`.
     """
     def eval_step(params, batch: Batch):
-        out = _forward(model, params, batch, num_global_slots=num_global_slots, deterministic=True)
-        loss_sum, correct, count = mlm_sums(out.logits, batch["labels"])
-        sums = {"loss_sum": loss_sum, "correct": correct, "count": count}
+        loss_sum, metric_sums = objective.sums(model, params, batch, None, True)
+        sums = {"loss": loss_sum, **metric_sums, "count": objective.count(batch)}
         if axis_name is not None:
             sums = jax.lax.psum(sums, axis_name)
         return sums
@@ -174,16 +155,17 @@ def make_eval_step(model, *, num_global_slots: int, axis_name: str | None = None
     return eval_step
 
 
-def finish_eval(sums: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over every counted token of all eval batches: loss, accuracy, bpc = loss / ln 2."""
-    tot = {k: float(sum(float(s[k]) for s in sums)) for k in ("loss_sum", "correct", "count")}
-    n = max(tot["count"], 1.0)
-    loss = tot["loss_sum"] / n
-    return {"loss": loss, "accuracy": tot["correct"] / n, "bpc": loss / LN2, "masked_tokens": tot["count"]}
-
-
-def step_rng(base_rng: jax.Array, step: int) -> jax.Array:
-    return jax.random.fold_in(base_rng, step)
+def finish_eval(sums: list[dict[str, Any]], objective: Objective | None = None) -> dict[str, float]:
+    """Means over everything counted in all eval batches (loss and metrics), the count, and the
+    objective's derived numbers (e.g. bpc)."""
+    if not sums:
+        return {}
+    tot = {k: float(sum(float(s[k]) for s in sums)) for k in sums[0]}
+    count = tot.pop("count")
+    means = {k: tot[k] / max(count, 1.0) for k in ("loss", *sorted(set(tot) - {"loss"}))}
+    if objective is not None:
+        means.update(objective.derived(means))
+    return {**means, "count": count}
 
 
 def stack_micro_batches(batches: list[Batch]) -> Batch:
@@ -191,24 +173,8 @@ def stack_micro_batches(batches: list[Batch]) -> Batch:
     return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
-def pad_eval_batch(batch: Batch, batch_size: int) -> Batch:
-    """Pads a short last eval batch to `batch_size` rows with copies of row 0 that count no loss."""
-    n = np.asarray(batch["input_ids"]).shape[0]
-    if n == batch_size:
-        return {k: np.asarray(v) for k, v in batch.items()}
-    idx = np.concatenate([np.arange(n), np.zeros(batch_size - n, np.int64)])
-    out = {k: np.asarray(v)[idx] for k, v in batch.items()}
-    out["labels"] = out["labels"].copy()
-    out["labels"][n:] = IGNORE_INDEX
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Drivers
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
 def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -217,59 +183,84 @@ def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-class MeshDriver:
+def _given(params: Any) -> Any:
+    return params
+
+
+class Driver:
+    """What both drivers share: the one path that builds a TrainState, and its restore target.
+
+    A state is `TrainState.create(make_params(*inputs), tx)`, built on the devices where the
+    driver keeps it: `make_params` is `lj.init_params(model, key)` for fresh parameters (made
+    directly in place, never whole on one host) or the identity for given host parameters.
+    A driver made with `objective=None` only builds and restores states (an export).
+    """
+
+    name = "driver"
+
+    def __init__(self, model, tx: optax.GradientTransformation, objective: Objective | None, *, dropout: bool,
+                 schedule: Callable | None = None):
+        self.model, self.tx, self.objective = model, tx, objective
+        self._step_kw = dict(dropout=dropout, schedule=schedule)
+
+    # --- where a state lives (per driver) ---
+    def _state_shardings(self, shapes: TrainState) -> Any:
+        raise NotImplementedError
+
+    def _put_inputs(self, inputs: tuple) -> tuple:
+        return inputs
+
+    def place(self, state: TrainState) -> TrainState:
+        """A state built or restored with the shardings of `abstract_state` -> the driver's layout."""
+        return state
+
+    # --- the one state-building path ---
+    def _new_state(self, make_params: Callable, *inputs) -> TrainState:
+        return TrainState.create(make_params(*inputs), self.tx)
+
+    def abstract_state(self, make_params: Callable, *inputs) -> TrainState:
+        """ShapeDtypeStructs (with shardings) of the state `init_state` builds: the restore target."""
+        shapes = jax.eval_shape(functools.partial(self._new_state, make_params), *inputs)
+        shardings = self._state_shardings(shapes)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    def init_state(self, make_params: Callable, *inputs) -> TrainState:
+        """`TrainState.create(make_params(*inputs), tx)`, built directly with its final layout."""
+        shardings = jax.tree.map(lambda s: s.sharding, self.abstract_state(make_params, *inputs))
+        build = jax.jit(functools.partial(self._new_state, make_params), out_shardings=shardings)
+        return self.place(build(*self._put_inputs(inputs)))
+
+    def create_state(self, params: Any) -> TrainState:
+        """A state from given parameters (host or device arrays)."""
+        return self.init_state(_given, params)
+
+
+class MeshDriver(Driver):
     """`jax.jit` over a ("data", "fsdp") mesh with the partition rules of longformer_jax.sharding."""
 
     name = "mesh"
 
-    def __init__(self, model, tx, *, num_global_slots: int, dropout: bool, schedule=None,
+    def __init__(self, model, tx, objective: Objective, *, dropout: bool, schedule=None,
                  mesh_data: int = -1, mesh_fsdp: int = 1, devices=None):
-        self.model, self.tx = model, tx
+        super().__init__(model, tx, objective, dropout=dropout, schedule=schedule)
         self.mesh = shd.make_mesh(mesh_data, mesh_fsdp, devices)
         self.num_devices = self.mesh.size
         self.replicated = NamedSharding(self.mesh, P())
-        self._train_step = make_train_step(model, tx, num_global_slots=num_global_slots,
-                                           dropout=dropout, schedule=schedule)
-        self._eval_step = make_eval_step(model, num_global_slots=num_global_slots)
-        self._state_shardings = None
+        self._train_step = make_train_step(model, tx, objective, **self._step_kw)
+        self._eval_step = make_eval_step(model, objective)
+        self._shardings = None
         self._jit_train = None
         self._jit_eval = None
 
     # --- state ---
-    def state_shardings(self, abstract_state: Any) -> Any:
-        if self._state_shardings is None:
-            self._state_shardings = shd.tree_shardings(abstract_state, self.mesh)
-        return self._state_shardings
+    def _state_shardings(self, shapes: TrainState) -> Any:
+        if self._shardings is None:
+            self._shardings = shd.tree_shardings(shapes, self.mesh)
+        return self._shardings
 
-    def abstract_state(self, params_shapes: Any, rng: jax.Array) -> Any:
-        """ShapeDtypeStructs (with shardings) of the TrainState, for restore targets."""
-        shapes = jax.eval_shape(lambda p, r: TrainState.create(p, self.tx, r), params_shapes, rng)
-        shardings = self.state_shardings(shapes)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, shardings)
-
-    def create_state(self, params: Any, rng: jax.Array) -> TrainState:
-        """TrainState from host params (numpy or jax), laid out by the rules; optimizer state
-        is created on the devices with its final sharding."""
-        p_shapes = _abstract(params)
-        shardings = self.state_shardings(
-            jax.eval_shape(lambda p, r: TrainState.create(p, self.tx, r), p_shapes, rng))
-        params = jax.tree.map(_put_global, jax.device_get(params), shardings.params)
-        rng = _put_global(jax.device_get(rng), self.replicated)
-        create = jax.jit(lambda p, r: TrainState.create(p, self.tx, r), out_shardings=shardings)
-        return create(params, rng)
-
-    def init_state(self, init_fn: Callable[[jax.Array], Any], param_rng: jax.Array,
-                   rng: jax.Array) -> TrainState:
-        """TrainState of fresh parameters `init_fn(param_rng)`, created directly sharded."""
-        shapes = jax.eval_shape(lambda k, r: TrainState.create(init_fn(k), self.tx, r), param_rng, rng)
-        shardings = self.state_shardings(shapes)
-        make = jax.jit(lambda k, r: TrainState.create(init_fn(k), self.tx, r), out_shardings=shardings)
-        return make(_put_global(jax.device_get(param_rng), self.replicated),
-                    _put_global(jax.device_get(rng), self.replicated))
-
-    def restored(self, state: TrainState) -> TrainState:
-        return state  # Orbax restores straight into the target shardings
+    def _put_inputs(self, inputs: tuple) -> tuple:
+        """Host inputs -> global arrays laid out by the rules (parameters sharded, keys replicated)."""
+        return jax.tree.map(_put_global, jax.device_get(inputs), shd.tree_shardings(inputs, self.mesh))
 
     def for_save(self, state: TrainState) -> TrainState:
         return state
@@ -283,9 +274,6 @@ class MeshDriver:
         return jax.device_get(state.params)
 
     # --- steps ---
-    def _batch_sharding(self, ndim: int, batch_dim: int) -> NamedSharding:
-        return shd.batch_sharding(self.mesh, ndim, batch_dim)
-
     def put_batch(self, host_batch: Batch, batch_dim: int) -> Batch:
         """Host-local rows -> global arrays; dim `batch_dim` is the per-process share of the batch."""
         out = {}
@@ -294,52 +282,55 @@ class MeshDriver:
             global_shape = list(v.shape)
             global_shape[batch_dim] *= jax.process_count()
             out[k] = jax.make_array_from_process_local_data(
-                self._batch_sharding(v.ndim, batch_dim), v, tuple(global_shape))
+                shd.batch_sharding(self.mesh, v.ndim, batch_dim), v, tuple(global_shape))
         return out
 
     def train(self, state: TrainState, host_batch_AxBxL: Batch, rng: jax.Array):
-        if self._jit_train is None:
+        batch = self.put_batch(host_batch_AxBxL, batch_dim=1)
+        if self._jit_train is None:  # batch arrays of any rank (labels per token, per row, ...)
             self._jit_train = jax.jit(
                 self._train_step,
-                in_shardings=(self._state_shardings, self._batch_sharding(3, 1), self.replicated),
-                out_shardings=(self._state_shardings, self.replicated),
+                in_shardings=(self._shardings, jax.tree.map(lambda x: x.sharding, batch), self.replicated),
+                out_shardings=(self._shardings, self.replicated),
                 donate_argnums=(0,),
             )
-        batch = self.put_batch(host_batch_AxBxL, batch_dim=1)
         rng = _put_global(jax.device_get(rng), self.replicated)  # the same key on every process
         return self._jit_train(state, batch, rng)
 
     def evaluate(self, state: TrainState, host_batch_BxL: Batch):
+        batch = self.put_batch(host_batch_BxL, batch_dim=0)
         if self._jit_eval is None:
             self._jit_eval = jax.jit(
                 self._eval_step,
-                in_shardings=(self._state_shardings.params, self._batch_sharding(2, 0)),
+                in_shardings=(self._shardings.params, jax.tree.map(lambda x: x.sharding, batch)),
                 out_shardings=self.replicated,
             )
-        return self._jit_eval(state.params, self.put_batch(host_batch_BxL, batch_dim=0))
+        return self._jit_eval(state.params, batch)
 
 
-class PmapDriver:
+class PmapDriver(Driver):
     """`jax.pmap` data parallelism over the local devices: replicated state, psum of gradients."""
 
     name = "pmap"
-    axis = "batch"
+    axis = "devices"
 
-    def __init__(self, model, tx, *, num_global_slots: int, dropout: bool, schedule=None,
-                 devices=None, **_unused):
-        self.model, self.tx = model, tx
+    def __init__(self, model, tx, objective: Objective, *, dropout: bool, schedule=None, devices=None, **_unused):
+        super().__init__(model, tx, objective, dropout=dropout, schedule=schedule)
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.num_local = len(self.devices)
         self.num_devices = self.num_local * jax.process_count()
-        step = make_train_step(model, tx, num_global_slots=num_global_slots, dropout=dropout,
-                               schedule=schedule, axis_name=self.axis)
-        ev = make_eval_step(model, num_global_slots=num_global_slots, axis_name=self.axis)
+        step = make_train_step(model, tx, objective, axis_name=self.axis, **self._step_kw)
+        ev = make_eval_step(model, objective, axis_name=self.axis)
         self._p_train = jax.pmap(step, axis_name=self.axis, in_axes=(0, 0, None),
                                  devices=self.devices, donate_argnums=(0,))
         self._p_eval = jax.pmap(ev, axis_name=self.axis, devices=self.devices)
 
-    def _replicate(self, tree: Any) -> Any:
-        """Host tree -> arrays with a leading axis of one copy per local device."""
+    # --- state: built (or restored) on the first device, then one copy per device ---
+    def _state_shardings(self, shapes: TrainState) -> Any:
+        return jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(self.devices[0]), shapes)
+
+    def place(self, state: TrainState) -> TrainState:
+        """Host or single-device tree -> arrays with a leading axis of one copy per local device."""
         mesh = jax.sharding.Mesh(np.asarray(self.devices, dtype=object), (self.axis,))
         sharding = NamedSharding(mesh, P(self.axis))
 
@@ -348,23 +339,7 @@ class PmapDriver:
             bufs = [jax.device_put(x[None], d) for d in self.devices]
             return jax.make_array_from_single_device_arrays((self.num_local, *x.shape), sharding, bufs)
 
-        return jax.tree.map(rep, tree)
-
-    def abstract_state(self, params_shapes: Any, rng: jax.Array) -> Any:
-        shapes = jax.eval_shape(lambda p, r: TrainState.create(p, self.tx, r), params_shapes, rng)
-        sh = jax.sharding.SingleDeviceSharding(self.devices[0])
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes)
-
-    def create_state(self, params: Any, rng: jax.Array) -> TrainState:
-        state = jax.jit(lambda p, r: TrainState.create(p, self.tx, r))(jax.device_get(params), rng)
-        return self._replicate(jax.device_get(state))
-
-    def init_state(self, init_fn, param_rng, rng) -> TrainState:
-        state = jax.jit(lambda k, r: TrainState.create(init_fn(k), self.tx, r))(param_rng, rng)
-        return self._replicate(jax.device_get(state))
-
-    def restored(self, state: TrainState) -> TrainState:
-        return self._replicate(jax.device_get(state))
+        return jax.tree.map(rep, jax.device_get(state))
 
     def for_save(self, state: TrainState) -> TrainState:
         return jax.tree.map(lambda x: x[0], state)
@@ -372,6 +347,7 @@ class PmapDriver:
     def host_params(self, state: TrainState) -> Any:
         return jax.device_get(jax.tree.map(lambda x: x[0], state.params))
 
+    # --- steps ---
     def _split(self, host_batch: Batch, batch_dim: int) -> Batch:
         out = {}
         for k, v in host_batch.items():
@@ -390,18 +366,18 @@ class PmapDriver:
         return jax.tree.map(lambda x: x[0], sums)
 
 
-def make_driver(cfg, model, tx, schedule=None, devices=None):
-    kw = dict(num_global_slots=cfg.num_global_slots, dropout=cfg.dropout, schedule=schedule, devices=devices)
+def make_driver(cfg, model, tx, objective: Objective, schedule=None, devices=None) -> Driver:
+    """The driver `cfg.driver` names, checked against the batch size."""
+    kw = dict(dropout=cfg.dropout, schedule=schedule, devices=devices)
     if cfg.driver == "pmap":
-        drv = PmapDriver(model, tx, **kw)
+        drv = PmapDriver(model, tx, objective, **kw)
     else:
-        drv = MeshDriver(model, tx, mesh_data=cfg.mesh_data, mesh_fsdp=cfg.mesh_fsdp, **kw)
+        drv = MeshDriver(model, tx, objective, mesh_data=cfg.mesh_data, mesh_fsdp=cfg.mesh_fsdp, **kw)
     shd.check_batch_divisible(cfg.batch_size, drv.num_devices, "batch_size")
     return drv
 
 
 __all__ = [
-    "TrainState", "decay_mask", "lr_schedule", "make_optimizer", "mlm_sums", "make_train_step",
-    "make_eval_step", "finish_eval", "step_rng", "stack_micro_batches", "pad_eval_batch",
-    "MeshDriver", "PmapDriver", "make_driver",
+    "Driver", "MeshDriver", "PmapDriver", "TrainState", "decay_mask", "finish_eval", "lr_schedule",
+    "make_driver", "make_eval_step", "make_optimizer", "make_train_step", "stack_micro_batches",
 ]
