@@ -26,7 +26,8 @@ from longformer_jax.hf import (
     save_pretrained,
     state_dict_from_params,
 )
-from longformer_jax.modeling import LongformerModel, global_slot_bucket
+from longformer_jax.inputs import ModelInputs, global_slot_bucket, prepare_inputs
+from longformer_jax.modeling import LongformerModel
 from longformer_jax.pipeline import fill_mask
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "LongformerForSequentialSentenceClassification",
     "LongformerForTokenClassification",
     "LongformerModel",
+    "ModelInputs",
     "attention",
     "build_model",
     "fill_mask",
@@ -49,6 +51,7 @@ __all__ = [
     "init_params",
     "load_pretrained",
     "params_from_state_dict",
+    "prepare_inputs",
     "save_pretrained",
     "state_dict_from_params",
     "use_training_xla_flags",
