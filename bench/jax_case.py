@@ -70,6 +70,7 @@ def _dense_encoder(cfg):
 
     from longformer_jax import modeling as M
     from longformer_jax.dropout import Dropout
+    from longformer_jax.inputs import position_ids_from_input_ids
 
     class DenseLayer(nn.Module):
         config: object
@@ -102,7 +103,7 @@ def _dense_encoder(cfg):
         @nn.compact
         def __call__(self, input_ids, attention_mask, labels=None, deterministic=True):
             c = self.config
-            pos = M.position_ids_from_input_ids(input_ids, c.pad_token_id)
+            pos = position_ids_from_input_ids(input_ids, c.pad_token_id)
             h = M.LongformerEmbeddings(c, name="embeddings")(
                 input_ids, jnp.zeros_like(input_ids), pos, None, deterministic
             )

@@ -18,7 +18,8 @@ from longformer_jax.heads import (
     LongformerForSequentialSentenceClassification,
     LongformerForTokenClassification,
 )
-from longformer_jax.modeling import LongformerModel, global_slot_bucket
+from longformer_jax.inputs import ModelInputs, global_slot_bucket, prepare_inputs
+from longformer_jax.modeling import LongformerModel
 from longformer_jax.pipeline import fill_mask
 from longformer_jax.pretrained import load_pretrained, save_pretrained
 from longformer_jax.state_dict import params_from_state_dict, state_dict_from_params
@@ -37,6 +38,7 @@ __all__ = [
     "LongformerForSequentialSentenceClassification",
     "LongformerForTokenClassification",
     "LongformerModel",
+    "ModelInputs",
     "attention",
     "build_model",
     "fill_mask",
@@ -44,6 +46,7 @@ __all__ = [
     "init_params",
     "load_pretrained",
     "params_from_state_dict",
+    "prepare_inputs",
     "save_pretrained",
     "state_dict_from_params",
     "use_training_xla_flags",

@@ -13,12 +13,15 @@ The band is computed in query blocks of ``C`` rows (``C`` divides ``w``): block 
 grow linearly with ``L`` -- there is never an ``L x L`` array. Global attention uses a static number
 ``G`` of global slots per row (``global_slots``), so every shape is fixed by ``(B, L, G)``.
 
-Two implementations of the band, with the same numbers, both head-major (B, H, L, D) inside:
-``sliding_window_attention[_heads]`` materialises the (B, H, N, C, K) probabilities (needed for
+Two implementations of the band, with the same numbers, both head-major (B, H, L, D):
+``sliding_window_attention_heads`` materialises the (B, H, N, C, K) probabilities (needed for
 ``output_attentions``); ``lean_band_attention_heads`` (what the model runs otherwise) walks over
 chunks of query blocks with a custom VJP that recomputes the scores in the backward pass, so
-training keeps O(L * D) per layer instead of O(L * (C + 2w)). Masks are one additive bias shared
-by the heads, and the softmax is normalised after the value product.
+training keeps O(L * D) per layer instead of O(L * (C + 2w)). Both take their key windows from
+``_padded_blocks`` and ``_key_windows`` and their masks from ``_window_bias``: one additive bias
+shared by the heads; the softmax is normalised after the value product. Global queries:
+``global_query_attention_heads`` (or ``..._from_hidden_heads``, projections folded into the
+queries), their rows written over the band's by ``scatter_global_rows_heads``.
 
 ``dense_attention`` is the O(L^2) statement of the same thing, used by the tests.
 """
@@ -67,23 +70,47 @@ def global_slots(is_global_BxL: Array, num_slots: int) -> GlobalSlots:
     return GlobalSlots(index_BxG, valid_BxG, count_B > num_slots)
 
 
-def _gather_rows(x_BxLx___: Array, index_BxG: Array) -> Array:
-    return jnp.take_along_axis(x_BxLx___, index_BxG.reshape(index_BxG.shape + (1,) * (x_BxLx___.ndim - 2)), axis=1)
+# ------------------------------------------------------------------------------ band windows and bias
+# Query block n (queries n*C .. n*C + C - 1) sees the keys n*C - w .. n*C + C - 1 + w: with the
+# sequence padded by w zeros each side and cut into blocks of C, that is the span = 2w / C + 1
+# consecutive key blocks n .. n + span - 1.
 
 
-def _key_windows(x_BxHxLx___: Array, w: int, block: int, fill) -> Array:
-    """For every query block, the ``block + 2w`` keys it may see: (B, H, N, C + 2w, ...).
+def _padded_blocks(x: Array, w: int, C: int, axis: int) -> Array:
+    """``x`` with ``w`` zeros each side of its sequence axis, cut into blocks: (..., L / C + 2w / C, C, ...)."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (w, w)
+    xp = jnp.pad(x, pad)
+    return xp.reshape(xp.shape[:axis] + (xp.shape[axis] // C, C) + xp.shape[axis + 1 :])
 
-    Works on any array whose sequence axis is axis 2 (use a size-1 head axis for masks)."""
-    B, H, L = x_BxHxLx___.shape[:3]
-    rest = x_BxHxLx___.shape[3:]
-    pad = [(0, 0), (0, 0), (w, w)] + [(0, 0)] * len(rest)
-    xp = jnp.pad(x_BxHxLx___, pad, constant_values=fill)
-    n_blocks = L // block
-    span = 2 * w // block + 1  # key blocks per query block
-    xp = xp.reshape((B, H, n_blocks + span - 1, block) + rest)
-    parts = [xp[:, :, j : j + n_blocks] for j in range(span)]
-    return jnp.concatenate(parts, axis=3)
+
+def _key_windows(blocks: Array, n: int, span: int, axis: int) -> Array:
+    """The keys of ``n`` query blocks from their ``n + span - 1`` padded key blocks on ``axis``.
+
+    (..., n + span - 1, C, ...) -> (..., n, span * C, ...): window ``i`` is blocks ``i .. i + span - 1``."""
+    parts = [jax.lax.slice_in_dim(blocks, j, j + n, axis=axis) for j in range(span)]
+    return jnp.concatenate(parts, axis=axis + 1)
+
+
+def _key_state(mask_BxL: Array) -> Array:
+    """Per key: 2 a local key, 1 pad or global (masked like HF); the padding outside the sequence is 0."""
+    return jnp.where(mask_BxL == 1, 2, 1).astype(jnp.int8)
+
+
+def _window_bias(state_Bx___xK: Array, w: int, C: int) -> Array:
+    """Additive score bias (..., C, C + 2w) float32 of query blocks whose key windows have ``state``.
+
+    0 for a local key inside the band; float32's min for a pad or global key inside the band (HF
+    adds it: ``score + min == min`` in float32, so adding equals HF's fill); ``-inf`` outside the
+    band or the sequence (exactly zero probability)."""
+    K = C + 2 * w
+    r = jnp.arange(C)[:, None]
+    kk = jnp.arange(K)[None, :]
+    in_band_CxK = (kk >= r) & (kk <= r + 2 * w)
+    state = state_Bx___xK[..., None, :]
+    return jnp.where(
+        in_band_CxK & (state > 0), jnp.where(state == 2, 0.0, _MASKED), _OUTSIDE
+    ).astype(jnp.float32)
 
 
 def band_to_hf_layout(p_BxHxNxCxK: Array, w: int) -> Array:
@@ -95,31 +122,23 @@ def band_to_hf_layout(p_BxHxNxCxK: Array, w: int) -> Array:
 
 
 def band_bias(mask_BxL: Array, one_sided_window: int, block_size: int) -> Array:
-    """Additive score bias of the blocked band, (B, 1, N, C, C + 2w) float32.
-
-    0 for a local key inside the band; float32's min for a pad or global key inside the band (HF
-    adds it: ``score + min == min`` in float32, so adding equals HF's fill); ``-inf`` outside the
-    band or the sequence (exactly zero probability)."""
+    """Additive score bias of the blocked band, (B, 1, N, C, C + 2w) float32 (see ``_window_bias``)."""
     w, C = one_sided_window, block_size
-    K = C + 2 * w
-    # 0 outside the sequence, 1 pad/global (masked like HF), 2 a local key.
-    key_state_BxL = jnp.where(mask_BxL == 1, 2, 1).astype(jnp.int8)
-    state_Bx1xNxK = _key_windows(key_state_BxL[:, None], w, C, 0)
-    r = jnp.arange(C)[:, None]
-    kk = jnp.arange(K)[None, :]
-    in_band_CxK = (kk >= r) & (kk <= r + 2 * w)
-    state = state_Bx1xNxK[:, :, :, None, :]
-    return jnp.where(
-        in_band_CxK & (state > 0), jnp.where(state == 2, 0.0, _MASKED), _OUTSIDE
-    ).astype(jnp.float32)
+    N = mask_BxL.shape[1] // C
+    state_Bx1xL = _key_state(mask_BxL)[:, None]  # a size-1 head axis: the bias is shared by the heads
+    state_Bx1xNxK = _key_windows(_padded_blocks(state_Bx1xL, w, C, axis=2), N, 2 * w // C + 1, axis=2)
+    return _window_bias(state_Bx1xNxK, w, C)
 
 
-def _check_band(L: int, w: int, C: int) -> None:
+def _band_block_size(L: int, w: int, block_size: int | None) -> int:
+    """The band's query block size ``C`` (``block_size`` or the default), checked against ``L`` and ``w``."""
+    C = block_size or default_block_size(w)
     if w <= 0 or C <= 0 or w % C or L % C or L % (2 * w):
         raise ValueError(
-            f"sliding_window_attention: sequence length {L} must be a multiple of the window 2w={2 * w}, "
+            f"band attention: sequence length {L} must be a multiple of the window 2w={2 * w}, "
             f"and the block size {C} must divide w={w}."
         )
+    return C
 
 
 # Largest default band block: below it the blocks' matrix products get too small to run well, above
@@ -157,12 +176,6 @@ def _chunk_blocks(N: int, C: int, chunk_tokens: int) -> int:
     return best
 
 
-def _windows_of(x_Bx_xPxC___: Array, n: int, span: int, axis: int) -> Array:
-    """Key windows of ``n`` query blocks from ``n + span - 1`` padded key blocks along ``axis``."""
-    parts = [jax.lax.slice_in_dim(x_Bx_xPxC___, j, j + n, axis=axis) for j in range(span)]
-    return jnp.concatenate(parts, axis=axis + 1)
-
-
 class _Band(NamedTuple):
     """Static description of one band computation."""
 
@@ -179,15 +192,11 @@ def _chunk_inputs(b: _Band, i, q_BxHxNxCxD, kp_BxHxPxCxD, vp_BxHxPxCxD, state_Bx
     span = 2 * w // C + 1
     n0 = i * n
     q = jax.lax.dynamic_slice_in_dim(q_BxHxNxCxD, n0, n, axis=2)
-    kw = _windows_of(jax.lax.dynamic_slice_in_dim(kp_BxHxPxCxD, n0, n + span - 1, axis=2), n, span, 2)
-    vw = _windows_of(jax.lax.dynamic_slice_in_dim(vp_BxHxPxCxD, n0, n + span - 1, axis=2), n, span, 2)
-    st = _windows_of(jax.lax.dynamic_slice_in_dim(state_BxPxC, n0, n + span - 1, axis=1), n, span, 1)
-    K = C + 2 * w
-    r = jnp.arange(C)[:, None]
-    kk = jnp.arange(K)[None, :]
-    in_band_CxK = (kk >= r) & (kk <= r + 2 * w)
-    st = st[:, :, None, :]  # (B, n, 1, K)
-    bias = jnp.where(in_band_CxK & (st > 0), jnp.where(st == 2, 0.0, _MASKED), _OUTSIDE)[:, None]
+    windows = lambda blocks, axis: _key_windows(
+        jax.lax.dynamic_slice_in_dim(blocks, n0, n + span - 1, axis=axis), n, span, axis
+    )
+    kw, vw = windows(kp_BxHxPxCxD, 2), windows(vp_BxHxPxCxD, 2)
+    bias = _window_bias(windows(state_BxPxC, 1), w, C)[:, None]  # (B, 1, n, C, K)
     qpad = jax.lax.dynamic_slice_in_dim(qpad_BxNxC, n0, n, axis=1)[:, None, :, :, None]  # (B, 1, n, C, 1)
     return q, kw, vw, bias, qpad
 
@@ -217,16 +226,13 @@ def _unpack_bits(packed_Bx___xK8: Array) -> Array:
 
 
 def _band_prepare(b: _Band, q, k, v, mask_BxL):
+    """Query blocks, padded key/value/key-state blocks and the pad query rows of the whole sequence."""
     B, H, L, D = q.shape
     C, w = b.C, b.w
-    N = L // C
-    pad = ((0, 0), (0, 0), (w, w), (0, 0))
-    kp = jnp.pad(k, pad).reshape(B, H, N + 2 * w // C, C, D)
-    vp = jnp.pad(v, pad).reshape(B, H, N + 2 * w // C, C, D)
-    # 0 outside the sequence, 1 pad/global (masked like HF), 2 a local key.
-    state = jnp.pad(jnp.where(mask_BxL == 1, 2, 1).astype(jnp.int8), ((0, 0), (w, w))).reshape(B, N + 2 * w // C, C)
-    qpad = (mask_BxL == 0).reshape(B, N, C)
-    return q.reshape(B, H, N, C, D), kp, vp, state, qpad
+    kp, vp = _padded_blocks(k, w, C, axis=2), _padded_blocks(v, w, C, axis=2)
+    state = _padded_blocks(_key_state(mask_BxL), w, C, axis=1)
+    qpad = (mask_BxL == 0).reshape(B, L // C, C)
+    return q.reshape(B, H, L // C, C, D), kp, vp, state, qpad
 
 
 def _band_forward(b: _Band, q, k, v, kg, vg, gvalid, mask_BxL, rng):
@@ -358,38 +364,31 @@ _lean_band.defvjp(_lean_band_fwd, _lean_band_bwd)
 
 
 def lean_band_attention_heads(
-    q_BxHxLxD: Array,
-    k_BxHxLxD: Array,
-    v_BxHxLxD: Array,
-    mask_BxL: Array,
-    one_sided_window: int,
-    slots: GlobalSlots | None = None,
-    *,
-    block_size: int | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-    chunk_tokens: int | None = None,
+    q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, one_sided_window: int,
+    slots: GlobalSlots | None = None, *, block_size: int | None = None, dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None, chunk_tokens: int | None = None,
 ) -> Array:
     """The band plus global columns (head-major), in chunks, with a recomputing backward pass.
 
     Same result as ``sliding_window_attention_heads`` (without the probabilities); memory of the
     forward and backward grows with ``L * D`` instead of ``L * (C + 2w)``."""
-    B, H, L, D = q_BxHxLxD.shape
     w = one_sided_window
-    C = block_size or default_block_size(w)
-    _check_band(L, w, C)
-    N = L // C
+    C = _band_block_size(q_BxHxLxD.shape[2], w, block_size)
+    N = q_BxHxLxD.shape[2] // C
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
     b = _Band(w, C, _chunk_blocks(N, C, chunk_tokens or BAND_CHUNK_TOKENS), rate, v_BxHxLxD.dtype)
-    G = 0 if slots is None else slots.index_BxG.shape[1]
-    kg = vg = gvalid = None
-    if G:
-        index = slots.index_BxG[:, None, :, None]
-        kg = jnp.take_along_axis(k_BxHxLxD, index, axis=2)
-        vg = jnp.take_along_axis(v_BxHxLxD, index, axis=2)
-        gvalid = slots.valid_BxG
+    kg, vg = _global_keys(k_BxHxLxD, v_BxHxLxD, slots)
+    gvalid = None if kg is None else slots.valid_BxG
     rng = dropout_rng if rate > 0.0 else None
     return _lean_band(b, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, kg, vg, gvalid, mask_BxL, rng)
+
+
+def _global_keys(k_BxHxLxD: Array, v_BxHxLxD: Array, slots: GlobalSlots | None) -> tuple[Array | None, Array | None]:
+    """The local keys and values of the global tokens, (B, H, G, D) each; None without global slots."""
+    if slots is None or slots.index_BxG.shape[1] == 0:
+        return None, None
+    index = slots.index_BxG[:, None, :, None]
+    return jnp.take_along_axis(k_BxHxLxD, index, axis=2), jnp.take_along_axis(v_BxHxLxD, index, axis=2)
 
 
 def sliding_window_attention_heads(
@@ -405,31 +404,35 @@ def sliding_window_attention_heads(
     dropout_rng: Array | None = None,
     return_probs: bool = False,
 ) -> tuple[Array, Array | None]:
-    """``sliding_window_attention`` in the head-major layout (B, H, L, D), in and out.
+    """Local attention of every query (head-major): the band of ``w`` keys each side plus the global keys.
+
+    ``q`` is already scaled by ``1/sqrt(D)``; all of ``q``, ``k``, ``v`` are (B, H, L, D).
+    ``mask_BxL``: 0 pad, 1 local, 2 global (HF's merged mask). Pad and global keys are removed from
+    the band; the global keys (``slots``) are added as ``G`` extra columns with the local key/value
+    projections. Returns the output (B, H, L, D) (zero on pad rows) and, if asked, the probabilities
+    in HF's layout (B, H, L, G + 2w + 1). Rows of global queries are returned as computed here; the
+    caller replaces them (``scatter_global_rows_heads``).
 
     The softmax is normalised after the value product: ``out = (e @ v) / sum(e)`` with
     ``e = exp(s - max)``, so the (B, H, N, C, K) score tensor is written once and read twice,
     and the masks are one additive bias shared by the heads."""
     B, H, L, D = q_BxHxLxD.shape
     w = one_sided_window
-    C = block_size or default_block_size(w)
-    _check_band(L, w, C)
+    C = _band_block_size(L, w, block_size)
     N = L // C
     dtype = v_BxHxLxD.dtype
 
     q_BxHxNxCxD = q_BxHxLxD.reshape(B, H, N, C, D)
-    k_BxHxNxKxD = _key_windows(k_BxHxLxD, w, C, 0)
-    v_BxHxNxKxD = _key_windows(v_BxHxLxD, w, C, 0)
+    windows = lambda x_BxHxLxD: _key_windows(_padded_blocks(x_BxHxLxD, w, C, axis=2), N, 2 * w // C + 1, axis=2)
+    k_BxHxNxKxD, v_BxHxNxKxD = windows(k_BxHxLxD), windows(v_BxHxLxD)
     s_BxHxNxCxK = jnp.einsum(
         "bhncd,bhnkd->bhnck", q_BxHxNxCxD, k_BxHxNxKxD, preferred_element_type=jnp.float32
     ) + band_bias(mask_BxL, w, C)
     m_BxHxNxC = jnp.max(s_BxHxNxCxK, axis=-1)
 
-    G = 0 if slots is None else slots.index_BxG.shape[1]
+    kg_BxHxGxD, vg_BxHxGxD = _global_keys(k_BxHxLxD, v_BxHxLxD, slots)
+    G = 0 if kg_BxHxGxD is None else kg_BxHxGxD.shape[2]
     if G:
-        index = slots.index_BxG[:, None, :, None]
-        kg_BxHxGxD = jnp.take_along_axis(k_BxHxLxD, index, axis=2)
-        vg_BxHxGxD = jnp.take_along_axis(v_BxHxLxD, index, axis=2)
         sg_BxHxNxCxG = jnp.einsum(
             "bhncd,bhgd->bhncg", q_BxHxNxCxD, kg_BxHxGxD, preferred_element_type=jnp.float32
         ) + jnp.where(slots.valid_BxG, 0.0, _MASKED)[:, None, None, None, :]
@@ -475,84 +478,15 @@ def sliding_window_attention_heads(
     return out_BxHxLxD, probs
 
 
-def sliding_window_attention(
-    q_BxLxHxD: Array,
-    k_BxLxHxD: Array,
-    v_BxLxHxD: Array,
-    mask_BxL: Array,
-    one_sided_window: int,
-    slots: GlobalSlots | None = None,
-    *,
-    block_size: int | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-    return_probs: bool = False,
-) -> tuple[Array, Array | None]:
-    """Local attention of every query: the band of ``w`` keys each side plus the global keys.
-
-    ``q`` is already scaled by ``1/sqrt(D)``. ``mask_BxL``: 0 pad, 1 local, 2 global (HF's merged
-    mask). Pad and global keys are removed from the band; the global keys (``slots``) are added
-    as ``G`` extra columns with the local key/value projections. Returns the output (B, L, H, D)
-    (zero on pad rows) and, if asked, the probabilities in HF's layout (B, H, L, G + 2w + 1).
-    Rows of global queries are returned as computed here; the caller replaces them.
-    (The work happens in the head-major layout: ``sliding_window_attention_heads``.)
-    """
-    heads = lambda x: jnp.swapaxes(x, 1, 2)
-    out_BxHxLxD, probs = sliding_window_attention_heads(
-        heads(q_BxLxHxD),
-        heads(k_BxLxHxD),
-        heads(v_BxLxHxD),
-        mask_BxL,
-        one_sided_window,
-        slots,
-        block_size=block_size,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        return_probs=return_probs,
-    )
-    return heads(out_BxHxLxD), probs
-
-
-def global_query_attention(
-    qg_BxGxHxD: Array,
-    k_BxLxHxD: Array,
-    v_BxLxHxD: Array,
-    mask_BxL: Array,
-    slots: GlobalSlots,
-    *,
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
-) -> tuple[Array, Array]:
-    """Global queries (``G`` slots, global projections, scaled) over every non-pad key.
-
-    Returns the output (B, G, H, D) and the probabilities (B, H, G, L). Empty slots and pad keys
-    are filled with float32's min as HF does (an empty slot's row is uniform, and unused).
-    """
-    heads = lambda x: jnp.swapaxes(x, 1, 2)
-    out_BxHxGxD, p_BxHxGxL = global_query_attention_heads(
-        heads(qg_BxGxHxD), heads(k_BxLxHxD), heads(v_BxLxHxD), mask_BxL, slots,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-    )
-    return heads(out_BxHxGxD), p_BxHxGxL
-
-
-def scatter_global_rows(out_BxLxHxD: Array, rows_BxGxHxD: Array, slots: GlobalSlots) -> Array:
-    """Write the global queries' outputs over their rows (empty slots write nothing)."""
-    heads = lambda x: jnp.swapaxes(x, 1, 2)
-    return heads(scatter_global_rows_heads(heads(out_BxLxHxD), heads(rows_BxGxHxD), slots))
-
-
 def global_query_attention_heads(
-    qg_BxHxGxD: Array,
-    k_BxHxLxD: Array,
-    v_BxHxLxD: Array,
-    mask_BxL: Array,
-    slots: GlobalSlots,
-    *,
-    dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None,
+    qg_BxHxGxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, slots: GlobalSlots, *,
+    dropout_rate: float = 0.0, dropout_rng: Array | None = None,
 ) -> tuple[Array, Array]:
-    """``global_query_attention`` in the head-major layout: output (B, H, G, D), probs (B, H, G, L)."""
+    """Global queries (``G`` slots, global projections, scaled) over every non-pad key, head-major.
+
+    ``qg`` (B, H, G, D); ``k``, ``v`` (B, H, L, D), the global key/value projections of every token.
+    Returns the output (B, H, G, D) and the probabilities (B, H, G, L). Empty slots and pad keys are
+    filled with float32's min as HF does (an empty slot's row is uniform, and unused)."""
     dtype = v_BxHxLxD.dtype
     s_BxHxGxL = jnp.einsum("bhgd,bhld->bhgl", qg_BxHxGxD, k_BxHxLxD, preferred_element_type=jnp.float32)
     keep = slots.valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
@@ -619,7 +553,7 @@ def global_query_attention_from_hidden_heads(
 
 
 def scatter_global_rows_heads(out_BxHxLxD: Array, rows_BxHxGxD: Array, slots: GlobalSlots) -> Array:
-    """``scatter_global_rows`` in the head-major layout."""
+    """Write the global queries' outputs (B, H, G, D) over their rows of (B, H, L, D) (empty slots write nothing)."""
     B, _, L = out_BxHxLxD.shape[:3]
     index = jnp.where(slots.valid_BxG, slots.index_BxG, L)  # L: out of bounds -> dropped
     # Advanced indices around a slice: the indexed sub-array is laid out (B, G, H, D).

@@ -6,9 +6,15 @@ Heads of the seed checkpoint's own work (hierarchical sentence blocks of ``sente
 tokens, each starting with ``<s>``/``</s>``): ``LongformerForDocumentClassification`` pools the
 block-start tokens (max, attentive, first, last); ``LongformerForSequentialSentenceClassification``
 predicts one label per block.
+
+Every head is a :class:`LongformerTaskModel`: its ``__call__`` holds HF's signature and the encoder
+call (``longformer``) once; a head says only what differs (its automatic global attention, what the
+encoder sees, the head on top, the loss and the output dataclass).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -18,21 +24,18 @@ import numpy as np
 
 from longformer_jax.config import LongformerConfig
 from longformer_jax.dropout import Dropout
+from longformer_jax.inputs import ModelInputs, concrete
 from longformer_jax.losses import IGNORE_INDEX, classification_loss, cross_entropy
-from longformer_jax.modeling import (
-    LongformerModel,
-    activation,
-    concrete,
-    dense,
-    layer_norm,
-)
+from longformer_jax.modeling import LongformerBaseModelOutput, LongformerModel, activation, dense, layer_norm
 
 Array = jax.Array
 
 
 # ---------------------------------------------------------------------------------------- outputs
 @flax.struct.dataclass
-class LongformerMaskedLMOutput:
+class _LogitsOutput:
+    """The loss (when targets are given), the head's logits, then the encoder's per-layer outputs."""
+
     loss: Array | None = None
     logits: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
@@ -41,9 +44,22 @@ class LongformerMaskedLMOutput:
 
 
 @flax.struct.dataclass
-class LongformerSequenceClassifierOutput:
+class LongformerMaskedLMOutput(_LogitsOutput):
+    """HF's ``LongformerMaskedLMOutput``: logits (B, L, vocab)."""
+
+
+@flax.struct.dataclass
+class LongformerSequenceClassifierOutput(_LogitsOutput):
+    """HF's ``LongformerSequenceClassifierOutput`` (also the token-classification and multiple-choice output)."""
+
+
+@flax.struct.dataclass
+class LongformerQuestionAnsweringModelOutput:
+    """HF's ``LongformerQuestionAnsweringModelOutput``: start and end logits (B, L)."""
+
     loss: Array | None = None
-    logits: Array | None = None
+    start_logits: Array | None = None
+    end_logits: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
     attentions: tuple[Array, ...] | None = None
     global_attentions: tuple[Array, ...] | None = None
@@ -51,16 +67,6 @@ class LongformerSequenceClassifierOutput:
 
 LongformerTokenClassifierOutput = LongformerSequenceClassifierOutput
 LongformerMultipleChoiceModelOutput = LongformerSequenceClassifierOutput
-
-
-@flax.struct.dataclass
-class LongformerQuestionAnsweringModelOutput:
-    loss: Array | None = None
-    start_logits: Array | None = None
-    end_logits: Array | None = None
-    hidden_states: tuple[Array, ...] | None = None
-    attentions: tuple[Array, ...] | None = None
-    global_attentions: tuple[Array, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------- masked LM
@@ -90,14 +96,42 @@ class LongformerLMHead(nn.Module):
         return logits.astype(jnp.float32) + bias
 
 
-def _model_kwargs(kw):
-    return {k: kw[k] for k in ("deterministic", "output_attentions", "output_hidden_states", "num_global_slots")}
+class HeadInputs(NamedTuple):
+    """The inputs of a task model, in HF's order (the encoder's positional arguments)."""
+
+    input_ids: Any = None
+    attention_mask: Any = None
+    global_attention_mask: Any = None
+    token_type_ids: Any = None
+    position_ids: Any = None
+    inputs_embeds: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the tokens: ``input_ids.shape`` or ``inputs_embeds.shape[:-1]``."""
+        return tuple(self.input_ids.shape if self.input_ids is not None else self.inputs_embeds.shape[:-1])
 
 
-class LongformerForMaskedLM(nn.Module):
-    """Masked-LM head; no automatic global attention. Loss: CE over labels != -100."""
+class LongformerTaskModel(nn.Module):
+    """The Longformer encoder (``longformer``) with a task head on top; the base of the ``LongformerFor...`` heads.
+
+    ``__call__`` takes HF's arguments plus ``labels`` (the head's targets), ``deterministic``,
+    ``output_attentions``, ``output_hidden_states`` and ``num_global_slots`` (as ``LongformerModel``).
+    A head overrides what differs; the hooks run inside the compact ``__call__``, so the
+    sub-modules they create get their names (``lm_head``, ``classifier``, ...) as if written there:
+
+    - ``with_defaults(inputs)``: the inputs with the head's automatic global attention (and checks);
+    - ``encoder_inputs(inputs)``: what the encoder sees (multiple choice flattens the choices);
+    - ``head(out, inputs, deterministic)``: the output fields between ``loss`` and ``hidden_states``;
+    - ``loss(fields, labels, inputs)``: the loss, when labels are given.
+
+    ``output_class`` is the output dataclass; ``add_pooling_layer`` whether the encoder has its pooler.
+    """
 
     config: LongformerConfig
+
+    add_pooling_layer = False
+    output_class = LongformerSequenceClassifierOutput
 
     @nn.compact
     def __call__(
@@ -113,23 +147,55 @@ class LongformerForMaskedLM(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         num_global_slots: int | None = None,
-    ) -> LongformerMaskedLMOutput:
-        cfg = self.config
-        out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids,
-            attention_mask,
-            global_attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            **_model_kwargs(locals()),
+    ):
+        if isinstance(input_ids, ModelInputs):
+            raise ValueError(
+                f"{type(self).__name__} takes the raw inputs (input_ids, attention_mask, ...) and prepares them "
+                "itself after adding its automatic global attention; a ModelInputs goes to LongformerModel. "
+                "Under jit pass num_global_slots instead."
+            )
+        inputs = self.with_defaults(
+            HeadInputs(input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds)
         )
+        out = LongformerModel(self.config, add_pooling_layer=self.add_pooling_layer, name="longformer")(
+            *self.encoder_inputs(inputs),
+            deterministic=deterministic,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            num_global_slots=num_global_slots,
+        )
+        fields = self.head(out, inputs, deterministic)
+        loss = self.loss(fields, labels, inputs) if labels is not None else None
+        return self.output_class(loss, *fields, out.hidden_states, out.attentions, out.global_attentions)
+
+    def with_defaults(self, inputs: HeadInputs) -> HeadInputs:
+        return inputs
+
+    def encoder_inputs(self, inputs: HeadInputs) -> HeadInputs:
+        return inputs
+
+    def head(self, out: LongformerBaseModelOutput, inputs: HeadInputs, deterministic: bool) -> tuple[Array, ...]:
+        raise NotImplementedError
+
+    def loss(self, fields: tuple[Array, ...], labels, inputs: HeadInputs) -> Array:
+        """HF's classification loss of the logits (regression, single- or multi-label)."""
+        return classification_loss(self.config, fields[0], labels)
+
+
+class LongformerForMaskedLM(LongformerTaskModel):
+    """Masked-LM head; no automatic global attention. Loss: CE over labels != -100."""
+
+    output_class = LongformerMaskedLMOutput
+
+    def head(self, out, inputs, deterministic):
+        cfg = self.config
         table = None
         if cfg.tie_word_embeddings:
             table = self.variables["params"]["longformer"]["embeddings"]["word_embeddings"]["embedding"]
-        logits = LongformerLMHead(cfg, name="lm_head")(out.last_hidden_state, table)
-        loss = cross_entropy(logits, labels) if labels is not None else None
-        return LongformerMaskedLMOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
+        return (LongformerLMHead(cfg, name="lm_head")(out.last_hidden_state, table),)
+
+    def loss(self, fields, labels, inputs):
+        return cross_entropy(fields[0], labels)
 
 
 # ---------------------------------------------------------------------------------------- classification
@@ -149,82 +215,36 @@ class LongformerClassificationHead(nn.Module):
         return dense(cfg, self.num_labels, "out_proj")(x)
 
 
-class LongformerForSequenceClassification(nn.Module):
+def classify(module: nn.Module, x: Array, deterministic: bool) -> Array:
+    """``LongformerClassificationHead`` named ``classifier`` on ``x``, as float32 logits (from a hook)."""
+    cfg = module.config
+    return LongformerClassificationHead(cfg, cfg.num_labels, name="classifier")(x, deterministic).astype(jnp.float32)
+
+
+class LongformerForSequenceClassification(LongformerTaskModel):
     """Global attention on position 0 when no global mask is given; classifier on ``<s>``."""
 
-    config: LongformerConfig
+    def with_defaults(self, inputs):
+        if inputs.global_attention_mask is not None:
+            return inputs
+        return inputs._replace(global_attention_mask=jnp.zeros(inputs.shape, jnp.int32).at[:, 0].set(1))
 
-    @nn.compact
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        global_attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        deterministic: bool = True,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        num_global_slots: int | None = None,
-    ) -> LongformerSequenceClassifierOutput:
-        cfg = self.config
-        if global_attention_mask is None:
-            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-            global_attention_mask = jnp.zeros(shape, jnp.int32).at[:, 0].set(1)
-        out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids,
-            attention_mask,
-            global_attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            **_model_kwargs(locals()),
-        )
-        logits = LongformerClassificationHead(cfg, cfg.num_labels, name="classifier")(
-            out.last_hidden_state[:, 0], deterministic
-        ).astype(jnp.float32)
-        loss = classification_loss(cfg, logits, labels) if labels is not None else None
-        return LongformerSequenceClassifierOutput(
-            loss, logits, out.hidden_states, out.attentions, out.global_attentions
-        )
+    def head(self, out, inputs, deterministic):
+        return (classify(self, out.last_hidden_state[:, 0], deterministic),)
 
 
-class LongformerForTokenClassification(nn.Module):
+class LongformerForTokenClassification(LongformerTaskModel):
     """dropout -> classifier on every token; no automatic global attention."""
 
-    config: LongformerConfig
+    output_class = LongformerTokenClassifierOutput
 
-    @nn.compact
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        global_attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        deterministic: bool = True,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        num_global_slots: int | None = None,
-    ) -> LongformerTokenClassifierOutput:
+    def head(self, out, inputs, deterministic):
         cfg = self.config
-        out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids,
-            attention_mask,
-            global_attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            **_model_kwargs(locals()),
-        )
         x = Dropout(cfg.hidden_dropout_prob)(out.last_hidden_state, deterministic=deterministic)
-        logits = dense(cfg, cfg.num_labels, "classifier")(x).astype(jnp.float32)
-        loss = cross_entropy(logits.reshape(-1, cfg.num_labels), labels.reshape(-1)) if labels is not None else None
-        return LongformerTokenClassifierOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
+        return (dense(cfg, cfg.num_labels, "classifier")(x).astype(jnp.float32),)
+
+    def loss(self, fields, labels, inputs):
+        return cross_entropy(fields[0].reshape(-1, self.config.num_labels), labels.reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------- QA / multiple choice
@@ -256,88 +276,66 @@ def choice_global_attention_mask(input_ids, sep_token_id: int) -> Array:
     return (jnp.arange(input_ids.shape[-1])[None, :] > end[:, None] + 1).astype(jnp.int32)
 
 
-class LongformerForQuestionAnswering(nn.Module):
-    """Global attention on the question when no mask is given; start/end logits; loss (CE_s + CE_e)/2."""
+class LongformerForQuestionAnswering(LongformerTaskModel):
+    """Global attention on the question when no mask is given; start/end logits; loss (CE_s + CE_e)/2.
 
-    config: LongformerConfig
+    The targets are ``start_positions`` and ``end_positions`` (HF's names) in place of ``labels``."""
 
-    @nn.compact
+    output_class = LongformerQuestionAnsweringModelOutput
+
     def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        global_attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        start_positions=None,
-        end_positions=None,
-        deterministic: bool = True,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        num_global_slots: int | None = None,
+        self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None, position_ids=None,
+        inputs_embeds=None, start_positions=None, end_positions=None, **kwargs,
     ) -> LongformerQuestionAnsweringModelOutput:
-        cfg = self.config
-        if global_attention_mask is None and input_ids is not None:
-            global_attention_mask = question_global_attention_mask(input_ids, cfg.sep_token_id)
-        out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids,
-            attention_mask,
-            global_attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            **_model_kwargs(locals()),
-        )
-        logits = dense(cfg, 2, "qa_outputs")(out.last_hidden_state).astype(jnp.float32)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            length = start_logits.shape[1]
-            s = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, length)
-            e = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, length)
-            loss = (cross_entropy(start_logits, s, length) + cross_entropy(end_logits, e, length)) / 2
-        return LongformerQuestionAnsweringModelOutput(
-            loss, start_logits, end_logits, out.hidden_states, out.attentions, out.global_attentions
+        """``LongformerTaskModel.__call__`` with the targets ``start_positions`` and ``end_positions``."""
+        labels = None if start_positions is None or end_positions is None else (start_positions, end_positions)
+        inputs = (input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds)
+        return super().__call__(*inputs, labels, **kwargs)
+
+    def with_defaults(self, inputs):
+        if inputs.global_attention_mask is not None or inputs.input_ids is None:
+            return inputs
+        return inputs._replace(
+            global_attention_mask=question_global_attention_mask(inputs.input_ids, self.config.sep_token_id)
         )
 
+    def head(self, out, inputs, deterministic):
+        logits = dense(self.config, 2, "qa_outputs")(out.last_hidden_state).astype(jnp.float32)
+        return logits[..., 0], logits[..., 1]
 
-class LongformerForMultipleChoice(nn.Module):
+    def loss(self, fields, labels, inputs):
+        (start_logits, end_logits), (start_positions, end_positions) = fields, labels
+        length = start_logits.shape[1]
+        s = jnp.clip(jnp.asarray(start_positions).reshape(-1), 0, length)
+        e = jnp.clip(jnp.asarray(end_positions).reshape(-1), 0, length)
+        return (cross_entropy(start_logits, s, length) + cross_entropy(end_logits, e, length)) / 2
+
+
+class LongformerForMultipleChoice(LongformerTaskModel):
     """Inputs (B, choices, L), flattened; pooler -> dropout -> classifier -> (B, choices) logits."""
 
-    config: LongformerConfig
+    add_pooling_layer = True
+    output_class = LongformerMultipleChoiceModelOutput
 
-    @nn.compact
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        global_attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        deterministic: bool = True,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        num_global_slots: int | None = None,
-    ) -> LongformerMultipleChoiceModelOutput:
-        cfg = self.config
-        x = input_ids if input_ids is not None else inputs_embeds
-        want = 3 if input_ids is not None else 4
+    def with_defaults(self, inputs):
+        x = inputs.input_ids if inputs.input_ids is not None else inputs.inputs_embeds
+        want = 3 if inputs.input_ids is not None else 4
         if x is None or x.ndim != want:
             raise ValueError(
-                f"multiple choice expects {'input_ids' if input_ids is not None else 'inputs_embeds'} of rank {want} "
+                f"multiple choice expects {'input_ids' if want == 3 else 'inputs_embeds'} of rank {want} "
                 f"(batch, num_choices, sequence_length{', hidden' if want == 4 else ''}), got shape "
                 f"{None if x is None else tuple(x.shape)}; stack the choices on axis 1."
             )
+        if inputs.global_attention_mask is not None or inputs.input_ids is None:
+            return inputs
         B, C, L = x.shape[:3]
-        if global_attention_mask is None and input_ids is not None:
-            global_attention_mask = choice_global_attention_mask(
-                jnp.asarray(input_ids).reshape(B * C, L), cfg.sep_token_id
-            )
+        gm = choice_global_attention_mask(jnp.asarray(inputs.input_ids).reshape(B * C, L), self.config.sep_token_id)
+        return inputs._replace(global_attention_mask=gm)
 
-        def flat(a, trailing=0):
+    def encoder_inputs(self, inputs):
+        B, C, L = inputs.shape[:3]
+
+        def flat(a):
             if a is None:
                 return None
             a = jnp.asarray(a)
@@ -345,22 +343,18 @@ class LongformerForMultipleChoice(nn.Module):
                 raise ValueError(f"an input of shape {tuple(a.shape)} does not match input_ids {(B, C, L)}.")
             return a.reshape((B * C,) + a.shape[2:])
 
-        gm = jnp.asarray(global_attention_mask).reshape(B * C, L) if global_attention_mask is not None else None
-        out = LongformerModel(cfg, add_pooling_layer=True, name="longformer")(
-            flat(input_ids),
-            flat(attention_mask),
-            gm,
-            flat(token_type_ids),
-            flat(position_ids),
-            flat(inputs_embeds),
-            **_model_kwargs(locals()),
+        gm = inputs.global_attention_mask
+        gm = jnp.asarray(gm).reshape(B * C, L) if gm is not None else None
+        return HeadInputs(*(flat(a) for a in inputs._replace(global_attention_mask=None)))._replace(
+            global_attention_mask=gm
         )
-        pooled = Dropout(cfg.hidden_dropout_prob)(out.pooler_output, deterministic=deterministic)
-        logits = dense(cfg, 1, "classifier")(pooled).astype(jnp.float32).reshape(B, C)
-        loss = cross_entropy(logits, jnp.asarray(labels)) if labels is not None else None
-        return LongformerMultipleChoiceModelOutput(
-            loss, logits, out.hidden_states, out.attentions, out.global_attentions
-        )
+
+    def head(self, out, inputs, deterministic):
+        pooled = Dropout(self.config.hidden_dropout_prob)(out.pooler_output, deterministic=deterministic)
+        return (dense(self.config, 1, "classifier")(pooled).astype(jnp.float32).reshape(inputs.shape[:2]),)
+
+    def loss(self, fields, labels, inputs):
+        return cross_entropy(fields[0], jnp.asarray(labels))
 
 
 # ---------------------------------------------------------------------------------------- sentence blocks
@@ -371,6 +365,15 @@ def block_start_global_mask(attention_mask_BxL: Array, block_size: int) -> Array
     return (starts & (attention_mask_BxL != 0)).astype(jnp.int32)
 
 
+def _with_block_defaults(inputs: HeadInputs, block_size: int) -> HeadInputs:
+    """An attention mask of ones when none is given; global attention on the block starts by default."""
+    am = jnp.ones(inputs.shape, jnp.int32) if inputs.attention_mask is None else jnp.asarray(inputs.attention_mask)
+    gm = inputs.global_attention_mask
+    if gm is None:
+        gm = block_start_global_mask(am, block_size)
+    return inputs._replace(attention_mask=am, global_attention_mask=gm)
+
+
 def _block_starts(h_BxLxE, attention_mask_BxL, block_size):
     B, L, E = h_BxLxE.shape
     if L % block_size:
@@ -378,12 +381,15 @@ def _block_starts(h_BxLxE, attention_mask_BxL, block_size):
             f"sequence length {L} is not a multiple of sentence_block_size={block_size}; pad each document to "
             "whole blocks (train.data's sentence-block layout does)."
         )
-    starts_BxNxE = h_BxLxE[:, ::block_size]
-    valid_BxN = attention_mask_BxL[:, ::block_size] != 0
-    return starts_BxNxE, valid_BxN
+    return h_BxLxE[:, ::block_size], _nonempty_blocks(attention_mask_BxL, block_size)
 
 
-class LongformerForDocumentClassification(nn.Module):
+def _nonempty_blocks(attention_mask_BxL, block_size):
+    """(B, N) bool: the block's start token is not padding."""
+    return attention_mask_BxL[:, ::block_size] != 0
+
+
+class LongformerForDocumentClassification(LongformerTaskModel):
     """Document classification pooling the block-start tokens (max, attentive, first, last).
 
     The input is laid out in sentence blocks of ``sentence_block_size`` tokens, each starting with
@@ -392,42 +398,16 @@ class LongformerForDocumentClassification(nn.Module):
     ``pooler`` (attentive pooling only) and ``classifier`` (HF's classification head).
     """
 
-    config: LongformerConfig
     pooling: str = "max"
     sentence_block_size: int = 128
 
-    @nn.compact
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        global_attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        deterministic: bool = True,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        num_global_slots: int | None = None,
-    ) -> LongformerSequenceClassifierOutput:
-        cfg = self.config
+    def with_defaults(self, inputs):
         if self.pooling not in ("max", "attentive", "first", "last"):
             raise ValueError(f"pooling={self.pooling!r}; expected 'max', 'attentive', 'first' or 'last'.")
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-        am = jnp.ones(shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
-        if global_attention_mask is None:
-            global_attention_mask = block_start_global_mask(am, self.sentence_block_size)
-        out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids,
-            am,
-            global_attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            **_model_kwargs(locals()),
-        )
-        starts, valid = _block_starts(out.last_hidden_state, am, self.sentence_block_size)
+        return _with_block_defaults(inputs, self.sentence_block_size)
+
+    def head(self, out, inputs, deterministic):
+        starts, valid = _block_starts(out.last_hidden_state, inputs.attention_mask, self.sentence_block_size)
         if self.pooling == "max":
             pooled = jnp.max(jnp.where(valid[..., None], starts, -jnp.inf), axis=1)
         elif self.pooling == "first":
@@ -436,62 +416,31 @@ class LongformerForDocumentClassification(nn.Module):
             last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
             pooled = jnp.take_along_axis(starts, last[:, None, None], axis=1)[:, 0]
         else:
+            cfg = self.config
             score = dense(cfg, 1, "attention")(jnp.tanh(dense(cfg, cfg.hidden_size, "dense")(starts)))[..., 0]
             score = jnp.where(valid, score.astype(jnp.float32), -jnp.inf)
             weights = jax.nn.softmax(score, axis=1)
             pooled = jnp.einsum("bn,bne->be", weights.astype(starts.dtype), starts)
-        logits = LongformerClassificationHead(cfg, cfg.num_labels, name="classifier")(pooled, deterministic)
-        logits = logits.astype(jnp.float32)
-        loss = classification_loss(cfg, logits, labels) if labels is not None else None
-        return LongformerSequenceClassifierOutput(
-            loss, logits, out.hidden_states, out.attentions, out.global_attentions
-        )
+        return (classify(self, pooled, deterministic),)
 
 
-class LongformerForSequentialSentenceClassification(nn.Module):
+class LongformerForSequentialSentenceClassification(LongformerTaskModel):
     """One prediction per sentence block: logits (B, L // sentence_block_size, num_labels).
 
     Labels (B, num_blocks) with -100 for empty blocks. Global attention defaults to block starts.
     """
 
-    config: LongformerConfig
     sentence_block_size: int = 128
+    output_class = LongformerTokenClassifierOutput
 
-    @nn.compact
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        global_attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        labels=None,
-        deterministic: bool = True,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        num_global_slots: int | None = None,
-    ) -> LongformerTokenClassifierOutput:
-        cfg = self.config
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-        am = jnp.ones(shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
-        if global_attention_mask is None:
-            global_attention_mask = block_start_global_mask(am, self.sentence_block_size)
-        out = LongformerModel(cfg, add_pooling_layer=False, name="longformer")(
-            input_ids,
-            am,
-            global_attention_mask,
-            token_type_ids,
-            position_ids,
-            inputs_embeds,
-            **_model_kwargs(locals()),
-        )
-        starts, valid = _block_starts(out.last_hidden_state, am, self.sentence_block_size)
-        logits = LongformerClassificationHead(cfg, cfg.num_labels, name="classifier")(starts, deterministic)
-        logits = logits.astype(jnp.float32)
-        loss = None
-        if labels is not None:
-            labels = jnp.where(valid, jnp.asarray(labels), IGNORE_INDEX)
-            loss = cross_entropy(logits, labels)
-        return LongformerTokenClassifierOutput(loss, logits, out.hidden_states, out.attentions, out.global_attentions)
+    def with_defaults(self, inputs):
+        return _with_block_defaults(inputs, self.sentence_block_size)
+
+    def head(self, out, inputs, deterministic):
+        starts, _ = _block_starts(out.last_hidden_state, inputs.attention_mask, self.sentence_block_size)
+        return (classify(self, starts, deterministic),)
+
+    def loss(self, fields, labels, inputs):
+        valid = _nonempty_blocks(inputs.attention_mask, self.sentence_block_size)
+        return cross_entropy(fields[0], jnp.where(valid, jnp.asarray(labels), IGNORE_INDEX))
 

@@ -2,19 +2,14 @@
 
 Module and parameter names are the Hugging Face state-dict names (``longformer_jax.state_dict`` maps them
 one to one). The attention math lives in :mod:`longformer_jax.attention`; modules only hold the
-parameters and call it.
-
-Static shapes: the input is padded to a multiple of the largest window, and the number of global
-slots ``G`` is a static int. Eagerly (concrete masks) ``G`` is chosen from the masks, rounded up to
-a bucket (0, 1, 2, 4, 8, ...), and the outputs are cut back to HF's exact layout. Under ``jit``
-pass ``num_global_slots`` yourself; a row with more global tokens than slots then yields NaN
-(never silently wrong numbers), and eagerly it is a ValueError.
+parameters and call it. What happens to the inputs first (checks, merged mask, padding to the
+window multiple, the static number of global slots) is :func:`longformer_jax.inputs.prepare_inputs`;
+``LongformerModel`` runs on its result and cuts the outputs back to HF's exact layout.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -25,6 +20,7 @@ import numpy as np
 from longformer_jax import attention as attn
 from longformer_jax.config import LongformerConfig
 from longformer_jax.dropout import Dropout
+from longformer_jax.inputs import ModelInputs, prepare_inputs
 
 Array = jax.Array
 
@@ -64,69 +60,14 @@ def layer_norm(config: LongformerConfig, name: str) -> nn.LayerNorm:
 # ---------------------------------------------------------------------------------------- outputs
 @flax.struct.dataclass
 class LongformerBaseModelOutput:
+    """HF's ``LongformerBaseModelOutputWithPooling``: the last layer's output (B, L, E), the pooler's
+    output (models with a pooler) and, when asked, the per-layer outputs in HF's layout."""
+
     last_hidden_state: Array
     pooler_output: Array | None = None
     hidden_states: tuple[Array, ...] | None = None
     attentions: tuple[Array, ...] | None = None
     global_attentions: tuple[Array, ...] | None = None
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def concrete(x) -> np.ndarray | None:
-    """``x`` as a numpy array when its value is known (not traced by jit), else None."""
-    if x is None:
-        return None
-    try:
-        return np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-
-
-def global_slot_bucket(n: int) -> int:
-    """Round a number of global tokens up to a bucket: 0, 1, 2, 4, 8, 16, ..."""
-    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
-
-
-def position_ids_from_input_ids(input_ids: Array, pad_token_id: int) -> Array:
-    """RoBERTa positions: real tokens get pad+1, pad+2, ...; pads keep ``pad`` (SPEC, Embeddings)."""
-    mask = (input_ids != pad_token_id).astype(jnp.int32)
-    return jnp.cumsum(mask, axis=1) * mask + pad_token_id
-
-
-def check_inputs(config: LongformerConfig, shape, input_ids, masks: dict[str, Any]) -> None:
-    """Clear errors for user mistakes that would otherwise be XLA shape errors or silent garbage."""
-    if len(shape) != 2:
-        raise ValueError(
-            f"input_ids must have shape (batch, sequence_length), got shape {tuple(shape)}; "
-            "add a batch axis with input_ids[None]."
-        )
-    length = shape[1]
-    if length > config.max_sequence_length:
-        # Pads take no position, so a longer row is fine when its real tokens fit (as in HF).
-        ids = concrete(input_ids)
-        real = int((ids != config.pad_token_id).sum(-1).max()) if ids is not None else length
-        if real > config.max_sequence_length:
-            raise ValueError(
-                f"sequence length {real} exceeds the model's limit max_position_embeddings - pad_token_id - 1 = "
-                f"{config.max_sequence_length} (max_position_embeddings={config.max_position_embeddings}); "
-                "truncate the input or extend the position embeddings "
-                "(python -m convert.roberta_to_longformer --max-length)."
-            )
-    for name, m in masks.items():
-        if m is not None and tuple(m.shape[:2]) != tuple(shape):
-            raise ValueError(
-                f"{name} has shape {tuple(m.shape)} but input_ids has shape {tuple(shape)}; "
-                f"pass one {name} value per token."
-            )
-    ids = concrete(input_ids)
-    if ids is not None and ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= config.vocab_size:
-            bad = hi if hi >= config.vocab_size else lo
-            raise ValueError(
-                f"input_ids holds token id {bad}, outside the vocabulary [0, {config.vocab_size}); "
-                "was the text tokenized with this model's tokenizer?"
-            )
 
 
 # ---------------------------------------------------------------------------------------- modules
@@ -149,11 +90,20 @@ class LongformerEmbeddings(nn.Module):
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-class LongformerSelfAttention(nn.Module):
+class LayerModule(nn.Module):
+    """The fields shared by the modules of one layer: the config, the layer's window and the call's switches."""
+
     config: LongformerConfig
     attention_window: int
     deterministic: bool = True
     output_attentions: bool = False
+
+    def part(self, cls: type[LayerModule], name: str) -> LayerModule:
+        """The sub-module ``cls`` of this layer, with the same fields (from a compact method)."""
+        return cls(self.config, self.attention_window, self.deterministic, self.output_attentions, name=name)
+
+
+class LongformerSelfAttention(LayerModule):
 
     @nn.compact
     def __call__(self, h_BxLxE, mask_BxL, slots: attn.GlobalSlots):
@@ -268,17 +218,10 @@ class LongformerDenseOutput(nn.Module):
         return layer_norm(cfg, "LayerNorm")(x + residual)
 
 
-class LongformerAttention(nn.Module):
-    config: LongformerConfig
-    attention_window: int
-    deterministic: bool = True
-    output_attentions: bool = False
-
+class LongformerAttention(LayerModule):
     @nn.compact
     def __call__(self, h, mask_BxL, slots):
-        a, probs, global_probs = LongformerSelfAttention(
-            self.config, self.attention_window, self.deterministic, self.output_attentions, name="self"
-        )(h, mask_BxL, slots)
+        a, probs, global_probs = self.part(LongformerSelfAttention, "self")(h, mask_BxL, slots)
         a = LongformerDenseOutput(self.config, self.deterministic, name="output")(a, h)
         return a, probs, global_probs
 
@@ -296,20 +239,13 @@ class LongformerIntermediate(nn.Module):
         return activation(cfg.hidden_act)(z) if self.apply_activation else z
 
 
-class LongformerLayer(nn.Module):
+class LongformerLayer(LayerModule):
     """One post-LN layer; returns the new hidden states and the layer's attention probabilities."""
-
-    config: LongformerConfig
-    attention_window: int
-    deterministic: bool = True
-    output_attentions: bool = False
 
     @nn.compact
     def __call__(self, h, mask_BxL, slots):
         cfg = self.config
-        a, probs, global_probs = LongformerAttention(
-            cfg, self.attention_window, self.deterministic, self.output_attentions, name="attention"
-        )(h, mask_BxL, slots)
+        a, probs, global_probs = self.part(LongformerAttention, "attention")(h, mask_BxL, slots)
         z = LongformerIntermediate(cfg, apply_activation=False, name="intermediate")(a)
         out = LongformerDenseOutput(cfg, self.deterministic, activation=cfg.hidden_act, name="output")(z, a)
         return out, probs, global_probs
@@ -320,21 +256,14 @@ def remat_layer(config: LongformerConfig):
     return nn.remat(LongformerLayer) if config.remat else LongformerLayer
 
 
-class _ScanLayer(nn.Module):
+class _ScanLayer(LayerModule):
     """``LongformerLayer`` in the (carry, inputs) -> (carry, outputs) form of ``nn.scan``."""
 
-    config: LongformerConfig
-    attention_window: int
-    deterministic: bool = True
-    output_attentions: bool = False
     output_hidden_states: bool = False
 
     @nn.compact
     def __call__(self, h, mask_BxL, slots):
-        layer_cls = remat_layer(self.config)
-        out, probs, global_probs = layer_cls(
-            self.config, self.attention_window, self.deterministic, self.output_attentions, name="layer"
-        )(h, mask_BxL, slots)
+        out, probs, global_probs = self.part(remat_layer(self.config), "layer")(h, mask_BxL, slots)
         return out, (h if self.output_hidden_states else None, probs, global_probs)
 
 
@@ -405,6 +334,8 @@ class LongformerModel(nn.Module):
     ``global_attention_mask``, ``token_type_ids``, ``position_ids``) plus ``deterministic``
     (False turns dropout on; pass ``rngs={"dropout": key}``) and ``num_global_slots`` (static
     number of global tokens a row may hold; required under jit, chosen from the masks otherwise).
+    They go through :func:`~longformer_jax.inputs.prepare_inputs`; ``input_ids`` may also be the
+    ``ModelInputs`` it returns (the other inputs then None).
     """
 
     config: LongformerConfig
@@ -412,116 +343,45 @@ class LongformerModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        global_attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        deterministic: bool = True,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        num_global_slots: int | None = None,
+        self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None, position_ids=None,
+        inputs_embeds=None, deterministic: bool = True, output_attentions: bool = False,
+        output_hidden_states: bool = False, num_global_slots: int | None = None,
     ) -> LongformerBaseModelOutput:
         cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds.")
-        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:-1])
-        check_inputs(
-            cfg,
-            shape,
-            input_ids,
-            {
-                "attention_mask": attention_mask,
-                "global_attention_mask": global_attention_mask,
-                "token_type_ids": token_type_ids,
-                "position_ids": position_ids,
-            },
+        x = prepare_inputs(
+            cfg, input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            num_global_slots=num_global_slots,
         )
-        B, L = shape
-        if attention_mask is None:
-            attention_mask = jnp.ones(shape, jnp.int32)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros(shape, jnp.int32)
-        mask_BxL = jnp.asarray(attention_mask).astype(jnp.int32)
-        if global_attention_mask is not None:
-            mask_BxL = mask_BxL * (jnp.asarray(global_attention_mask).astype(jnp.int32) + 1)
-
-        # Static number of global slots.
-        counts = concrete(mask_BxL)
-        auto_slots = num_global_slots is None
-        if counts is not None:
-            per_row = (counts == 2).sum(-1)
-            largest = int(per_row.max()) if per_row.size else 0
-            if auto_slots:
-                num_global_slots = global_slot_bucket(largest)
-            elif largest > num_global_slots:
-                row = int(per_row.argmax())
-                raise ValueError(
-                    f"row {row} has {largest} global tokens but num_global_slots={num_global_slots}; "
-                    f"raise num_global_slots to at least {largest} (or leave it None outside jit)."
-                )
-        elif auto_slots:
-            raise ValueError(
-                "num_global_slots must be given when the masks are traced (under jit/pmap/grad of the "
-                "inputs): pass num_global_slots=<the largest number of global tokens a row may hold>, "
-                "or 0 for none."
-            )
-        else:
-            largest = None
-
-        # Pad to a multiple of the largest window (HF's _pad_to_window_size).
-        window = cfg.max_window
-        pad_len = (-L) % window
-        if position_ids is None:
-            if input_ids is not None:
-                position_ids = position_ids_from_input_ids(jnp.asarray(input_ids), cfg.pad_token_id)
-            else:
-                position_ids = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32) + cfg.pad_token_id + 1, shape)
-        if pad_len:
-            padw = ((0, 0), (0, pad_len))
-            if input_ids is not None:
-                input_ids = jnp.pad(jnp.asarray(input_ids), padw, constant_values=cfg.pad_token_id)
-            else:
-                pad_embeds = jnp.zeros((B, pad_len, inputs_embeds.shape[-1]), inputs_embeds.dtype)
-                inputs_embeds = jnp.concatenate([jnp.asarray(inputs_embeds), pad_embeds], axis=1)
-            position_ids = jnp.pad(jnp.asarray(position_ids), padw, constant_values=cfg.pad_token_id)
-            token_type_ids = jnp.pad(jnp.asarray(token_type_ids), padw)
-            mask_BxL = jnp.pad(mask_BxL, padw)
-
-        slots = attn.global_slots(mask_BxL == 2, num_global_slots)
+        slots = attn.global_slots(x.mask == 2, x.num_global_slots)
         h = LongformerEmbeddings(cfg, name="embeddings")(
-            input_ids, token_type_ids, position_ids, inputs_embeds, deterministic
+            x.input_ids, x.token_type_ids, x.position_ids, x.inputs_embeds, deterministic
         )
         # A row with more global tokens than slots cannot be computed exactly: make it loud.
         h = jnp.where(slots.overflow_B[:, None, None], jnp.nan, h)
         h, hidden_states, attentions, global_attentions = LongformerEncoder(
             cfg, deterministic, output_attentions, output_hidden_states, name="encoder"
-        )(h, mask_BxL, slots)
-
-        h = h[:, :L]
-        if hidden_states is not None:
-            hidden_states = tuple(x[:, :L] for x in hidden_states)
-        if attentions is not None:
-            # HF layout: (B, heads, L, x + 2w + 1) with x the batch's largest number of global tokens.
-            keep = largest if auto_slots else num_global_slots
-            attentions = tuple(_trim_global_columns(a, num_global_slots, keep, L) for a in attentions)
-        if global_attentions is not None:
-            keep = largest if auto_slots else num_global_slots
-            if keep == 0:
-                global_attentions = None
-            else:
-                # (B, heads, G, L_padded) -> (B, heads, L_padded, x): HF does not cut it back.
-                global_attentions = tuple(jnp.swapaxes(g[:, :, :keep], 2, 3) for g in global_attentions)
+        )(h, x.mask, slots)
+        h = h[:, : x.length]
         pooled = LongformerPooler(cfg, name="pooler")(h) if self.add_pooling_layer else None
-        return LongformerBaseModelOutput(
-            last_hidden_state=h,
-            pooler_output=pooled,
-            hidden_states=hidden_states,
-            attentions=attentions,
-            global_attentions=global_attentions,
-        )
+        return hf_layout(LongformerBaseModelOutput(h, pooled, hidden_states, attentions, global_attentions), x)
+
+
+def hf_layout(out: LongformerBaseModelOutput, inputs: ModelInputs) -> LongformerBaseModelOutput:
+    """The per-layer outputs cut back to HF's layout: the input's length and the kept global columns.
+
+    With ``x = inputs.global_columns``: ``attentions`` (B, heads, L, x + 2w + 1), the ``x`` global
+    columns first; ``global_attentions`` (B, heads, L_padded, x) (HF does not cut them back), None
+    when ``x`` is 0."""
+    L, G, keep = inputs.length, inputs.num_global_slots, inputs.global_columns
+    hidden_states, attentions, global_attentions = out.hidden_states, out.attentions, out.global_attentions
+    if hidden_states is not None:
+        hidden_states = tuple(a[:, :L] for a in hidden_states)
+    if attentions is not None:
+        attentions = tuple(_trim_global_columns(a, G, keep, L) for a in attentions)
+    if global_attentions is not None:
+        # (B, heads, G, L_padded) -> (B, heads, L_padded, x)
+        global_attentions = None if keep == 0 else tuple(jnp.swapaxes(g[:, :, :keep], 2, 3) for g in global_attentions)
+    return out.replace(hidden_states=hidden_states, attentions=attentions, global_attentions=global_attentions)
 
 
 def _trim_global_columns(a, num_slots: int, keep: int, length: int):

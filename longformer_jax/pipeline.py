@@ -20,17 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from longformer_jax.heads import LongformerForMaskedLM, LongformerLMHead
+from longformer_jax.inputs import pow2_bucket
 from longformer_jax.modeling import LongformerModel
 from longformer_jax.pretrained import load_pretrained, resolve_source
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
 def _bucket_length(n: int, window: int, limit: int) -> int:
     """Smallest window * 2^k >= n, capped at `limit` (the model pads that one to the window itself)."""
-    return min(window * _next_pow2(-(-n // window)), limit)
+    return min(window * pow2_bucket(-(-n // window)), limit)
 
 
 class FillMaskPipeline:
@@ -112,10 +109,9 @@ class FillMaskPipeline:
 
         window = self.config.max_window
         L = _bucket_length(max(len(e[0]) for e in encoded), window, limit)
-        B = _next_pow2(len(encoded))
-        M = _next_pow2(max(len(e[1]) for e in encoded))
-        G = max(len(e[2]) for e in encoded)
-        G = 0 if G == 0 else _next_pow2(G)
+        B = pow2_bucket(len(encoded))
+        M = pow2_bucket(max(len(e[1]) for e in encoded))
+        G = pow2_bucket(max(len(e[2]) for e in encoded))
         pad = self.config.pad_token_id
         ids_BxL = np.full((B, L), pad, np.int32)
         attn_BxL = np.zeros((B, L), np.int32)

@@ -10,6 +10,28 @@ from longformer_jax import attention as A
 H, D = 2, 4
 
 
+# The attention functions work head-major (B, H, L, D); the tests and the dense reference use (B, L, H, D).
+def heads(x):
+    return jnp.swapaxes(x, 1, 2)
+
+
+def sliding_window_attention(q, k, v, mask, w, slots=None, **kw):
+    """``A.sliding_window_attention_heads`` on (B, L, H, D) arrays: output (B, L, H, D) and HF-layout probs."""
+    out, probs = A.sliding_window_attention_heads(heads(q), heads(k), heads(v), mask, w, slots, **kw)
+    return heads(out), probs
+
+
+def global_query_attention(qg, k, v, mask, slots, **kw):
+    """``A.global_query_attention_heads`` on (B, G|L, H, D) arrays: output (B, G, H, D), probs (B, H, G, L)."""
+    out, probs = A.global_query_attention_heads(heads(qg), heads(k), heads(v), mask, slots, **kw)
+    return heads(out), probs
+
+
+def scatter_global_rows(out, rows, slots):
+    """``A.scatter_global_rows_heads`` on (B, L|G, H, D) arrays."""
+    return heads(A.scatter_global_rows_heads(heads(out), heads(rows), slots))
+
+
 def random_case(seed, B, L, w, n_global, pad_frac=0.2):
     rng = np.random.default_rng(seed)
     q, k, v, qg, kg, vg = (jnp.asarray(rng.normal(size=(B, L, H, D)), jnp.float32) for _ in range(6))
@@ -25,10 +47,10 @@ def random_case(seed, B, L, w, n_global, pad_frac=0.2):
 
 def blocked(q, k, v, qg_full, kg, vg, mask, w, num_slots, block_size=None, return_probs=True):
     slots = A.global_slots(mask == 2, num_slots)
-    out, probs = A.sliding_window_attention(q, k, v, mask, w, slots, block_size=block_size, return_probs=return_probs)
+    out, probs = sliding_window_attention(q, k, v, mask, w, slots, block_size=block_size, return_probs=return_probs)
     qg = jnp.take_along_axis(qg_full, slots.index_BxG[:, :, None, None], axis=1)
-    out_g, gprobs = A.global_query_attention(qg, kg, vg, mask, slots)
-    return A.scatter_global_rows(out, out_g, slots), probs, gprobs, slots
+    out_g, gprobs = global_query_attention(qg, kg, vg, mask, slots)
+    return scatter_global_rows(out, out_g, slots), probs, gprobs, slots
 
 
 @pytest.mark.parametrize(
@@ -111,11 +133,11 @@ def test_gradients_match_dense():
 def test_vmap_over_examples_equals_batch():
     q, k, v, qg, kg, vg, mask = random_case(4, 3, 16, 4, (1, 2, 0))
     slots = A.global_slots(mask == 2, 2)
-    full, _ = A.sliding_window_attention(q, k, v, mask, 4, slots)
+    full, _ = sliding_window_attention(q, k, v, mask, 4, slots)
 
     def one(q, k, v, m, idx, valid, over):
         s = A.GlobalSlots(idx[None], valid[None], over[None])
-        return A.sliding_window_attention(q[None], k[None], v[None], m[None], 4, s)[0][0]
+        return sliding_window_attention(q[None], k[None], v[None], m[None], 4, s)[0][0]
 
     mapped = jax.vmap(one)(q, k, v, mask, *slots)
     np.testing.assert_allclose(np.asarray(mapped), np.asarray(full), atol=1e-6)
@@ -124,16 +146,16 @@ def test_vmap_over_examples_equals_batch():
 def test_dropout_on_probabilities():
     q, k, v, qg, kg, vg, mask = random_case(5, 1, 32, 4, (2,))
     slots = A.global_slots(mask == 2, 2)
-    ref, _ = A.sliding_window_attention(q, k, v, mask, 4, slots)
-    same, _ = A.sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.0, dropout_rng=jax.random.PRNGKey(0))
-    dropped, _ = A.sliding_window_attention(
+    ref, _ = sliding_window_attention(q, k, v, mask, 4, slots)
+    same, _ = sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.0, dropout_rng=jax.random.PRNGKey(0))
+    dropped, _ = sliding_window_attention(
         q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0)
     )
     assert np.array_equal(np.asarray(ref), np.asarray(same))
     assert not np.allclose(np.asarray(ref), np.asarray(dropped))
     # the expectation is kept: over many masks the mean output is the undropped one, within 5 standard errors
     drop = jax.jit(
-        lambda r: A.sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=r)[0]
+        lambda r: sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=r)[0]
     )
     outs = np.stack([np.asarray(drop(jax.random.PRNGKey(i))) for i in range(400)])
     stderr = outs.std(0) / np.sqrt(len(outs))
@@ -143,7 +165,7 @@ def test_dropout_on_probabilities():
 def test_bad_lengths_are_clear_errors():
     q = jnp.zeros((1, 30, H, D))
     with pytest.raises(ValueError, match="sequence length 30 must be a multiple of the window 2w=8"):
-        A.sliding_window_attention(q, q, q, jnp.ones((1, 30), jnp.int32), 4)
+        sliding_window_attention(q, q, q, jnp.ones((1, 30), jnp.int32), 4)
 
 
 def _temp_bytes(L, w=64, G=4):
@@ -153,10 +175,10 @@ def _temp_bytes(L, w=64, G=4):
 
     def f(q, k, v, mask):
         slots = A.global_slots(mask == 2, G)
-        out, _ = A.sliding_window_attention(q, k, v, mask, w, slots)
+        out, _ = sliding_window_attention(q, k, v, mask, w, slots)
         qg = jnp.take_along_axis(q, slots.index_BxG[:, :, None, None], axis=1)
-        og, _ = A.global_query_attention(qg, k, v, mask, slots)
-        return A.scatter_global_rows(out, og, slots)
+        og, _ = global_query_attention(qg, k, v, mask, slots)
+        return scatter_global_rows(out, og, slots)
 
     compiled = jax.jit(f).lower(x, x, x, m).compile()
     mem = compiled.memory_analysis()

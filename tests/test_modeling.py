@@ -469,3 +469,31 @@ def test_dropout_is_active_only_when_not_deterministic(torch):
     assert max_diff(a, b) > 1e-3
     assert max_diff(b, c) == 0.0
     assert max_diff(b, d) > 1e-3
+
+
+def test_prepare_inputs_pads_merges_and_counts(torch):
+    _, model, params, cfg = make_pair(torch, "base")
+    ids, am, gm = batch("mixed", np.random.default_rng(19))  # L=21, windows 4/8; rows hold 3, 0 and 1 globals
+    x = lj.prepare_inputs(cfg, ids, attention_mask=am, global_attention_mask=gm)
+    assert (x.length, x.num_global_slots, x.global_columns) == (21, 4, 3)
+    assert x.input_ids.shape == x.mask.shape == x.position_ids.shape == x.token_type_ids.shape == (3, 24)
+    np.testing.assert_array_equal(np.asarray(x.mask[:, :21]), am * (gm + 1))  # a global flag on padding stays pad
+    assert not np.asarray(x.mask[:, 21:]).any()
+    assert (np.asarray(x.input_ids[:, 21:]) == cfg.pad_token_id).all()
+    assert (np.asarray(x.position_ids)[np.asarray(x.mask) == 0] == cfg.pad_token_id).all()
+    # The prepared inputs run under jit with no slot count to pass, and give the eager call's outputs.
+    eager = model.apply({"params": params}, ids, attention_mask=am, global_attention_mask=gm, output_attentions=True)
+    traced = jax.jit(lambda p, x: model.apply({"params": p}, x, output_attentions=True))(params, x)
+    assert max_diff(traced.last_hidden_state, eager.last_hidden_state) <= TOL
+    assert len(traced.attentions) == len(eager.attentions)
+    for a, b in zip(traced.attentions, eager.attentions):
+        assert max_diff(a, np.asarray(b)) <= TOL
+    with pytest.raises(ValueError, match="already prepared"):
+        model.apply({"params": params}, x, attention_mask=am)
+    with pytest.raises(ValueError, match="num_global_slots=8 but the prepared inputs hold 4 slots"):
+        model.apply({"params": params}, x, num_global_slots=8)
+    with pytest.raises(ValueError, match="row 0 has 3 global tokens but num_global_slots=2"):
+        lj.prepare_inputs(cfg, ids, attention_mask=am, global_attention_mask=gm, num_global_slots=2)
+    _, mlm, mlm_params, _ = make_pair(torch, "masked-lm")
+    with pytest.raises(ValueError, match="a ModelInputs goes to LongformerModel"):
+        mlm.apply({"params": mlm_params}, x)
