@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch (rows of examples) is split over
 
 # Parameter path regex -> logical axes of the trailing dims (first match wins). Paths are the
 # Flax params paths (HF state-dict names, see longformer_jax.state_dict); a stacked encoder
@@ -149,7 +150,7 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 def batch_spec(ndim: int, batch_dim: int = 0) -> P:
     """Spec of a batch array: dim `batch_dim` over ("data", "fsdp"), the rest replicated."""
     spec: list[Any] = [None] * ndim
-    spec[batch_dim] = MESH_AXES
+    spec[batch_dim] = BATCH_AXES
     return P(*spec)
 
 

@@ -129,14 +129,13 @@ def check_implementation(name: str, backend: str | None = None, *, dropout: bool
 def batch_shard_axes(batch: int) -> tuple[str, ...]:
     """The axes of the ambient mesh (``jax.set_mesh``) that the batch is split over, () when none.
 
-    The batch axes are those of ``longformer_jax.sharding`` (logical axis ``batch``: "data", "fsdp"),
+    The batch axes are those of ``longformer_jax.sharding`` (``BATCH_AXES``: "data", "fsdp"),
     where the mesh has them with more than one device, not already manual (inside a ``shard_map``),
     and their product divides ``batch``."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    wanted = dict(sharding.LOGICAL_RULES)["batch"]
-    wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+    wanted = sharding.BATCH_AXES
     types = dict(zip(mesh.axis_names, mesh.axis_types))
     axes = tuple(a for a in wanted if a in types and mesh.shape[a] > 1 and types[a] != jax.sharding.AxisType.Manual)
     n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
