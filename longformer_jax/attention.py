@@ -383,6 +383,26 @@ def lean_band_attention_heads(
     return _lean_band(b, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, kg, vg, gvalid, mask_BxL, rng)
 
 
+def lean_band_with_global_keys_heads(
+    q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, one_sided_window: int,
+    global_kv: tuple[Array, Array, Array] | None = None, *, block_size: int | None = None,
+    dropout_rate: float = 0.0, dropout_rng: Array | None = None, chunk_tokens: int | None = None,
+) -> Array:
+    """``lean_band_attention_heads`` with the global columns given instead of gathered from ``k`` and ``v``.
+
+    ``global_kv``: ``(kg_BxHxGxD, vg_BxHxGxD, valid_BxG)``, the local keys and values of the global tokens
+    and which slots hold one (None: no global columns). For a band computed on a piece of a sequence
+    whose global tokens may lie in other pieces (``longformer_jax.sequence_parallel``); the numbers
+    are those of ``lean_band_attention_heads`` for the same columns."""
+    kg, vg, gvalid = global_kv if global_kv is not None else (None, None, None)
+    L, w = q_BxHxLxD.shape[2], one_sided_window
+    C = _band_block_size(L, w, block_size)
+    rate = float(dropout_rate) if dropout_rng is not None else 0.0
+    spec = _Band(w, C, _chunk_blocks(L // C, C, chunk_tokens or BAND_CHUNK_TOKENS), rate, v_BxHxLxD.dtype)
+    return _lean_band(spec, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, kg, vg, gvalid, mask_BxL,
+                      dropout_rng if rate > 0.0 else None)
+
+
 def _global_keys(k_BxHxLxD: Array, v_BxHxLxD: Array, slots: GlobalSlots | None) -> tuple[Array | None, Array | None]:
     """The local keys and values of the global tokens, (B, H, G, D) each; None without global slots."""
     if slots is None or slots.index_BxG.shape[1] == 0:

@@ -1,0 +1,267 @@
+"""Sequence parallelism: the one home of the attention of a document split over devices.
+
+A mesh axis "sequence" (``longformer_jax.sharding.SEQUENCE_AXIS``) splits every document's ``L``
+tokens into ``n`` contiguous pieces of ``L / n``, one per device. Everything but the attention
+works token by token (embeddings, projections, feed-forward, LayerNorm, the MLM head, the loss
+sums) and runs on each piece as GSPMD lays the inputs out; a layer's self-attention is where the
+pieces meet. Under a mesh whose "sequence" axis has more than one device (``jax.set_mesh``, as
+the mesh driver traces its steps), ``LongformerSelfAttention`` calls :func:`self_attention_heads`,
+which runs on each device in a ``jax.shard_map`` over the "sequence" axis (and the batch axes):
+
+* the band: each device receives the last ``w`` rows of its left neighbour and the first ``w`` of
+  its right neighbour (keys, values and mask: ``jax.lax.ppermute``; zeros past the ends of the
+  document, masked as pads) and computes the blocked band
+  (``attention.lean_band_with_global_keys_heads``) on [left halo | own rows | right halo],
+  keeping its own rows (the halo rows' outputs are computed and dropped);
+* the global columns of the band: the local keys and values of the ``G`` global tokens, wherever
+  they lie, taken by the device that holds each and summed over the axis (a ``psum`` of rows that
+  are zero elsewhere: an all-gather of ``G`` rows, exact);
+* the global queries (the global q over every non-pad key): scores against the device's own keys,
+  the row maxima combined with ``pmax``, the softmax denominators and the weighted sums of the
+  values with ``psum``; the device that holds a global token writes its row.
+
+The numbers are those of one device (SPEC.md's dense statement: pad and global keys out of the
+band, pad rows zero, float32 softmax): a key past the ends of the document is masked as HF masks
+pads (float32's min instead of ``-inf``), which gives every kept row the same zero probability.
+Per device and layer the memory is that of its ``L / n`` rows, plus ``2w`` halo rows and the
+``G`` global rows.
+
+Requirements: the padded length a multiple of ``n x 2w`` for every layer's window (else a
+ValueError), the blocked band (``attention_implementation`` "blocked", or "auto", which takes it
+here; a kernel is refused). ``output_attentions=True`` keeps the one-device path (GSPMD then lays
+out the whole probabilities), for inspection rather than for long documents. Dropout: each device draws its masks from the layer's key folded with
+its index on the mesh, so the masks are deterministic and independent across devices, but they
+are not those of one device; only without attention dropout are the numbers one device's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from longformer_jax import attention as attn
+from longformer_jax.attention import GlobalSlots
+from longformer_jax.dropout import dropout
+from longformer_jax.kernels import batch_shard_axes
+from longformer_jax.sharding import SEQUENCE_AXIS
+
+Array = jax.Array
+
+# HF's fill for masked scores (attention._MASKED): a row with every key masked is uniform, never NaN.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+# The band implementations a sequence-parallel layer runs ("auto" takes the blocked band here).
+IMPLEMENTATIONS = ("blocked", "auto")
+
+
+def sequence_devices() -> int:
+    """Devices on the "sequence" axis of the ambient mesh (``jax.set_mesh``); 1 without one.
+
+    Also 1 inside a ``shard_map`` that has made the axis manual (the pieces are then local)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+        return 1
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if types[SEQUENCE_AXIS] == jax.sharding.AxisType.Manual:
+        return 1
+    return int(mesh.shape[SEQUENCE_AXIS])
+
+
+def check_sequence_split(length: int, attention_window: int, devices: int, implementation: str = "blocked") -> None:
+    """A ValueError naming the fix unless a padded ``length`` splits into whole windows over ``devices``."""
+    step = devices * attention_window
+    if length % step:
+        raise ValueError(
+            f"sequence parallelism over {devices} devices: the padded sequence length {length} must be a multiple "
+            f"of {devices} x the attention window {attention_window} = {step}, so that every device holds whole "
+            f"windows; pad the inputs (--seq-len) to a multiple of {step}, or use fewer devices on the sequence "
+            "axis (--mesh sequence=N)."
+        )
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention_implementation={implementation!r} has no sequence-parallel form (its kernel sees whole "
+            "sequences); under a mesh with a sequence axis use attention_implementation='blocked' or 'auto'."
+        )
+
+
+# ------------------------------------------------------------------------------ inside the shard_map
+def _owned(slots: GlobalSlots, length: int) -> tuple[Array, Array]:
+    """(position within this device's piece, whether this device holds the slot's token), (B, G) each."""
+    start = jax.lax.axis_index(SEQUENCE_AXIS) * length
+    own_BxG = slots.valid_BxG & (slots.index_BxG >= start) & (slots.index_BxG < start + length)
+    return jnp.where(own_BxG, slots.index_BxG - start, 0), own_BxG
+
+
+def _gather_owned(x: Array, index_BxG: Array, own_BxG: Array, axis: int) -> Array:
+    """The rows ``index`` of ``x`` along ``axis`` (the token axis), from the devices that hold them.
+
+    Every device takes its own rows, zeros the others, and the pieces are summed over the axis:
+    exact (a sum with zeros), and the result is the same on every device."""
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = index_BxG.shape
+    rows = jnp.take_along_axis(x, index_BxG.reshape(shape), axis=axis)
+    return jax.lax.psum(jnp.where(own_BxG.reshape(shape), rows, jnp.zeros((), x.dtype)), SEQUENCE_AXIS)
+
+
+def _with_halo(x: Array, w: int, axis: int, devices: int) -> Array:
+    """[last ``w`` rows of the left neighbour | x | first ``w`` rows of the right one] along ``axis``.
+
+    The first device's left halo and the last one's right halo are zeros (``ppermute`` fills a
+    device nothing is sent to with zeros): pads, for a mask."""
+    n = x.shape[axis]
+    to_right = [(i, i + 1) for i in range(devices - 1)]
+    to_left = [(i + 1, i) for i in range(devices - 1)]
+    left = jax.lax.ppermute(jax.lax.slice_in_dim(x, n - w, n, axis=axis), SEQUENCE_AXIS, to_right)
+    right = jax.lax.ppermute(jax.lax.slice_in_dim(x, 0, w, axis=axis), SEQUENCE_AXIS, to_left)
+    return jnp.concatenate([left, x, right], axis=axis)
+
+
+def _band(q, k, v, mask_BxL, w: int, devices: int, global_kv, *, block_size, dropout_rate, dropout_rng) -> Array:
+    """This device's rows of the band (B, H, L/n, D): the blocked band over its rows and both halos."""
+    halo = functools.partial(_with_halo, w=w, devices=devices)
+    q_ext = jnp.pad(q, ((0, 0), (0, 0), (w, w), (0, 0)))  # the halo rows' outputs are dropped
+    out = attn.lean_band_with_global_keys_heads(
+        q_ext, halo(k, axis=2), halo(v, axis=2), halo(mask_BxL, axis=1), w, global_kv,
+        block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+    )
+    return out[:, :, w : w + q.shape[2]]
+
+
+def _global_scores(qg, x, key_global, reassociate: bool) -> Array:
+    """Scores (B, H, G, L/n) float32 of the global queries against this device's keys (global projections).
+
+    ``reassociate``: fold the key projection into the queries (as
+    ``attention.global_query_attention_from_hidden_heads``), else project the keys (as the model does)."""
+    B, H, G, D = qg.shape
+    wk, bk = (a.astype(x.dtype) for a in key_global)
+    if reassociate:
+        qk_BxHxGxE = jnp.einsum("bhgd,ehd->bhge", qg, wk.reshape(-1, H, D), preferred_element_type=jnp.float32)
+        bias_BxHxG = jnp.einsum("bhgd,hd->bhg", qg, bk.reshape(H, D), preferred_element_type=jnp.float32)
+        s = jnp.einsum("bhge,ble->bhgl", qk_BxHxGxE.astype(x.dtype), x, preferred_element_type=jnp.float32)
+        return s + bias_BxHxG[..., None]
+    k_BxHxLxD = (x @ wk + bk).reshape(B, x.shape[1], H, D).transpose(0, 2, 1, 3)
+    return jnp.einsum("bhgd,bhld->bhgl", qg, k_BxHxLxD, preferred_element_type=jnp.float32)
+
+
+def _global_values(p_BxHxGxL, x, value_global, reassociate: bool) -> Array:
+    """Sum over the whole sequence of ``p`` times the global values, (B, H, G, D) float32 (a psum)."""
+    B, H, G, _ = p_BxHxGxL.shape
+    wv, bv = (a.astype(x.dtype) for a in value_global)
+    D = wv.shape[1] // H
+    p = p_BxHxGxL.astype(x.dtype)
+    if reassociate:
+        ph_BxHxGxE = jnp.einsum("bhgl,ble->bhge", p, x, preferred_element_type=jnp.float32)
+        ph_BxHxGxE, mass_BxHxG = jax.lax.psum((ph_BxHxGxE, jnp.sum(p_BxHxGxL, axis=-1)), SEQUENCE_AXIS)
+        out = jnp.einsum("bhge,ehd->bhgd", ph_BxHxGxE.astype(x.dtype), wv.reshape(-1, H, D),
+                         preferred_element_type=jnp.float32)
+        return out + mass_BxHxG[..., None] * value_global[1].astype(jnp.float32).reshape(H, D)[None, :, None, :]
+    v_BxHxLxD = (x @ wv + bv).reshape(B, x.shape[1], H, D).transpose(0, 2, 1, 3)
+    return jax.lax.psum(jnp.einsum("bhgl,bhld->bhgd", p, v_BxHxLxD, preferred_element_type=jnp.float32),
+                        SEQUENCE_AXIS)
+
+
+def _global_rows(qg, x, key_global, value_global, mask_BxL, valid_BxG, *, reassociate, dropout_rate, dropout_rng):
+    """The global queries' outputs (B, H, G, D) over every non-pad key of the whole sequence.
+
+    One softmax over the pieces: the row maximum (``pmax``), then the denominators and the weighted
+    sums of the values (``psum``); the same operations as ``jax.nn.softmax`` on one device."""
+    s = _global_scores(qg, x, key_global, reassociate)
+    keep = valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
+    s = jnp.where(keep, s, _MASKED)
+    # The softmax does not depend on the shift: no gradient through the maximum.
+    m = jax.lax.stop_gradient(jax.lax.pmax(jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)), SEQUENCE_AXIS))
+    e = jnp.exp(s - m)
+    p = e / jax.lax.psum(jnp.sum(e, axis=-1, keepdims=True), SEQUENCE_AXIS)
+    out = _global_values(dropout(dropout_rng, dropout_rate, p), x, value_global, reassociate)
+    return out.astype(x.dtype)
+
+
+def _local_attention(q, k, v, mask_BxL, slots, glob, rngs, *, w, devices, device_axes, block_size, dropout_rate,
+                     reassociate):
+    """One device's rows of the self-attention (B, H, L/n, D): band, global columns and global rows."""
+    index_BxG, own_BxG = _owned(slots, q.shape[2])
+    rng_band, rng_global = (None if r is None else jax.random.fold_in(r, jax.lax.axis_index(device_axes))
+                            for r in rngs)
+    global_kv = None
+    if glob is not None:
+        global_kv = (_gather_owned(k, index_BxG, own_BxG, axis=2), _gather_owned(v, index_BxG, own_BxG, axis=2),
+                     slots.valid_BxG)
+    out = _band(q, k, v, mask_BxL, w, devices, global_kv, block_size=block_size, dropout_rate=dropout_rate,
+                dropout_rng=rng_band)
+    if glob is None:
+        return out
+    rows = _global_rows(*glob, mask_BxL, slots.valid_BxG, reassociate=reassociate, dropout_rate=dropout_rate,
+                        dropout_rng=rng_global)
+    return attn.scatter_global_rows_heads(out, rows, GlobalSlots(index_BxG, own_BxG, slots.overflow_B))
+
+
+# ------------------------------------------------------------------------------ the entry points
+def _row_axes(batch: int) -> tuple[str, ...] | None:
+    """The mesh axes the rows of a batch are split over inside the shard_map (None: not split)."""
+    return batch_shard_axes(batch) or None
+
+
+def _slot_specs(rows) -> GlobalSlots:
+    return GlobalSlots(P(rows, None), P(rows, None), P(rows))
+
+
+def take_global_rows(x_BxLxE: Array, slots: GlobalSlots) -> Array:
+    """The rows of the global tokens (B, G, E) of a (B, L, E) array split over the "sequence" axis."""
+    B, _, E = x_BxLxE.shape
+    if slots.index_BxG.shape[1] == 0:
+        return jnp.zeros((B, 0, E), x_BxLxE.dtype)
+    rows = _row_axes(B)
+
+    def local(x, slots):
+        index_BxG, own_BxG = _owned(slots, x.shape[1])
+        return _gather_owned(x, index_BxG, own_BxG, axis=1)
+
+    specs = (P(rows, SEQUENCE_AXIS, None), _slot_specs(rows))
+    return jax.shard_map(local, in_specs=specs, out_specs=P(rows, None, None), check_vma=False)(x_BxLxE, slots)
+
+
+def self_attention_heads(
+    q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, one_sided_window: int,
+    slots: GlobalSlots, qg_BxHxGxD: Array, x_BxLxE: Array, key_global: tuple[Array, Array],
+    value_global: tuple[Array, Array], *, implementation: str = "blocked", block_size: int | None = None,
+    dropout_rate: float = 0.0, dropout_rng: Array | None = None, global_dropout_rng: Array | None = None,
+) -> Array:
+    """A layer's self-attention (B, H, L, D), its tokens split over the ambient mesh's "sequence" axis.
+
+    What ``LongformerSelfAttention`` computes on one device (the band with its global columns, the
+    global queries' rows written over it), with the arrays laid out over the mesh: ``q``, ``k``,
+    ``v`` (local projections, ``q`` scaled) and ``mask_BxL`` (0 pad, 1 local, 2 global) split along
+    the tokens; ``slots`` (over the whole sequence), ``qg_BxHxGxD`` (the scaled global queries,
+    :func:`take_global_rows`) and the global projections' ``(kernel, bias)`` whole. ``x_BxLxE``: the
+    layer's input in the compute dtype (the global keys and values are its projections). Dropout:
+    ``dropout_rng`` for the band, ``global_dropout_rng`` for the global rows (see the module)."""
+    B, H, L, _ = q_BxHxLxD.shape
+    w, devices = one_sided_window, sequence_devices()
+    check_sequence_split(L, 2 * w, devices, implementation)
+    G = slots.index_BxG.shape[1]
+    rows = _row_axes(B)
+    rate = float(dropout_rate) if dropout_rng is not None else 0.0
+    local = functools.partial(
+        _local_attention, w=w, devices=devices, device_axes=(*(rows or ()), SEQUENCE_AXIS), block_size=block_size,
+        dropout_rate=rate, reassociate=bool(G) and attn.reassociate_global(G, H, x_BxLxE.shape[-1]),
+    )
+    heads = P(rows, None, SEQUENCE_AXIS, None)
+    glob = (qg_BxHxGxD, x_BxLxE, key_global, value_global) if G else None
+    glob_specs = (P(rows, None, None, None), P(rows, SEQUENCE_AXIS, None), (P(), P()), (P(), P())) if G else None
+    rngs = (dropout_rng if rate else None, global_dropout_rng if rate and G else None)
+    rng_specs = tuple(None if r is None else P() for r in rngs)
+    specs = (heads, heads, heads, P(rows, SEQUENCE_AXIS), _slot_specs(rows), glob_specs, rng_specs)
+    return jax.shard_map(local, in_specs=specs, out_specs=heads, check_vma=False)(
+        q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, slots, glob, rngs
+    )
+
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "check_sequence_split",
+    "self_attention_heads",
+    "sequence_devices",
+    "take_global_rows",
+]
