@@ -8,8 +8,10 @@ saved with model_max_length = max length. SRC may also be a Longformer: it is ma
 way (its position rows copied in repeats; its global projections, and its windows unless
 --attention-window is given, kept), e.g. for documents split over devices (--mesh sequence=N):
 
-    python -m convert.roberta_to_longformer kiddothe2b/longformer-base-4096 ckpt/long-64k --max-length 65536 --format: hf (config.json + model.safetensors), flax
-(an Orbax Flax checkpoint) or both (one directory that is both).
+    python -m convert.roberta_to_longformer kiddothe2b/longformer-base-4096 ckpt/long-64k --max-length 65536
+
+--format: hf (config.json + model.safetensors), flax (an Orbax Flax checkpoint) or both (one
+directory that is both).
 """
 
 from __future__ import annotations

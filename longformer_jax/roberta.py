@@ -4,9 +4,10 @@
 the position table extended by copying RoBERTa's rows in repeats (``extend_position_embeddings``),
 ``query/key/value_global`` made as copies of ``query/key/value``, the attention window set on every
 layer. A Longformer given instead is made longer the same way: its position rows copied in repeats,
-everything else (its global projections, its windows unless others are given) kept. ``convert_roberta_to_longformer`` reads a RoBERTa directory (or hub id) and writes the long
-model's directory: HF files, a Flax checkpoint, or both, with the tokenizer's ``model_max_length``
-raised to the new length.
+everything else (its global projections, its windows unless others are given) kept.
+``convert_roberta_to_longformer`` reads a RoBERTa directory (or hub id) and writes the long model's
+directory: HF files, a Flax checkpoint, or both, with the tokenizer's ``model_max_length`` raised to
+the new length.
 """
 
 from __future__ import annotations

@@ -29,9 +29,13 @@ Per device and layer the memory is that of its ``L / n`` rows, plus ``2w`` halo 
 Requirements: the padded length a multiple of ``n x 2w`` for every layer's window (else a
 ValueError), the blocked band (``attention_implementation`` "blocked", or "auto", which takes it
 here; a kernel is refused). ``output_attentions=True`` keeps the one-device path (GSPMD then lays
-out the whole probabilities), for inspection rather than for long documents. Dropout: each device draws its masks from the layer's key folded with
-its index on the mesh, so the masks are deterministic and independent across devices, but they
-are not those of one device; only without attention dropout are the numbers one device's.
+out the whole probabilities), for inspection rather than for long documents.
+
+Dropout: each device draws its attention masks from the layer's key folded with its index on the
+mesh, so the masks are deterministic and independent across devices, but they are not those of
+one device; only without attention dropout are the numbers one device's. (The hidden dropout
+between the layers is drawn by GSPMD for the whole (B, L, E) array on every device: with it, a
+device's temporaries hold that array's random bits; see bench/sequence_parallel.py --dropout.)
 """
 
 from __future__ import annotations
@@ -198,6 +202,12 @@ def _local_attention(q, k, v, mask_BxL, slots, glob, rngs, *, w, devices, device
 
 
 # ------------------------------------------------------------------------------ the entry points
+# The shard_maps run with check_vma=False: the band's custom VJP (attention._lean_band) accumulates its
+# gradients in scans that start from zeros, which the varying-value check would reject. Without the
+# check a psum transposes to a psum, which is what every psum here needs: each device's cotangent is
+# its own part of the whole (the gradients equal one device's: tests/test_sequence_parallel.py).
+
+
 def _row_axes(batch: int) -> tuple[str, ...] | None:
     """The mesh axes the rows of a batch are split over inside the shard_map (None: not split)."""
     return batch_shard_axes(batch) or None

@@ -244,6 +244,8 @@ def test_one_step_on_a_65536_token_document_over_8_devices(tmp_path):
     assert "examples of 65536 tokens, 8 device(s) (mesh), batch 1" in p.stderr + p.stdout
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["split"] == "train"]
-    assert [r["step"] for r in train] == [1] and np.isfinite(train[0]["loss"]) and train[0]["count"] > 1000
+    assert [r["step"] for r in train] == [1] and np.isfinite(train[0]["loss"]) and train[0]["grad_norm"] > 0
+    evals = [r for r in recs if r["split"] == "eval"]
+    assert evals and all(np.isfinite(r["loss"]) and r["count"] > 5000 for r in evals), evals  # ~15% of 65k
     assert json.loads((out / "config.json").read_text())["mesh_sequence"] == 8
     assert (out / "hf" / "model.safetensors").exists()
