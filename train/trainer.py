@@ -255,6 +255,10 @@ class MeshDriver(Driver):
         self.num_devices = self.mesh.size
         self.sequence_devices = self.mesh.shape[shd.SEQUENCE_AXIS]
         self.batch_devices = self.num_devices // self.sequence_devices  # data x fsdp: the rows split over them
+        if jax.process_count() > 1 and jax.local_device_count() % self.sequence_devices:
+            raise ValueError(f"mesh sequence={self.sequence_devices} spans several hosts ({jax.local_device_count()} "
+                             "devices each); every host feeds whole rows, so the sequence axis must divide a host's "
+                             "devices: use a smaller --mesh sequence=N.")
         self.replicated = NamedSharding(self.mesh, P())
         self._train_step = make_train_step(model, tx, objective, **self._step_kw)
         self._eval_step = make_eval_step(model, objective)
