@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 import safetensors.flax
 import safetensors.numpy
 
-from longformer_jax.config import JAX_FIELDS, LongformerConfig
+from longformer_jax.config import JAX_FIELDS, PATTERN_FIELDS, LongformerConfig
 from longformer_jax.state_dict import (
     base_pooler_setting,
     convert_params,
@@ -339,9 +339,11 @@ def is_flax_checkpoint(path: str | os.PathLike) -> bool:
 def model_settings(config: LongformerConfig) -> dict[str, Any]:
     """The JAX-side settings a Flax checkpoint keeps beside config.json (the layer layout is the params').
 
-    Among them the attention patterns (``attention_dilation``, ``causal_attention``): config.json cannot
-    hold them, so a dilated or causal model loads back the same only from here."""
-    return {k: getattr(config, k) for k in JAX_FIELDS if k != "scan_layers"}
+    Among them the attention patterns (``attention_dilation``, ``causal_attention``), written when the
+    model uses one: config.json cannot hold them, so a dilated or causal model loads back the same only
+    from here (a model without them writes the same file as before they existed)."""
+    fields = [k for k in JAX_FIELDS if k != "scan_layers" and (k not in PATTERN_FIELDS or config.has_attention_pattern)]
+    return {k: getattr(config, k) for k in fields}
 
 
 def write_flax_params(directory: str | os.PathLike, params, task: str,
