@@ -314,8 +314,9 @@ def _empty_corpus_error(infos: list[dict[str, Any]], settings: Settings) -> Empt
             f"the corpus is empty after the length filter: {read} documents read, none with at least "
             f"min_doc_tokens={settings.min_doc_tokens} tokens (the longest has {longest}); lower --min-doc-tokens "
             "or use a corpus of longer documents")
+    held_out = sum(i.get("eval", {}).get("documents", 0) for i in infos)
     return EmptyCorpusError(
-        f"no training example: {kept} documents kept ({settings.eval_docs} of them held out by --eval-docs) "
+        f"no training example: {kept} documents kept ({held_out} of them held out by --eval-docs) "
         f"make no {settings.layout!r} example of seq_len={settings.seq_len}; lower --eval-docs or --seq-len, "
         "or add documents")
 
