@@ -100,7 +100,7 @@ def open_prepared(directory: str | Path, tok: Any = None, *, layout: str | None 
     manifest = read_manifest(directory)
     manifest.check_files()
     if tok is not None and tokenizer_hash(tok) != manifest.tokenizer_hash:
-        made_with = manifest.settings["tokenizer"].get("name") or "?"
+        made_with = manifest.content.get("tokenizer_name") or "?"
         raise ValueError(
             f"prepared data {directory} was made with another tokenizer ({made_with!r}, sha256 "
             f"{manifest.tokenizer_hash[:12]}) than {getattr(tok, 'name_or_path', '') or 'the one given'!r} (sha256 "

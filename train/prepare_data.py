@@ -174,7 +174,7 @@ class Counts:
                 "bytes": size}
 
 
-class _Sink:
+class RecordSink:
     """One output file being written: records of kept documents (contiguous: cut from a stream)."""
 
     def __init__(self, path: Path, layout: records.RecordLayout):
@@ -219,9 +219,9 @@ def prepare_unit(unit: SourceUnit, index: int, count: int, output: Path, encoder
                  settings: dict[str, Any], workers: int = 1, progress: bool = True) -> dict[str, Any]:
     """Writes output shard ``index`` (and, for unit 0, the evaluation file); returns its counts."""
     layout, eval_docs = encoder.layout, encoder.settings.eval_docs if index == 0 else 0
-    sinks = {"train": _Sink(output / records.shard_name(index, count), layout)}
+    sinks = {"train": RecordSink(output / records.shard_name(index, count), layout)}
     if eval_docs:
-        sinks["eval"] = _Sink(output / records.EVAL_FILE, layout)
+        sinks["eval"] = RecordSink(output / records.EVAL_FILE, layout)
     bar = _Progress(progress, f"shard {index + 1}/{count}")
     read = longest = 0
     try:
@@ -258,8 +258,7 @@ def settings_content(settings: Settings, tok: Any, units: list[SourceUnit]) -> d
         eos_id=ids.eos, pad_id=ids.pad,
         dtype=records.token_dtype(ids.vocab_size, settings.seq_len, settings.block_size))
     return {
-        "tokenizer": {"sha256": tokenizer_hash(tok), "vocab_size": ids.vocab_size, "mask_id": ids.mask,
-                      "name": str(getattr(tok, "name_or_path", "") or "")},
+        "tokenizer": {"sha256": tokenizer_hash(tok), "vocab_size": ids.vocab_size, "mask_id": ids.mask},
         "record_layout": layout.to_json(),
         "min_doc_tokens": settings.min_doc_tokens, "min_blocks": settings.min_blocks,
         "eval_docs": settings.eval_docs, "text_field": settings.text_field,
@@ -272,9 +271,8 @@ def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
     shown = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in keys
              if k not in ("units", "tokenizer") and saved.get(k) != now.get(k)]
     if saved.get("tokenizer", {}).get("sha256") != now.get("tokenizer", {}).get("sha256"):
-        shown.append(f"tokenizer: saved {saved.get('tokenizer', {}).get('name')!r} (sha256 "
-                     f"{saved.get('tokenizer', {}).get('sha256', '?')[:12]}), now {now['tokenizer']['name']!r} "
-                     f"(sha256 {now['tokenizer']['sha256'][:12]})")
+        shown.append(f"tokenizer: saved sha256 {saved.get('tokenizer', {}).get('sha256', '?')[:12]}, now sha256 "
+                     f"{now['tokenizer']['sha256'][:12]}")
     if saved.get("units") != now.get("units") and (saved.get("units") is not None or not shown):
         shown.append("the input files or their sizes")
     return "; ".join(shown)
@@ -346,7 +344,9 @@ def write_manifest(output: Path, tok: Any, spec: str, settings: Settings, conten
                 "settings_hash": records.canonical_hash(content), "shards": shards, "eval": evaluation,
                 "totals": totals}
     manifest["fingerprint"] = records.canonical_hash(manifest)
-    manifest["source"] = spec  # informational: not in the fingerprint (the units and sizes are)
+    # Informational, not in the fingerprint: the spec (the units and their sizes are) and the tokenizer's
+    # name (its hash is).
+    manifest.update(source=spec, tokenizer_name=str(getattr(tok, "name_or_path", "") or ""))
     records.write_json_atomic(output / records.MANIFEST, manifest)
     return records.read_manifest(output)
 
