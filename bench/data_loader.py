@@ -18,6 +18,14 @@ python -m bench.data_loader --dir /tmp/x --sizes 10000 1000000 --step-ms 3058
    a train step consumes at that layout: ``1000 / --step-ms`` (the default, 3,058 ms, is the 2-layer
    base-size train step at 4,096 tokens, window 128 + 32 globals, batch 1, of ``python -m bench.run``
    in the README; a 12-layer step takes about 6x longer, so the real ratio is larger).
+3. **Preparation.** A local sample in C4's format (``c4-train.IIIII-of-NNNNN.json.gz``, JSON lines
+   with a ``text`` field) made of the real text at hand: the WikiText-2 validation articles in
+   ``../shared/data`` and the built-in python-docs corpus. It is not C4: its documents are longer
+   than C4's typical ones, so more of them pass the 1,024-token filter. ``python -m
+   train.prepare_data`` runs on it with the seed's settings (blocks of 128, 4,096 tokens,
+   ``--min-doc-tokens 1024``) and a byte-level BPE of 8,192 tokens trained on the sample; the table
+   gives documents/s and tokens/s, the time per million documents of this sample, and the shards'
+   bytes per kept token.
 """
 
 from __future__ import annotations
@@ -111,6 +119,63 @@ def _child(directory: Path, batches: int, batch_size: int, one_core: bool) -> di
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def write_c4_sample(directory: Path, n_files: int = 4) -> int:
+    """The sample in C4's file format; returns its number of documents (skipped if present)."""
+    import gzip
+
+    from train import corpus
+
+    files = [directory / f"c4-train.{i:05d}-of-{n_files:05d}.json.gz" for i in range(n_files)]
+    wikitext = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2" / "valid.txt"
+    docs = list(corpus.read_documents(str(wikitext))) if wikitext.exists() else []
+    docs += list(corpus.read_documents(corpus.BUILTIN_PYTHON_DOCS))
+    if all(f.exists() for f in files):
+        return len(docs)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(files):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            for doc in docs[i::n_files]:
+                f.write(json.dumps({"text": doc, "timestamp": "2019-04-25T00:00:00Z", "url": "local"}) + "\n")
+    return len(docs)
+
+
+def sample_table(root: Path, workers: list[int]) -> None:
+    """Times train.prepare_data on the C4-format sample with the seed's settings (table 3)."""
+    from train import corpus, data
+
+    sample = root / "c4-sample"
+    n_docs = write_c4_sample(sample)
+    tok_dir = root / "sample-tokenizer"
+    if not data.has_tokenizer_files(tok_dir):
+        data.train_demo_tokenizer(corpus.read_documents(str(sample)), str(tok_dir), vocab_size=8192)
+    in_mib = sum(f.stat().st_size for f in sample.iterdir()) / 2**20
+    print(f"\nSample: {n_docs} documents in 4 json.gz files ({in_mib:.1f} MiB compressed), tokenizer {tok_dir}\n"
+          "| workers | documents kept / read | tokens read | examples | seconds | documents/s | tokens/s "
+          "| s per 1M documents | shard bytes per kept token | MiB per 1M kept tokens |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w in workers:
+        out = root / f"c4-sample-prepared-{w}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "train.prepare_data", "--data", str(sample), "--tokenizer", str(tok_dir),
+               "--output", str(out), "--seq-len", "4096", "--block-size", "128", "--min-doc-tokens", "1024",
+               "--workers", str(w), "--no-progress"]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                           cwd=Path(__file__).resolve().parents[1])
+        seconds = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-3000:])
+        t = data.open_prepared(out).content["totals"]
+        per_token = t["bytes"] / t["train_tokens"]
+        print(f"| {w} | {t['train_documents']:,} / {t['documents_read']:,} | {t['tokens_read']:,} | "
+              f"{t['train_examples']:,} | {seconds:,.1f} | {t['documents_read'] / seconds:,.1f} | "
+              f"{t['tokens_read'] / seconds:,.0f} | {1e6 * seconds / t['documents_read']:,.0f} | {per_token:.2f} | "
+              f"{per_token * 1e6 / 2**20:,.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.data_loader", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="/tmp/longformer-jax-loader-bench", help="where the prepared data are written")
@@ -122,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-examples", type=int, default=2000, help="examples of the seed-layout corpus")
     p.add_argument("--speed-batches", type=int, default=40)
     p.add_argument("--step-ms", type=float, default=3058.0, help="one train step of one 4,096-token example, in ms")
+    p.add_argument("--sample-workers", type=int, nargs="*", default=[1, 2],
+                   help="--workers of the preparation runs on the C4-format sample (none: skip table 3)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -147,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| layout | loader examples/s (1 core) | loader tokens/s | train step examples/s | loader / step |\n"
           f"|---|---:|---:|---:|---:|\n| 4,096 tokens, 32 blocks of 128 | {r['examples_per_s']:,.1f} | "
           f"{r['examples_per_s'] * 4096:,.0f} | {step:.3f} | **{r['examples_per_s'] / step:,.0f}x** |")
+    if args.sample_workers:
+        sample_table(root, args.sample_workers)
     return 0
 
 

@@ -223,10 +223,11 @@ def prepare_unit(unit: SourceUnit, index: int, count: int, output: Path, encoder
     if eval_docs:
         sinks["eval"] = RecordSink(output / records.EVAL_FILE, layout)
     bar = _Progress(progress, f"shard {index + 1}/{count}")
-    read = longest = 0
+    read = longest = tokens_read = 0
     try:
         for n_tokens, payload in encoded_documents(unit.read(), encoder, workers):
             read += 1
+            tokens_read += n_tokens
             longest = max(longest, n_tokens)
             if payload is not None:
                 eval_sink = sinks.get("eval")
@@ -235,7 +236,8 @@ def prepare_unit(unit: SourceUnit, index: int, count: int, output: Path, encoder
             bar.update(n_tokens)
         info = {"settings_hash": records.canonical_hash(settings), "unit": index, "source": unit.name,
                 "settings": {k: v for k, v in settings.items() if k != "units"}, "documents_read": read,
-                "longest_document_tokens": longest, **{name: sink.commit() for name, sink in sinks.items()}}
+                "tokens_read": tokens_read, "longest_document_tokens": longest,
+                **{name: sink.commit() for name, sink in sinks.items()}}
     except BaseException:
         for sink in sinks.values():
             sink.writer.abort()
@@ -332,12 +334,14 @@ def write_manifest(output: Path, tok: Any, spec: str, settings: Settings, conten
             os.replace(tmp, tok_dir)
         except OSError:  # another process wrote it first
             shutil.rmtree(tmp, ignore_errors=True)
-    shards = [{**i["train"], "source": i["source"], "documents_read": i["documents_read"]} for i in infos]
+    shards = [{**i["train"], "source": i["source"], "documents_read": i["documents_read"],
+               "tokens_read": i.get("tokens_read", 0)} for i in infos]
     evaluation = infos[0].get("eval") if infos else None
     totals = {
         "train_examples": sum(s["examples"] for s in shards), "train_tokens": sum(s["tokens"] for s in shards),
         "train_documents": sum(s["documents"] for s in shards),
         "documents_read": sum(s["documents_read"] for s in shards),
+        "tokens_read": sum(s["tokens_read"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards) + (evaluation["bytes"] if evaluation else 0),
     }
     manifest = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "settings": content,
