@@ -29,6 +29,7 @@ length filter) is one ``error:`` line and exit status 1, with no partial output 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -143,18 +144,26 @@ def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def encoded_documents(docs: Iterable[str], encoder: DocumentEncoder, workers: int) -> Iterator[tuple[int, Any]]:
-    """``encoder``'s result for every document, in order; ``workers > 1``: in that many processes."""
+@contextlib.contextmanager
+def worker_pool(encoder: DocumentEncoder, workers: int) -> Iterator[Any]:
+    """``workers`` processes running ``encoder`` (None for ``workers <= 1``: encode in this process)."""
     if workers <= 1:
+        yield None
+        return
+    # Spawned (not forked) workers: the caller may hold threads (JAX, the Rust tokenizer's pool).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
+        yield pool
+
+
+def encoded_documents(docs: Iterable[str], encoder: DocumentEncoder, pool: Any = None) -> Iterator[tuple[int, Any]]:
+    """``encoder``'s result for every document, in order: in this process, or by ``pool`` (``worker_pool``)."""
+    if pool is None:
         for chunk in _chunks(docs, CHUNK_DOCS):
             yield from encoder(chunk)
         return
-    # Spawned (not forked) workers: the caller may hold threads (JAX, the Rust tokenizer's pool).
-    ctx = multiprocessing.get_context("spawn")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
-        for results in pool.imap(_encode_in_worker, _chunks(docs, CHUNK_DOCS), chunksize=4):
-            yield from results
+    for results in pool.imap(_encode_in_worker, _chunks(docs, CHUNK_DOCS), chunksize=4):
+        yield from results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +225,7 @@ class _Progress:
 
 
 def prepare_unit(unit: SourceUnit, index: int, count: int, output: Path, encoder: DocumentEncoder, *,
-                 settings: dict[str, Any], workers: int = 1, progress: bool = True) -> dict[str, Any]:
+                 settings: dict[str, Any], pool: Any = None, progress: bool = True) -> dict[str, Any]:
     """Writes output shard ``index`` (and, for unit 0, the evaluation file); returns its counts."""
     layout, eval_docs = encoder.layout, encoder.settings.eval_docs if index == 0 else 0
     sinks = {"train": RecordSink(output / records.shard_name(index, count), layout)}
@@ -225,7 +234,7 @@ def prepare_unit(unit: SourceUnit, index: int, count: int, output: Path, encoder
     bar = _Progress(progress, f"shard {index + 1}/{count}")
     read = longest = tokens_read = 0
     try:
-        for n_tokens, payload in encoded_documents(unit.read(), encoder, workers):
+        for n_tokens, payload in encoded_documents(unit.read(), encoder, pool):
             read += 1
             tokens_read += n_tokens
             longest = max(longest, n_tokens)
@@ -379,10 +388,11 @@ def prepare(spec: str, tok: Any, output: str | os.PathLike, settings: Settings, 
     encoder = DocumentEncoder(tok, settings, records.RecordLayout(**content["record_layout"]))
     count = len(units)
     try:
-        for i in range(shard_index, count, num_shards):
-            if _complete_shard(output, i, count, settings_hash, content) is None:
-                prepare_unit(units[i], i, count, output, encoder, settings=content, workers=workers,
-                             progress=progress)
+        todo = [i for i in range(shard_index, count, num_shards)
+                if _complete_shard(output, i, count, settings_hash, content) is None]
+        with worker_pool(encoder, workers if todo else 1) as pool:
+            for i in todo:
+                prepare_unit(units[i], i, count, output, encoder, settings=content, pool=pool, progress=progress)
         infos = [_complete_shard(output, i, count, settings_hash, content) for i in range(count)]
         if any(info is None for info in infos):
             done = sum(info is not None for info in infos)
