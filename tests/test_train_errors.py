@@ -183,6 +183,9 @@ def test_prepared_data_with_a_missing_or_truncated_shard(tmp_path, capsys, prepa
     shard.unlink()
     rc, err = cli(capsys, "--data", str(p), "--output-dir", str(tmp_path / "run"))
     assert rc == 1 and "train-00000-of-00001.arrayrecord is missing" in err
+    (p / "manifest.json").unlink()
+    rc, err = cli(capsys, "--data", str(p), "--output-dir", str(tmp_path / "run"))
+    assert rc == 1 and "holds no manifest.json" in err and "rerun python -m train.prepare_data" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -382,7 +382,11 @@ def prepare(spec: str, tok: Any, output: str | os.PathLike, settings: Settings, 
         manifest = records.read_manifest(output)
         if manifest.content["settings_hash"] != settings_hash:
             raise _other_settings_error(output, manifest.settings, content)
-        return manifest
+        try:
+            manifest.check_files()
+            return manifest
+        except ValueError:  # a shard went missing or was damaged since: prepare it again below
+            (output / records.MANIFEST).unlink()
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     encoder = DocumentEncoder(tok, settings, records.RecordLayout(**content["record_layout"]))

@@ -94,6 +94,8 @@ def load_tokenizer(cfg: config_lib.TrainConfig, out: Path):
     """
     saved = out / data.RUN_TOKENIZER_DIR
     prepared = data.looks_prepared(cfg.data)
+    if prepared:
+        data.open_prepared(cfg.data)  # an unfinished or damaged directory: its error, before anything else
     source = cfg.tokenizer or cfg.init or (str(Path(cfg.data) / data.TOKENIZER_DIR) if prepared else None)
     if source is None and cfg.data.startswith("hf:"):
         raise ValueError(f"--data {cfg.data} is streamed: pass --tokenizer (a tokenizer is trained only on a local "

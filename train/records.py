@@ -225,7 +225,7 @@ def is_prepared(path: str | os.PathLike) -> bool:
 def looks_prepared(path: str | os.PathLike) -> bool:
     """True when ``path`` is prepared data or an unfinished preparation (shards, no manifest yet)."""
     path = Path(path)
-    return is_prepared(path) or (path.is_dir() and any(path.glob("train-*-of-*.arrayrecord*")))
+    return is_prepared(path) or (path.is_dir() and any(path.glob("train-*-of-*.*")))
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:
