@@ -135,6 +135,18 @@ def test_read_jsonl_and_parquet(tmp_path):
     assert list(data.read_documents(str(ppath.parent))) == ["alpha", "beta"]
 
 
+def test_glob_pattern_selects_c4_train_files(tmp_path):
+    for name in ("c4-train.00000-of-00002", "c4-train.00001-of-00002", "c4-validation.00000-of-00001"):
+        with gzip.open(tmp_path / f"{name}.json.gz", "wt") as f:
+            f.write(json.dumps({"text": f"doc of {name}", "url": "u"}) + "\n")
+    units = corpus.source_units(str(tmp_path / "c4-train.*.json.gz"))
+    assert [u.name for u in units] == ["c4-train.00000-of-00002.json.gz", "c4-train.00001-of-00002.json.gz"]
+    assert [d for u in units for d in u.read()] == ["doc of c4-train.00000-of-00002", "doc of c4-train.00001-of-00002"]
+    assert len(corpus.source_units(str(tmp_path))) == 3  # the folder: validation files too
+    with pytest.raises(ValueError, match=r"matches no .* file; check the pattern"):
+        corpus.source_units(str(tmp_path / "c4-test.*.json.gz"))
+
+
 def test_read_wikitext2_validation_articles():
     if not os.path.exists(WIKITEXT_VALID):
         pytest.skip(f"WikiText-2 not present at {WIKITEXT_VALID} (shared data folder absent)")

@@ -2,7 +2,8 @@
 
 A spec is one of
 
-- a path to a file or a directory (searched recursively, files in sorted order) of
+- a path to a file, a directory (searched recursively, files in sorted order) or a glob pattern
+  (``c4/en/c4-train.*.json.gz``: C4's ``en`` folder also holds its validation files) of
   ``.txt``, ``.jsonl`` or ``.parquet`` files (``.txt.gz``, ``.jsonl.gz`` and C4's ``.json.gz``
   JSON lines too);
 - ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset read in streaming mode,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import gzip
 import io
 import json
@@ -287,7 +289,17 @@ def _read_parquet(path: str, text_field: str) -> Iterator[str]:
         yield from batch.column(0).to_pylist()
 
 
+def _is_pattern(spec: str) -> bool:
+    return any(c in spec for c in "*?[") and not os.path.exists(os.path.expanduser(spec))
+
+
 def _corpus_files(path: str) -> list[str]:
+    if _is_pattern(path):
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f) and f.endswith(SUPPORTED_SUFFIXES))
+        if not files:
+            raise ValueError(f"data pattern {path!r} matches no {'/'.join(SUPPORTED_SUFFIXES)} file; check the "
+                             "pattern (quote it in the shell)")
+        return files
     if os.path.isfile(path):
         if not path.endswith(SUPPORTED_SUFFIXES):
             raise ValueError(
@@ -345,7 +357,7 @@ def _check_spec(spec: str, txt_mode: str) -> None:
         raise ValueError(f"unknown built-in corpus {spec!r}; the built-in corpus is {BUILTIN_PYTHON_DOCS!r}")
     if spec.startswith(HF_PREFIX):
         parse_hf_spec(spec)
-    elif not spec.startswith("builtin:") and not os.path.exists(os.path.expanduser(spec)):
+    elif not spec.startswith("builtin:") and not os.path.exists(os.path.expanduser(spec)) and not _is_pattern(spec):
         raise ValueError(
             f"data path {spec!r} does not exist; pass a .txt/.jsonl/.parquet file or a directory "
             f"of them, 'hf:NAME[:CONFIG]', or {BUILTIN_PYTHON_DOCS!r}"
@@ -376,7 +388,7 @@ def source_units(spec: str, *, txt_mode: str = "auto", text_field: str = "text")
     files = _corpus_files(path)
     if all(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"data path {spec!r} is empty (0 bytes); point --data at a corpus with text")
-    root = path if os.path.isdir(path) else os.path.dirname(path)
+    root = path if os.path.isdir(path) else os.path.commonpath([os.path.dirname(f) for f in files])
     return [SourceUnit(os.path.relpath(f, root), os.path.getsize(f),
                        functools.partial(lambda f: _stripped(_read_file(f, txt_mode, text_field)), f))
             for f in files]
