@@ -8,27 +8,33 @@ pieces meet. Under a mesh whose "sequence" axis has more than one device (``jax.
 the mesh driver traces its steps), ``LongformerSelfAttention`` calls :func:`self_attention_heads`,
 which runs on each device in a ``jax.shard_map`` over the "sequence" axis (and the batch axes):
 
-* the band: each device receives the last ``w`` rows of its left neighbour and the first ``w`` of
+* the band: each device receives the last ``h`` rows of its left neighbour and the first ``h`` of
   its right neighbour (keys, values and mask: ``jax.lax.ppermute``; zeros past the ends of the
   document, masked as pads) and computes the blocked band
   (``attention.lean_band_with_global_keys_heads``) on [left halo | own rows | right halo],
-  keeping its own rows (the halo rows' outputs are computed and dropped);
+  keeping its own rows (the halo rows' outputs are computed and dropped). ``h`` is the one-sided
+  window ``w``; with dilated windows (``attention_dilation``, per layer or per head) ``w`` times the
+  dilations' least common multiple (:func:`halo_rows`: the farthest key ``i + d*w``, and the pieces
+  keep the residues mod ``d`` of the whole sequence, so the dilated band, an ordinary band on every
+  residue subsequence, runs on the extended piece as on one device). A causal band
+  (``causal_attention``) needs the left halo only;
 * the global columns of the band: the local keys and values of the ``G`` global tokens, wherever
   they lie, taken by the device that holds each and summed over the axis (a ``psum`` of rows that
   are zero elsewhere: an all-gather of ``G`` rows, exact);
-* the global queries (the global q over every non-pad key): scores against the device's own keys,
-  the row maxima combined with ``pmax``, the softmax denominators and the weighted sums of the
-  values with ``psum``; the device that holds a global token writes its row.
+* the global queries (the global q over every non-pad key; when causal, those before the query):
+  scores against the device's own keys, the row maxima combined with ``pmax``, the softmax
+  denominators and the weighted sums of the values with ``psum``; the device that holds a global
+  token writes its row.
 
 The numbers are those of one device (SPEC.md's dense statement: pad and global keys out of the
 band, pad rows zero, float32 softmax): a key past the ends of the document is masked as HF masks
 pads (float32's min instead of ``-inf``), which gives every kept row the same zero probability.
-Per device and layer the memory is that of its ``L / n`` rows, plus ``2w`` halo rows and the
+Per device and layer the memory is that of its ``L / n`` rows, plus ``2h`` halo rows and the
 ``G`` global rows.
 
-Requirements: the padded length a multiple of ``n x 2w`` for every layer's window (else a
-ValueError), the blocked band (``attention_implementation`` "blocked", or "auto", which takes it
-here; a kernel is refused). ``output_attentions=True`` keeps the one-device path (GSPMD then lays
+Requirements: the padded length a multiple of ``n x 2w`` for every layer's window, times its
+dilation (``config.pad_multiple``; else a ValueError), the blocked band (``attention_implementation``
+"blocked", or "auto", which takes it here; a kernel is refused). ``output_attentions=True`` keeps the one-device path (GSPMD then lays
 out the whole probabilities), for inspection rather than for long documents.
 
 Dropout: each device draws its attention masks from the layer's key folded with its index on the
@@ -41,9 +47,12 @@ device's temporaries hold that array's random bits; see bench/sequence_parallel.
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from longformer_jax import attention as attn
@@ -73,15 +82,26 @@ def sequence_devices() -> int:
     return int(mesh.shape[SEQUENCE_AXIS])
 
 
-def check_sequence_split(length: int, attention_window: int, devices: int, implementation: str = "blocked") -> None:
-    """A ValueError naming the fix unless a padded ``length`` splits into whole windows over ``devices``."""
-    step = devices * attention_window
+def halo_rows(one_sided_window: int, dilation: int | Sequence[int] = 1) -> int:
+    """Rows a device needs from each neighbour for a layer's band: ``w`` times the dilations' least common
+    multiple (a dilated key ``i + d*k`` lies up to ``d*w`` away; a multiple of every ``d`` keeps the
+    positions' residues mod ``d`` those of the whole sequence)."""
+    return one_sided_window * math.lcm(*(int(d) for d in np.atleast_1d(np.asarray(dilation)).tolist()))
+
+
+def check_sequence_split(length: int, attention_window: int, devices: int, implementation: str = "blocked",
+                         dilation: int | Sequence[int] = 1) -> None:
+    """A ValueError naming the fix unless a padded ``length`` splits into whole (dilated) windows over ``devices``,
+    and the band's ``implementation`` has a sequence-parallel form."""
+    multiple = 2 * halo_rows(attention_window // 2, dilation)  # the window, times the dilation
+    step = devices * multiple
     if length % step:
+        dilated = f" x its dilation {multiple // attention_window}" if multiple != attention_window else ""
         raise ValueError(
             f"sequence parallelism over {devices} devices: the padded sequence length {length} must be a multiple "
-            f"of {devices} x the attention window {attention_window} = {step}, so that every device holds whole "
-            f"windows; pad the inputs (--seq-len) to a multiple of {step}, or use fewer devices on the sequence "
-            "axis (--mesh sequence=N)."
+            f"of {devices} x the attention window {attention_window}{dilated} = {step}, so that every device holds "
+            f"whole windows; pad the inputs (--seq-len) to a multiple of {step}, or use fewer devices on the "
+            "sequence axis (--mesh sequence=N)."
         )
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -109,28 +129,51 @@ def _gather_owned(x: Array, index_BxG: Array, own_BxG: Array, axis: int) -> Arra
     return jax.lax.psum(jnp.where(own_BxG.reshape(shape), rows, jnp.zeros((), x.dtype)), SEQUENCE_AXIS)
 
 
-def _with_halo(x: Array, w: int, axis: int, devices: int) -> Array:
-    """[last ``w`` rows of the left neighbour | x | first ``w`` rows of the right one] along ``axis``.
+def _with_halo(x: Array, left: int, right: int, axis: int, devices: int) -> Array:
+    """[last ``left`` rows of the left neighbour | x | first ``right`` rows of the right one] along ``axis``.
 
     The first device's left halo and the last one's right halo are zeros (``ppermute`` fills a
     device nothing is sent to with zeros): pads, for a mask."""
     n = x.shape[axis]
-    to_right = [(i, i + 1) for i in range(devices - 1)]
-    to_left = [(i + 1, i) for i in range(devices - 1)]
-    left = jax.lax.ppermute(jax.lax.slice_in_dim(x, n - w, n, axis=axis), SEQUENCE_AXIS, to_right)
-    right = jax.lax.ppermute(jax.lax.slice_in_dim(x, 0, w, axis=axis), SEQUENCE_AXIS, to_left)
-    return jnp.concatenate([left, x, right], axis=axis)
+    parts = [x]
+    if left:
+        to_right = [(i, i + 1) for i in range(devices - 1)]
+        parts.insert(0, jax.lax.ppermute(jax.lax.slice_in_dim(x, n - left, n, axis=axis), SEQUENCE_AXIS, to_right))
+    if right:
+        to_left = [(i + 1, i) for i in range(devices - 1)]
+        parts.append(jax.lax.ppermute(jax.lax.slice_in_dim(x, 0, right, axis=axis), SEQUENCE_AXIS, to_left))
+    return jnp.concatenate(parts, axis=axis)
 
 
-def _band(q, k, v, mask_BxL, w: int, devices: int, global_kv, *, block_size, dropout_rate, dropout_rng) -> Array:
-    """This device's rows of the band (B, H, L/n, D): the blocked band over its rows and both halos."""
-    halo = functools.partial(_with_halo, w=w, devices=devices)
-    q_ext = jnp.pad(q, ((0, 0), (0, 0), (w, w), (0, 0)))  # the halo rows' outputs are dropped
+def _band(q, k, v, mask_BxL, w: int, devices: int, global_kv, *, dilation, causal: bool, block_size,
+          dropout_rate, dropout_rng) -> Array:
+    """This device's rows of the band (B, H, L/n, D): the blocked band over its rows and the halos.
+
+    The halos are ``halo_rows`` each side (the left one only for the causal band, whose keys all lie
+    before the query; zeros fill the right end up to a whole window). The halo rows' outputs are dropped."""
+    Lp, h = q.shape[2], halo_rows(w, dilation)
+    right = 0 if causal else h
+    tail = (-(Lp + h + right)) % (2 * h)  # the band runs on whole (dilated) windows
+    ext = lambda x, axis: _pad_axis(_with_halo(x, h, right, axis, devices), axis, 0, tail)
+    if global_kv is not None and causal:
+        # Query i sees the global keys j <= i: the positions of the extended rows in the whole sequence.
+        kg, vg, (index_BxG, valid_BxG) = global_kv
+        pos_1xTx1 = (jax.lax.axis_index(SEQUENCE_AXIS) * Lp - h + jnp.arange(Lp + h + tail))[None, :, None]
+        global_kv = (kg, vg, valid_BxG[:, None, :] & (index_BxG[:, None, :] <= pos_1xTx1))
+    elif global_kv is not None:
+        global_kv = (*global_kv[:2], global_kv[2][1])
     out = attn.lean_band_with_global_keys_heads(
-        q_ext, halo(k, axis=2), halo(v, axis=2), halo(mask_BxL, axis=1), w, global_kv,
-        block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        _pad_axis(q, 2, h, right + tail), ext(k, 2), ext(v, 2), ext(mask_BxL, 1), w, global_kv,
+        block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng, dilation=dilation, causal=causal,
     )
-    return out[:, :, w : w + q.shape[2]]
+    return out[:, :, h : h + Lp]
+
+
+def _pad_axis(x: Array, axis: int, before: int, after: int) -> Array:
+    """``x`` with ``before`` and ``after`` zeros along ``axis``."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (before, after)
+    return jnp.pad(x, pad) if before or after else x
 
 
 def _global_scores(qg, x, key_global, reassociate: bool) -> Array:
@@ -166,13 +209,18 @@ def _global_values(p_BxHxGxL, x, value_global, reassociate: bool) -> Array:
                         SEQUENCE_AXIS)
 
 
-def _global_rows(qg, x, key_global, value_global, mask_BxL, valid_BxG, *, reassociate, dropout_rate, dropout_rng):
-    """The global queries' outputs (B, H, G, D) over every non-pad key of the whole sequence.
+def _global_rows(qg, x, key_global, value_global, mask_BxL, slots: GlobalSlots, *, causal, reassociate, dropout_rate,
+                 dropout_rng):
+    """The global queries' outputs (B, H, G, D) over every non-pad key of the whole sequence (when ``causal``,
+    the keys ``j <= i``).
 
     One softmax over the pieces: the row maximum (``pmax``), then the denominators and the weighted
     sums of the values (``psum``); the same operations as ``jax.nn.softmax`` on one device."""
     s = _global_scores(qg, x, key_global, reassociate)
-    keep = valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
+    keep = slots.valid_BxG[:, None, :, None] & (mask_BxL != 0)[:, None, None, :]
+    if causal:
+        pos_1x1x1xL = (jax.lax.axis_index(SEQUENCE_AXIS) * x.shape[1] + jnp.arange(x.shape[1]))[None, None, None, :]
+        keep = keep & (pos_1x1x1xL <= slots.index_BxG[:, None, :, None])
     s = jnp.where(keep, s, _MASKED)
     # The softmax does not depend on the shift: no gradient through the maximum.
     m = jax.lax.stop_gradient(jax.lax.pmax(jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)), SEQUENCE_AXIS))
@@ -182,8 +230,8 @@ def _global_rows(qg, x, key_global, value_global, mask_BxL, valid_BxG, *, reasso
     return out.astype(x.dtype)
 
 
-def _local_attention(q, k, v, mask_BxL, slots, glob, rngs, *, w, devices, device_axes, block_size, dropout_rate,
-                     reassociate):
+def _local_attention(q, k, v, mask_BxL, slots, glob, rngs, *, w, devices, device_axes, dilation, causal, block_size,
+                     dropout_rate, reassociate):
     """One device's rows of the self-attention (B, H, L/n, D): band, global columns and global rows."""
     index_BxG, own_BxG = _owned(slots, q.shape[2])
     rng_band, rng_global = (None if r is None else jax.random.fold_in(r, jax.lax.axis_index(device_axes))
@@ -191,12 +239,12 @@ def _local_attention(q, k, v, mask_BxL, slots, glob, rngs, *, w, devices, device
     global_kv = None
     if glob is not None:
         global_kv = (_gather_owned(k, index_BxG, own_BxG, axis=2), _gather_owned(v, index_BxG, own_BxG, axis=2),
-                     slots.valid_BxG)
-    out = _band(q, k, v, mask_BxL, w, devices, global_kv, block_size=block_size, dropout_rate=dropout_rate,
-                dropout_rng=rng_band)
+                     (slots.index_BxG, slots.valid_BxG))
+    out = _band(q, k, v, mask_BxL, w, devices, global_kv, dilation=dilation, causal=causal, block_size=block_size,
+                dropout_rate=dropout_rate, dropout_rng=rng_band)
     if glob is None:
         return out
-    rows = _global_rows(*glob, mask_BxL, slots.valid_BxG, reassociate=reassociate, dropout_rate=dropout_rate,
+    rows = _global_rows(*glob, mask_BxL, slots, causal=causal, reassociate=reassociate, dropout_rate=dropout_rate,
                         dropout_rng=rng_global)
     return attn.scatter_global_rows_heads(out, rows, GlobalSlots(index_BxG, own_BxG, slots.overflow_B))
 
@@ -237,6 +285,7 @@ def self_attention_heads(
     slots: GlobalSlots, qg_BxHxGxD: Array, x_BxLxE: Array, key_global: tuple[Array, Array],
     value_global: tuple[Array, Array], *, implementation: str = "blocked", block_size: int | None = None,
     dropout_rate: float = 0.0, dropout_rng: Array | None = None, global_dropout_rng: Array | None = None,
+    dilation: int | Sequence[int] = 1, causal: bool = False,
 ) -> Array:
     """A layer's self-attention (B, H, L, D), its tokens split over the ambient mesh's "sequence" axis.
 
@@ -246,16 +295,19 @@ def self_attention_heads(
     the tokens; ``slots`` (over the whole sequence), ``qg_BxHxGxD`` (the scaled global queries,
     :func:`take_global_rows`) and the global projections' ``(kernel, bias)`` whole. ``x_BxLxE``: the
     layer's input in the compute dtype (the global keys and values are its projections). Dropout:
-    ``dropout_rng`` for the band, ``global_dropout_rng`` for the global rows (see the module)."""
+    ``dropout_rng`` for the band, ``global_dropout_rng`` for the global rows (see the module).
+    ``dilation`` (an int, or one per head) and ``causal``: the layer's pattern, as in
+    ``attention.lean_band_attention_heads``."""
     B, H, L, _ = q_BxHxLxD.shape
     w, devices = one_sided_window, sequence_devices()
-    check_sequence_split(L, 2 * w, devices, implementation)
+    check_sequence_split(L, 2 * w, devices, implementation, dilation)
     G = slots.index_BxG.shape[1]
     rows = _row_axes(B)
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
     local = functools.partial(
-        _local_attention, w=w, devices=devices, device_axes=(*(rows or ()), SEQUENCE_AXIS), block_size=block_size,
-        dropout_rate=rate, reassociate=bool(G) and attn.reassociate_global(G, H, x_BxLxE.shape[-1]),
+        _local_attention, w=w, devices=devices, device_axes=(*(rows or ()), SEQUENCE_AXIS), dilation=dilation,
+        causal=causal, block_size=block_size, dropout_rate=rate,
+        reassociate=bool(G) and attn.reassociate_global(G, H, x_BxLxE.shape[-1]),
     )
     heads = P(rows, None, SEQUENCE_AXIS, None)
     glob = (qg_BxHxGxD, x_BxLxE, key_global, value_global) if G else None
@@ -271,6 +323,7 @@ def self_attention_heads(
 __all__ = [
     "IMPLEMENTATIONS",
     "check_sequence_split",
+    "halo_rows",
     "self_attention_heads",
     "sequence_devices",
     "take_global_rows",

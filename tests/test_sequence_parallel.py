@@ -3,9 +3,10 @@
 Outputs (the MLM logits) and every parameter's gradient, with pads (a padded tail and interior pads
 across a device boundary) and several global tokens per row held by different devices (one within
 ``w`` of a boundary, so a neighbour's halo carries it), on a ("sequence" = 8) mesh and on a
-("data" = 2, "sequence" = 4) mesh; at 1,024 tokens, and at 32,768 (slow). Also: the attention
-alone with dropout (deterministic, and different masks on different devices), stacked layers
-(``scan_layers``) with rematerialisation, and the clear errors.
+("data" = 2, "sequence" = 4) mesh; at 1,024 tokens, and at 32,768 (slow). Causal and dilated (per
+layer, per head) windows at 1,024 tokens. Also: the attention alone with dropout (deterministic,
+and different masks on different devices), stacked layers (``scan_layers``) with
+rematerialisation, and the clear errors.
 
 Multi-device runs happen in subprocesses: XLA_FLAGS must be set before JAX starts.
 """
@@ -79,6 +80,7 @@ SCRIPT = textwrap.dedent(r"""
                 got_out, got_grad = f(params, *args), g(params, *args)
             diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), got_grad, want_grad)
             out[name] = {"shard_map": "shard_map" in jaxpr and "ppermute" in jaxpr,
+                         "ppermutes": jaxpr.count("ppermute"),
                          "out": float(jnp.abs(got_out - want_out).max()),
                          "out_scale": float(jnp.abs(want_out).max()),
                          "grad": max(jax.tree.leaves(diffs)), "grad_scale": scale,
@@ -89,6 +91,11 @@ SCRIPT = textwrap.dedent(r"""
     params = lj.init_params(model, 0)
     report = {"model": compare(model, params, {"seq8": (1, 8), "data2_seq4": (2, 4)})}
     if L <= 4096:
+        # The attention patterns (causal, dilated per layer and per head, both), on the same parameters.
+        patterns = {"causal": dict(causal_attention=True), "dilated": dict(attention_dilation=[(1, 2, 1, 4), 2]),
+                    "causal_dilated": dict(causal_attention=True, attention_dilation=2)}
+        report["patterns"] = {name: compare(lj.LongformerForMaskedLM(config(**kw)), params, {"seq8": (1, 8)})["seq8"]
+                              for name, kw in patterns.items()}
         scanned = lj.LongformerForMaskedLM(config(scan_layers=True, remat=True, attention_window=16))
         report["scan_remat"] = compare(scanned, lj.init_params(scanned, 0), {"seq8": (1, 8)})
 
@@ -123,7 +130,8 @@ SCRIPT = textwrap.dedent(r"""
 
         errors = {}
         mesh = shd.make_mesh(1, 1, n)
-        bad = {"length": (L - 64, config()), "kernel": (L, config(attention_implementation="splash"))}
+        bad = {"length": (L - 64, config()), "kernel": (L, config(attention_implementation="splash")),
+               "dilated_length": (L - 128, config(attention_dilation=2))}
         for name, (length, cfg) in bad.items():
             try:
                 m = lj.LongformerForMaskedLM(cfg)
@@ -165,6 +173,15 @@ def test_outputs_and_gradients_equal_one_device(short_document):
     check_equal(short_document["scan_remat"])
 
 
+def test_causal_and_dilated_windows_equal_one_device(short_document):
+    """Causal, dilated (per head on one layer: halos of w x 4 rows) and causal dilated bands, with the global
+    tokens and pads of the plain test: outputs and gradients those of one device."""
+    patterns = short_document["patterns"]
+    check_equal(patterns)
+    # The causal band exchanges only the left halo: half the plain band's ppermutes (keys, values, mask).
+    assert patterns["causal"]["ppermutes"] * 2 == short_document["model"]["seq8"]["ppermutes"], patterns
+
+
 def test_attention_dropout_is_deterministic_and_differs_across_devices(short_document):
     d = short_document["dropout"]
     assert d["plain_pieces_equal"], "without dropout the repeated pieces must give the same rows"
@@ -175,6 +192,8 @@ def test_attention_dropout_is_deterministic_and_differs_across_devices(short_doc
 def test_bad_input_is_a_clear_error(short_document):
     e = short_document["errors"]
     assert e["length"] and "must be a multiple of 8 x the attention window 16 = 128" in e["length"], e
+    assert e["dilated_length"] and "multiple of 8 x the attention window 16 x its dilation 2 = 256" in e[
+        "dilated_length"], e
     assert e["kernel"] and "attention_implementation='splash'" in e["kernel"] and "'blocked'" in e["kernel"], e
 
 

@@ -400,7 +400,7 @@ def check_batch_split(cfg, num_devices: int) -> None:
 
 def make_driver(cfg, model, tx, objective: Objective, schedule=None, devices=None) -> Driver:
     """The driver `cfg.driver` names, checked against the batch size (and the sequence length, with a
-    sequence axis: every layer's window times the axis must divide it)."""
+    sequence axis: every layer's window, times its dilation, times the axis must divide it)."""
     kw = dict(dropout=cfg.dropout, schedule=schedule, devices=devices)
     if cfg.driver == "pmap":
         drv = PmapDriver(model, tx, objective, **kw)
@@ -408,9 +408,10 @@ def make_driver(cfg, model, tx, objective: Objective, schedule=None, devices=Non
         drv = MeshDriver(model, tx, objective, mesh_data=cfg.mesh_data, mesh_fsdp=cfg.mesh_fsdp,
                          mesh_sequence=cfg.mesh_sequence, **kw)
         if drv.sequence_devices > 1:
-            for window in sorted(set(model.config.attention_windows)):
+            mc = model.config
+            for window, dilation in dict.fromkeys(zip(mc.attention_windows, mc.attention_dilations, strict=True)):
                 sequence_parallel.check_sequence_split(cfg.seq_len, window, drv.sequence_devices,
-                                                       model.config.attention_implementation)
+                                                       mc.attention_implementation, dilation)
     check_batch_split(cfg, drv.num_devices)
     return drv
 
