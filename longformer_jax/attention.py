@@ -19,7 +19,9 @@ Two implementations of the band, with the same numbers, both head-major (B, H, L
 chunks of query blocks with a custom VJP that recomputes the scores in the backward pass, so
 training keeps O(L * D) per layer instead of O(L * (C + 2w)). Both take their key windows from
 ``_padded_blocks`` and ``_key_windows`` and their masks from ``_window_bias``: one additive bias
-shared by the heads; the softmax is normalised after the value product. Global queries:
+shared by the heads; the softmax is normalised after the value product. The lean band also takes
+its global columns given (``lean_band_with_global_keys_heads``: keys of global tokens that other
+devices hold, ``longformer_jax.sequence_parallel``). Global queries:
 ``global_query_attention_heads`` (or ``..._from_hidden_heads``, projections folded into the
 queries), their rows written over the band's by ``scatter_global_rows_heads``.
 
@@ -28,7 +30,8 @@ Two patterns that transformers lacks (allenai's original Longformer had them, in
 - dilated windows (``dilation=d``, an int or one per head): query ``i`` sees the local keys ``i + d*k``
   for ``k`` in ``-w .. w``. Exact and as cheap as the ordinary band: the positions with the same
   residue mod ``d`` form a subsequence, on which the dilated band is an ordinary band, so the sequence
-  is reshaped into ``B * d`` rows of ``L / d`` tokens (``band_pattern``; no gather, no L x L array).
+  is reshaped into ``B * d`` rows of ``L / d`` tokens (``band_pattern``, or ``band_pattern_on`` with the
+  global columns given; no gather, no L x L array).
 - causal windows (``causal=True``): every attention restricted to keys ``j <= i``: the band is
   ``i - w .. i`` (``d * k`` for ``k`` in ``-w .. 0`` when dilated; a block sees ``C + w`` keys, not
   ``C + 2w``), a local query sees the global keys ``j <= i``, and a global query the non-pad keys
