@@ -9,7 +9,8 @@ printed in markdown: the temporaries are the activations, which the split divide
 arguments and outputs hold the parameters (and their gradients), which every device keeps whole.
 With ``--check`` every program also runs, and its logits and gradients are compared with one
 device's (max absolute difference, and the difference over the largest value). ``--dropout P``
-measures the programs with hidden and attention dropout P (then only the memory compares).
+measures the programs with hidden and attention dropout P (then only the memory compares);
+``--causal`` and ``--dilation D`` measure those attention patterns.
 
 Run as a program it restarts itself with 8 host-platform devices (XLA reads XLA_FLAGS once).
 """
@@ -34,7 +35,7 @@ def _reexec_with_devices(count: int) -> None:
 
 
 def build_case(length: int, hidden: int, layers: int, window: int, globals_per_row: int, dropout: float = 0.0,
-               seed: int = 0):
+               seed: int = 0, causal: bool = False, dilation: int = 1):
     """(model, params, batch) of one document: pads at the end, global tokens spread over the whole length."""
     import numpy as np
 
@@ -44,6 +45,7 @@ def build_case(length: int, hidden: int, layers: int, window: int, globals_per_r
         vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 16),
         intermediate_size=4 * hidden, attention_window=window, max_position_embeddings=length + 2,
         type_vocab_size=1, layer_norm_eps=1e-5, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        causal_attention=causal, attention_dilation=dilation,
     )
     model = lj.LongformerForMaskedLM(cfg)
     rng = np.random.default_rng(seed)
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", default="1,2,4,8", help="sequence-axis sizes, comma-separated (default 1,2,4,8)")
     p.add_argument("--check", action="store_true", help="also run every program and compare with one device")
     p.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default 0)")
+    p.add_argument("--causal", action="store_true", help="causal sliding windows (causal_attention)")
+    p.add_argument("--dilation", type=int, default=1, help="dilation of every head's window (default 1)")
     args = p.parse_args(argv)
     sizes = [int(x) for x in args.devices.split(",")]
     _reexec_with_devices(max(sizes))
@@ -166,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     from longformer_jax.inputs import global_slot_bucket
 
-    case = build_case(args.length, args.hidden, args.layers, args.window, args.globals_per_row, args.dropout)
+    case = build_case(args.length, args.hidden, args.layers, args.window, args.globals_per_row, args.dropout,
+                      causal=args.causal, dilation=args.dilation)
     slots = global_slot_bucket(args.globals_per_row)
     rows = [measure(n, case, slots, args.check) for n in sizes]
     print(f"{args.length} tokens, hidden {args.hidden}, {args.layers} layers, window {args.window}, "
-          f"{args.globals_per_row} global tokens, dropout {args.dropout}; MB per device "
+          f"{args.globals_per_row} global tokens, dropout {args.dropout}{', causal' if args.causal else ''}"
+          f"{f', dilation {args.dilation}' if args.dilation > 1 else ''}; MB per device "
           f"({jax.devices()[0].platform}, JAX {jax.__version__})")
     print("\n".join(table(rows, args.check)))
     return 0
