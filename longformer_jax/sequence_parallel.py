@@ -34,8 +34,9 @@ Per device and layer the memory is that of its ``L / n`` rows, plus ``2h`` halo 
 
 Requirements: the padded length a multiple of ``n x 2w`` for every layer's window, times its
 dilation (``config.pad_multiple``; else a ValueError), the blocked band (``attention_implementation``
-"blocked", or "auto", which takes it here; a kernel is refused). ``output_attentions=True`` keeps the one-device path (GSPMD then lays
-out the whole probabilities), for inspection rather than for long documents.
+"blocked", or "auto", which takes it here; a kernel is refused). ``output_attentions=True`` keeps
+the one-device path (GSPMD then lays out the whole probabilities), for inspection rather than for
+long documents.
 
 Dropout: each device draws its attention masks from the layer's key folded with its index on the
 mesh, so the masks are deterministic and independent across devices, but they are not those of

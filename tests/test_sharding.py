@@ -124,6 +124,10 @@ def test_mesh_flag_of_the_training_programs():
     assert "mesh_sequence" in config_lib.TrainConfig.RESUMABLE_CHANGES
     with pytest.raises(ValueError, match=r"seq_len=512 does not split .* 16 devices .* multiple of 16 x 64 = 1024"):
         config_lib.parse_args(["--mesh", "sequence=16"])
+    with pytest.raises(ValueError, match=r"multiple of 8 x 128 = 1024 \(the window times its dilation\)"):
+        config_lib.parse_args(["--mesh", "sequence=8", "--model", "attention_dilation=2"])
+    c = config_lib.parse_args(["--mesh", "sequence=4", "--model", "attention_dilation=2"])
+    assert c.mesh_sequence == 4 and c.model["attention_dilation"] == 2
     with pytest.raises(ValueError, match="--mesh and --mesh-data both set the mesh"):
         config_lib.parse_args(["--mesh", "sequence=2", "--mesh-data", "2"])
     with pytest.raises(ValueError, match="mesh_sequence=2 needs the mesh driver"):
