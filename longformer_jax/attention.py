@@ -19,7 +19,9 @@ Two implementations of the band, with the same numbers, both head-major (B, H, L
 chunks of query blocks with a custom VJP that recomputes the scores in the backward pass, so
 training keeps O(L * D) per layer instead of O(L * (C + 2w)). Both take their key windows from
 ``_padded_blocks`` and ``_key_windows`` and their masks from ``_window_bias``: one additive bias
-shared by the heads; the softmax is normalised after the value product. Global queries:
+shared by the heads; the softmax is normalised after the value product. The lean band also takes
+its global columns given (``lean_band_with_global_keys_heads``: keys of global tokens that other
+devices hold, ``longformer_jax.sequence_parallel``). Global queries:
 ``global_query_attention_heads`` (or ``..._from_hidden_heads``, projections folded into the
 queries), their rows written over the band's by ``scatter_global_rows_heads``.
 
@@ -28,7 +30,8 @@ Two patterns that transformers lacks (allenai's original Longformer had them, in
 - dilated windows (``dilation=d``, an int or one per head): query ``i`` sees the local keys ``i + d*k``
   for ``k`` in ``-w .. w``. Exact and as cheap as the ordinary band: the positions with the same
   residue mod ``d`` form a subsequence, on which the dilated band is an ordinary band, so the sequence
-  is reshaped into ``B * d`` rows of ``L / d`` tokens (``band_pattern``; no gather, no L x L array).
+  is reshaped into ``B * d`` rows of ``L / d`` tokens (``band_pattern``, or ``band_pattern_on`` with the
+  global columns given; no gather, no L x L array).
 - causal windows (``causal=True``): every attention restricted to keys ``j <= i``: the band is
   ``i - w .. i`` (``d * k`` for ``k`` in ``-w .. 0`` when dilated; a block sees ``C + w`` keys, not
   ``C + 2w``), a local query sees the global keys ``j <= i``, and a global query the non-pad keys
@@ -429,20 +432,36 @@ def lean_band_attention_heads(
     Same result as ``sliding_window_attention_heads`` (without the probabilities), ``dilation`` and
     ``causal`` included; memory of the forward and backward grows with ``L * D`` instead of
     ``L * (C + 2w)``. The causal band computes ``C + w`` scores per query instead of ``C + 2w``."""
-    if not is_plain_band(dilation, causal):
-        run = functools.partial(_lean_band_on, block_size=block_size, dropout_rate=dropout_rate,
-                                chunk_tokens=chunk_tokens, causal=causal)
-        return band_pattern(run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, slots, dilation,
-                            causal, dropout_rng)[0]
-    w = one_sided_window
-    C = _band_block_size(q_BxHxLxD.shape[2], w, block_size)
-    N = q_BxHxLxD.shape[2] // C
-    rate = float(dropout_rate) if dropout_rng is not None else 0.0
-    b = _Band(w, C, _chunk_blocks(N, C, chunk_tokens or BAND_CHUNK_TOKENS), rate, v_BxHxLxD.dtype)
     kg, vg = _global_keys(k_BxHxLxD, v_BxHxLxD, slots)
-    gvalid = None if kg is None else slots.valid_BxG
-    rng = dropout_rng if rate > 0.0 else None
-    return _lean_band(b, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, kg, vg, gvalid, mask_BxL, rng)
+    global_kv = None if kg is None else (kg, vg, global_visibility(slots, q_BxHxLxD.shape[2], causal))
+    return lean_band_with_global_keys_heads(
+        q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, global_kv, block_size=block_size,
+        dropout_rate=dropout_rate, dropout_rng=dropout_rng, chunk_tokens=chunk_tokens, dilation=dilation,
+        causal=causal,
+    )
+
+
+def lean_band_with_global_keys_heads(
+    q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, one_sided_window: int,
+    global_kv: tuple[Array, Array, Array] | None = None, *, block_size: int | None = None,
+    dropout_rate: float = 0.0, dropout_rng: Array | None = None, chunk_tokens: int | None = None,
+    dilation: int | Sequence[int] = 1, causal: bool = False,
+) -> Array:
+    """``lean_band_attention_heads`` with the global columns given instead of gathered from ``k`` and ``v``.
+
+    ``global_kv``: ``(kg_BxHxGxD, vg_BxHxGxD, visible)``, the local keys and values of the global tokens
+    and which of them the queries see: (B, G) (the slot holds a token), or when ``causal`` (B, L, G) per
+    query (``global_visibility``); None: no global columns. For a band computed on a piece of a sequence
+    whose global tokens may lie in other pieces (``longformer_jax.sequence_parallel``); the numbers are
+    those of ``lean_band_attention_heads`` for the same columns. The two-sided undilated band runs the
+    chunked band directly, the other patterns through ``band_pattern_on``."""
+    kg, vg, visible = global_kv if global_kv is not None else (None, None, None)
+    run = functools.partial(_lean_band_on, block_size=block_size, dropout_rate=dropout_rate,
+                            chunk_tokens=chunk_tokens, causal=causal)
+    if is_plain_band(dilation, causal):
+        return run(q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, visible, dropout_rng)[0]
+    return band_pattern_on(run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, visible,
+                           dilation, causal, dropout_rng)[0]
 
 
 def _lean_band_on(q, k, v, mask_BxL, w, kg, vg, gvalid, dropout_rng, *, block_size, dropout_rate, chunk_tokens,
@@ -531,8 +550,22 @@ def band_pattern(
     or None)`` is an ordinary (two-sided or causal) band with the global keys/values ``kg``, ``vg``
     (B', h, G, D) given and ``gvalid`` their visibility (``global_visibility``); it is called with
     ``B' = B * d`` rows of ``L' = L / d`` tokens (``rows_per_row`` omitted when ``d`` is 1). The global
-    keys stay columns of every query (those ``j <= i`` when causal). Returns the output (B, H, L, D)
-    and the probabilities (B, H, L, W) in HF's layout (column ``G + w + k`` the key ``i + d*k``), or None."""
+    keys (those of ``slots``) stay columns of every query (those ``j <= i`` when causal). Returns the output
+    (B, H, L, D) and the probabilities (B, H, L, W) in HF's layout (column ``G + w + k`` the key ``i + d*k``),
+    or None."""
+    kg, vg = _global_keys(k_BxHxLxD, v_BxHxLxD, slots)
+    gvalid = None if kg is None else global_visibility(slots, q_BxHxLxD.shape[2], causal)
+    return band_pattern_on(run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, gvalid,
+                           dilation, causal, dropout_rng)
+
+
+def band_pattern_on(
+    run: Callable[..., tuple[Array, Array | None]], q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array,
+    mask_BxL: Array, one_sided_window: int, kg_BxHxGxD: Array | None, vg_BxHxGxD: Array | None,
+    gvalid: Array | None, dilation: int | Sequence[int], causal: bool, dropout_rng: Array | None,
+) -> tuple[Array, Array | None]:
+    """``band_pattern`` on given global keys/values (B, H, G, D) and their visibility ``gvalid`` ((B, G), or
+    (B, L, G) per query when ``causal``), e.g. those of global tokens held by other devices."""
     B, H, L, D = q_BxHxLxD.shape
     w = one_sided_window
     groups = dilation_groups(dilation, H)
@@ -542,14 +575,12 @@ def band_pattern(
                 f"band attention: sequence length {L} must be a multiple of the window 2w={2 * w} times the "
                 f"dilation {d} ({2 * w * d}); pad the inputs (prepare_inputs pads to config.pad_multiple)."
             )
-    kg, vg = _global_keys(k_BxHxLxD, v_BxHxLxD, slots)
-    gvalid = None if kg is None else global_visibility(slots, L, causal)
     outs, probs, order = [], [], []
     for n, (d, heads) in enumerate(groups):
         pick = lambda x, heads=heads: _take_heads(x, heads, H)
         rng = dropout_rng if dropout_rng is None or len(groups) == 1 else jax.random.fold_in(dropout_rng, n)
         out, p = _on_residues(run, d, pick(q_BxHxLxD), pick(k_BxHxLxD), pick(v_BxHxLxD), mask_BxL, w,
-                              pick(kg), pick(vg), gvalid, rng, causal)
+                              pick(kg_BxHxGxD), pick(vg_BxHxGxD), gvalid, rng, causal)
         outs.append(out)
         probs.append(p)
         order.extend(heads)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longformer_jax import attention as attn
-from longformer_jax import kernels
+from longformer_jax import kernels, sequence_parallel
 from longformer_jax.config import LongformerConfig
 from longformer_jax.dropout import Dropout
 from longformer_jax.inputs import ModelInputs, prepare_inputs
@@ -129,6 +129,10 @@ class LongformerSelfAttention(LayerModule):
             block_size=cfg.attention_block_size, dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_local,
             dilation=self.attention_dilation, causal=cfg.causal_attention,
         )
+        if not self.output_attentions and sequence_parallel.sequence_devices() > 1:
+            # The document's tokens split over the mesh's "sequence" axis: the same numbers, L / n rows per device.
+            out_BxHxLxD = self.split_sequence_attention(h_BxLxE, q, k, v, mask_BxL, slots, heads, scale, band_kw)
+            return out_BxHxLxD.transpose(0, 2, 1, 3).reshape(B, L, H * D), None, None
         if self.output_attentions:
             out_BxHxLxD, probs = attn.sliding_window_attention_heads(
                 q, k, v, mask_BxL, self.attention_window // 2, slots, return_probs=True, **band_kw
@@ -170,6 +174,22 @@ class LongformerSelfAttention(LayerModule):
                 # HF zeroes the local rows of global queries; their probabilities are the global ones.
                 probs = jnp.where((mask_BxL == 2)[:, None, :, None], 0.0, probs)
         return out_BxHxLxD.transpose(0, 2, 1, 3).reshape(B, L, H * D), probs, global_probs
+
+    def split_sequence_attention(self, h_BxLxE, q, k, v, mask_BxL, slots, heads, scale, band_kw):
+        """``__call__``'s attention (B, H, L, D) under a mesh with a "sequence" axis: the same parameters
+        and dropout keys, computed by :func:`longformer_jax.sequence_parallel.self_attention_heads`."""
+        cfg = self.config
+        E = cfg.hidden_size
+        q_glob = dense(cfg, E, "query_global")
+        key_global = DenseParams(cfg, E, name="key_global")(E)
+        value_global = DenseParams(cfg, E, name="value_global")(E)
+        qg = heads(q_glob(sequence_parallel.take_global_rows(h_BxLxE, slots))) * scale
+        use_dropout = band_kw["dropout_rng"] is not None
+        rng_global = self.make_rng("dropout") if use_dropout and qg.shape[2] else None
+        return sequence_parallel.self_attention_heads(
+            q, k, v, mask_BxL, self.attention_window // 2, slots, qg, h_BxLxE.astype(compute_dtype(cfg)), key_global,
+            value_global, implementation=cfg.attention_implementation, global_dropout_rng=rng_global, **band_kw,
+        )
 
 
 class DenseParams(nn.Module):
