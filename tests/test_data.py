@@ -11,7 +11,7 @@ import pytest
 
 from longformer_jax.losses import IGNORE_INDEX
 from train import corpus, data, layout
-from train.masking import MaskingSpec, mask_tokens
+from train.masking import MaskingSpec, mask_tokens, max_masked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT_VALID = os.path.join(REPO, "..", "shared", "data", "wikitext-2", "valid.txt")
@@ -400,8 +400,9 @@ def test_train_iterator_batches_and_determinism(tok):
     it = data.make_train_iterator(ex, tok, data.Batching(4, seed=7))
     batches = [next(it) for _ in range(12)]  # two epochs
     b = batches[0]
-    assert set(b) == {"input_ids", "attention_mask", "global_attention_mask", "labels"}
-    assert all(v.shape == (4, 32) and v.dtype == np.int32 for v in b.values())
+    slots, K = {"masked_positions", "masked_labels"}, max_masked(32, 0.15)  # train.masking's slots: (4, K)
+    assert set(b) == {"input_ids", "attention_mask", "global_attention_mask", "labels"} | slots
+    assert all(v.shape == ((4, K) if k in slots else (4, 32)) and v.dtype == np.int32 for k, v in b.items())
     same = data.make_train_iterator(ex, tok, data.Batching(4, seed=7), num_threads=0)
     for x, y in zip(batches, (next(same) for _ in range(12)), strict=True):
         for k in x:
