@@ -142,7 +142,7 @@ def test_cli_flags_set_and_presets(capsys):
     with pytest.raises(SystemExit):
         config_lib.parse_args(["--max-steps", "many"])
     assert "--max-steps 'many': expected a value of type int" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="seq_len=500 is not a multiple of block_size=128"):
+    with pytest.raises(ValueError, match="seq_len=500 is not a multiple of block_size=32"):
         config_lib.parse_args(["--seq-len", "500"])
     with pytest.raises(ValueError, match="preset='nope' is unknown"):
         config_lib.preset("nope")
