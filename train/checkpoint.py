@@ -171,7 +171,8 @@ class Checkpointer:
 
 def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
     """A `ValueError` naming the fix when `run_dir` holds checkpoints that `cfg` cannot resume:
-    ones without the run's `config.json`, or of a run whose fingerprinted settings differ."""
+    ones without the run's `config.json`, or of a run whose fingerprinted settings differ (the saved
+    settings are read as `cfg`'s own class, so a `TrainConfig` subclass compares all its fields)."""
     out = Path(run_dir)
     ckpt_dir = out / "checkpoints"
     if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
@@ -181,7 +182,7 @@ def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
             f"--output-dir {out} holds checkpoints ({ckpt_dir}) but no config.json, so they cannot be "
             "matched to this run: pick another --output-dir, or pass --overwrite to delete them and "
             "start over.")
-    diff = cfg.differences(TrainConfig.load(out / "config.json"))
+    diff = cfg.differences(type(cfg).load(out / "config.json"))
     if diff:
         shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(
