@@ -486,8 +486,9 @@ class TaskEncoder:
         if name is not None and name in row and row[name] is not None:
             return row[name]
         if required:
-            raise DataError(f"{where}: no field {name!r} (fields: {sorted(row)}); name the field with the "
-                            f"matching --*-field flag")
+            flag = next((f.name for f in dataclasses.fields(self.fields) if getattr(self.fields, f.name) == name), "")
+            raise DataError(f"{where}: no field {name!r} (fields: {sorted(row)}); add it, or name the field that "
+                            f"holds it with --{flag.replace('_', '-')}-field")
         return None
 
     def _text(self, row: dict, where: str, name: str | None = None) -> str | list[str]:
