@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,16 @@ def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
             f"--output-dir {out} holds checkpoints of a different run ({shown}). Pick another "
             "--output-dir, rerun with the saved settings to resume, or pass --overwrite to delete "
             "those checkpoints and start over.")
+
+
+def remove_run_files(run_dir: str | Path, names: Iterable[str]) -> None:
+    """Deletes the files and folders `names` of a run directory (what --overwrite starts over from)."""
+    for name in names:
+        p = Path(run_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def restore_or_init(ckpt: Checkpointer, driver, make_params: Callable, *inputs,

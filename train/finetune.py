@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import typing
 from pathlib import Path
@@ -404,15 +403,10 @@ def resolve_schedule(cfg: FinetuneConfig, num_train: int) -> FinetuneConfig:
 def prepare_output_dir(cfg: FinetuneConfig, out: Path) -> None:
     """With --overwrite, deletes a previous run's files; else refuses another run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
-    if not cfg.overwrite:
+    if cfg.overwrite:
+        ckpt_lib.remove_run_files(out, RUN_FILES)
+    else:
         ckpt_lib.check_resumable(cfg, out)
-        return
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 def encode_splits(cfg: FinetuneConfig, splits: Splits, tok: Any, labels: fd.LabelSet | None, log):
