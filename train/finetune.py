@@ -528,6 +528,7 @@ class FinetuneLoop(TrainLoop):
         super().__init__(r.cfg, r.driver, r.ckpt, r.train_it, r.batches["validation"], key=r.key, logger=logger,
                          progress=progress)
         self.r, self.early = r, early
+        self.best_metrics: dict[str, Any] | None = None  # the validation metrics of the best model, once seen
 
     def evaluate(self, state, step: int) -> dict[str, float]:
         metrics, _ = evaluate_split(self.r, state.params, "validation")
@@ -537,6 +538,7 @@ class FinetuneLoop(TrainLoop):
         e = self.early
         if e.update(scalars[e.metric], step, scalars["loss"]):
             write_best(self.r, self.driver.host_params(state))
+            self.best_metrics = metrics
         elif e.stopped:
             self.stop_reason = (f"early stopping: validation {e.metric} has not improved on {e.best:.4f} (step "
                                 f"{e.best_step}) for {e.patience} evaluations")
@@ -554,8 +556,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def finish(r: Run, result: LoopResult, early: EarlyStopping, log) -> dict[str, Any]:
-    """With the best model: validation and test metrics, predictions.jsonl, hf/, eval_results.json, curves.png."""
+def finish(r: Run, result: LoopResult, early: EarlyStopping, best_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """With the best model: validation (``best_metrics`` when this process evaluated it) and test metrics,
+    predictions.jsonl, hf/, eval_results.json, curves.png."""
     _, _, best = load_flax_checkpoint(r.out / "best")
     host = jax.device_get(best)
     params = r.driver.put_params(host)
@@ -564,7 +567,7 @@ def finish(r: Run, result: LoopResult, early: EarlyStopping, log) -> dict[str, A
         "stopped_early": early.stopped, "steps": result.step, "labels": list(r.labels.names) if r.labels else None,
         "best_dir": str(r.out / "best"), "hf_dir": None,
     }
-    results["validation"], _ = evaluate_split(r, params, "validation")
+    results["validation"] = best_metrics or evaluate_split(r, params, "validation")[0]
     if "test" in r.encoded:
         test, predictions = evaluate_split(r, params, "test")
         results["test"] = test
@@ -621,7 +624,7 @@ def run(cfg: FinetuneConfig, log=_log) -> dict[str, Any]:
     try:
         if result.status == "preempted":
             return {"status": "preempted", "steps": result.step, "output_dir": str(r.out)}
-        return {"status": "finished", "output_dir": str(r.out), **finish(r, result, early, log)}
+        return {"status": "finished", "output_dir": str(r.out), **finish(r, result, early, loop.best_metrics)}
     finally:
         logger.close()
 
