@@ -375,7 +375,8 @@ def build_parser(config_class: type = TrainConfig, presets: dict[str, dict[str, 
                    help="override any setting by its config.json name, model fields as model.KEY (repeatable)")
     p.add_argument("--model", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a LongformerConfig field of the model (repeatable; values in JSON, e.g. "
-                        f"attention_window=[4,8]); demo preset: {DEMO_MODEL}; fields: {', '.join(MODEL_FIELDS)}")
+                        f"attention_window=[4,8]); {default_preset} preset: "
+                        f"{presets[default_preset].get('model', {})}; fields: {', '.join(MODEL_FIELDS)}")
     for f in dataclasses.fields(config_class):
         if f.name in ("model", *hidden):
             continue
