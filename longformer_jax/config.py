@@ -5,8 +5,9 @@ the FULL window (``w = attention_window // 2`` keys on each side), as in ``trans
 original configs store a one-sided window; :meth:`LongformerConfig.from_dict` recognises them and
 doubles it.
 
-JAX-side options (``dtype``, ``remat``, ``scan_layers``, ``attention_block_size``) are never written to
-``config.json``.
+JAX-side options (``dtype``, ``remat``, ``scan_layers``, ``attention_block_size``,
+``attention_implementation``) are never written to ``config.json``; a Flax checkpoint keeps them
+beside it (``longformer_jax.pretrained``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ _HF_FIELDS = (
 # Keys that only allenai's original (pre-transformers) Longformer configs carry.
 _ALLENAI_KEYS = ("attention_mode", "attention_dilation", "autoregressive")
 
-_JAX_FIELDS = ("dtype", "remat", "scan_layers", "attention_block_size")
+JAX_FIELDS = ("dtype", "remat", "scan_layers", "attention_block_size", "attention_implementation")
+
+# The implementations of the band attention (``longformer_jax.kernels`` runs them): "blocked" is the
+# plain-JAX reference, "splash" a TPU kernel, "pallas-gpu" a GPU kernel, "auto" the backend's kernel.
+ATTENTION_IMPLEMENTATIONS = ("blocked", "splash", "pallas-gpu", "auto")
 
 # config.json model types whose weights convert.roberta_to_longformer turns into a long Longformer.
 ROBERTA_MODEL_TYPES = ("roberta", "xlm-roberta")
@@ -110,6 +115,7 @@ class LongformerConfig:
     remat: bool = False  # rematerialise each layer in the backward pass
     scan_layers: bool = False  # one lax.scan over the layers (needs one window for all layers)
     attention_block_size: int | None = None  # query rows per block of the band; None = largest divisor of w <= 128
+    attention_implementation: str = "blocked"  # one of ATTENTION_IMPLEMENTATIONS (longformer_jax.kernels)
 
     def __post_init__(self):
         if isinstance(self.attention_window, list):
@@ -173,6 +179,12 @@ class LongformerConfig:
                 f"scan_layers=True needs the same window on every layer, got {list(windows)}; "
                 "set scan_layers=False for per-layer windows."
             )
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            fail(
+                f"attention_implementation={self.attention_implementation!r} is not known; choose one of "
+                f"{', '.join(repr(n) for n in ATTENTION_IMPLEMENTATIONS)} ('blocked' is the plain-JAX reference, "
+                "'auto' the fastest exact one for the backend)."
+            )
         if self.attention_block_size is not None:
             for w in windows:
                 if self.attention_block_size <= 0 or (w // 2) % self.attention_block_size:
@@ -234,7 +246,7 @@ class LongformerConfig:
             kwargs["num_labels"] = len(kwargs["id2label"])
             if kwargs["id2label"] == {i: f"LABEL_{i}" for i in range(kwargs["num_labels"])}:
                 kwargs["id2label"] = kwargs["label2id"] = None  # the default names: nothing to keep
-        for k in _JAX_FIELDS:
+        for k in JAX_FIELDS:
             d.pop(k, None)
         aw = kwargs.get("attention_window")
         if isinstance(aw, list):
@@ -280,7 +292,7 @@ class LongformerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.to_hf_dict()
-        for k in _JAX_FIELDS:
+        for k in JAX_FIELDS:
             d[k] = getattr(self, k)
         return d
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longformer_jax import attention as attn
+from longformer_jax import kernels
 from longformer_jax.config import LongformerConfig
 from longformer_jax.dropout import Dropout
 from longformer_jax.inputs import ModelInputs, prepare_inputs
@@ -129,9 +130,9 @@ class LongformerSelfAttention(LayerModule):
                 q, k, v, mask_BxL, self.attention_window // 2, slots, return_probs=True, **band_kw
             )
         else:
-            # Chunked band with a recomputing backward pass: the same numbers in O(L * D) memory.
-            out_BxHxLxD = attn.lean_band_attention_heads(
-                q, k, v, mask_BxL, self.attention_window // 2, slots, **band_kw
+            # The blocked band (chunked, with a recomputing backward pass) or a kernel with the same numbers.
+            out_BxHxLxD = kernels.band_attention(
+                cfg.attention_implementation, q, k, v, mask_BxL, self.attention_window // 2, slots, **band_kw
             )
             probs = None
         G = slots.index_BxG.shape[1]

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 import safetensors.flax
 import safetensors.numpy
 
-from longformer_jax.config import LongformerConfig
+from longformer_jax.config import JAX_FIELDS, LongformerConfig
 from longformer_jax.state_dict import (
     base_pooler_setting,
     convert_params,
@@ -336,8 +336,15 @@ def is_flax_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
-def write_flax_params(directory: str | os.PathLike, params, task: str) -> None:
-    """The Flax part of a checkpoint directory: ``flax_params/`` (Orbax) and ``longformer_jax.json``.
+def model_settings(config: LongformerConfig) -> dict[str, Any]:
+    """The JAX-side settings a Flax checkpoint keeps beside config.json (the layer layout is the params')."""
+    return {k: getattr(config, k) for k in JAX_FIELDS if k != "scan_layers"}
+
+
+def write_flax_params(directory: str | os.PathLike, params, task: str,
+                      settings: Mapping[str, Any] | None = None) -> None:
+    """The Flax part of a checkpoint directory: ``flax_params/`` (Orbax) and ``longformer_jax.json``
+    (format, task, and the model's JAX-side ``settings``, see :func:`model_settings`).
 
     With config.json beside them (written by the caller) this makes ``directory`` a Flax checkpoint.
     """
@@ -346,8 +353,10 @@ def write_flax_params(directory: str | os.PathLike, params, task: str) -> None:
     ckptr.save(directory / PARAMS_DIR, params)
     ckptr.wait_until_finished()
     ckptr.close()
+    meta = {"format": FORMAT_NAME, "task": check_task(task), "version": FORMAT_VERSION,
+            "settings": dict(settings or {})}
     with open(directory / FORMAT_FILE, "w") as f:
-        json.dump({"format": FORMAT_NAME, "task": check_task(task), "version": FORMAT_VERSION}, f, indent=2)
+        json.dump(meta, f, indent=2)
         f.write("\n")
 
 
@@ -365,7 +374,7 @@ def save_flax_checkpoint(dst: str | os.PathLike, config: LongformerConfig, param
         copied = save_tokenizer(tokenizer, tmp)
         if extra_files is not None:
             extra_files(tmp)
-        write_flax_params(tmp, params, task)
+        write_flax_params(tmp, params, task, model_settings(config))
     return copied
 
 
@@ -419,7 +428,10 @@ def load_flax_checkpoint(path: str | os.PathLike, sharding=None, **config_option
     params = restore_orbax_tree(p / PARAMS_DIR, sharding)
     scanned = is_scanned(params)
     want_scanned = bool(config_options.pop("scan_layers", scanned))
-    config = config_from_dict(read_config_dict(p), p / CONFIG_FILE, scan_layers=scanned, **config_options)
+    # The settings saved with the model, unless the caller gives others (the layer layout is the params').
+    settings = {k: v for k, v in meta.get("settings", {}).items() if k in JAX_FIELDS and k != "scan_layers"}
+    config = config_from_dict(read_config_dict(p), p / CONFIG_FILE, scan_layers=scanned,
+                              **{**settings, **config_options})
     if want_scanned != scanned:
         config, params = convert_params(params, config, task, scan_layers=want_scanned, allow_new_head=False,
                                         source=str(p))

@@ -59,7 +59,9 @@ def test_round_trip_masked_lm_via_commands(tmp_path, tokenizer_dir):  # noqa: F8
     flax_dir = tmp_path / "flax"
     assert pretrained.is_flax_checkpoint(flax_dir)
     meta = json.loads((flax_dir / "longformer_jax.json").read_text())
-    assert meta == {"format": "longformer-jax-flax", "task": "masked-lm", "version": 1}
+    assert meta == {"format": "longformer-jax-flax", "task": "masked-lm", "version": 1,
+                    "settings": {"dtype": "float32", "remat": False, "attention_block_size": None,
+                                 "attention_implementation": "blocked"}}
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (flax_dir / name).is_file(), name
 

@@ -1,5 +1,5 @@
-"""Tests of the MLM input pipeline (train.data) and the document layouts (train.layout): readers,
-tokenizer, layouts, masking, grain iterators."""
+"""Tests of the MLM input pipeline (train.data), the document layouts (train.layout) and the record
+format (train.records): readers, tokenizer, layouts, masking, grain iterators over prepared shards."""
 
 import gzip
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from longformer_jax.losses import IGNORE_INDEX
-from train import corpus, data, layout
+from train import corpus, data, layout, prepare_data, records
 from train.masking import MaskingSpec, mask_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,16 +30,27 @@ def tok(small_docs, tmp_path_factory):
     return data.train_demo_tokenizer(small_docs, str(out), vocab_size=600, model_max_length=1024)
 
 
-def _synthetic_examples(n, length=32, first=10):
-    """n distinct rows: row i is <s> then tokens first+i, first+i+1, ... (no padding)."""
-    ids = (first + np.arange(n)[:, None] + np.arange(length)[None, :]) % 500 + 10
-    ids[:, 0] = 0
-    return {
-        "input_ids": ids.astype(np.int32),
-        "attention_mask": np.ones((n, length), np.int32),
-        "global_attention_mask": np.zeros((n, length), np.int32),
-        "doc_index": np.arange(n, dtype=np.int32),
-    }
+def prepare(docs, tok, out, **settings):
+    """Prepared data of ``docs`` (written as JSON lines, one file per list in ``docs``) in ``out``."""
+    src = out.parent / f"{out.name}-src"
+    src.mkdir(parents=True)
+    for n, part in enumerate(docs):
+        (src / f"part{n}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    settings = {"min_doc_tokens": 0, **settings}
+    return prepare_data.prepare(str(src), tok, out, prepare_data.Settings(**settings), progress=False)
+
+
+def decoded(prepared, which="train"):
+    """Every example of the prepared training shards (or the held-out file), decoded, in order."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    files = prepared.train_files() if which == "train" else [prepared.eval_file()]
+    rows = []
+    for path, _ in files:
+        reader = ArrayRecordReader(str(path))
+        rows += [prepared.record_layout.decode(r) for r in reader.read_all()]
+        reader.close()
+    return {k: np.stack([r[k] for r in rows]) for k in data.MODEL_KEYS}
 
 
 def _unmask(batch):
@@ -124,6 +135,18 @@ def test_read_jsonl_and_parquet(tmp_path):
     assert list(data.read_documents(str(ppath.parent))) == ["alpha", "beta"]
 
 
+def test_glob_pattern_selects_c4_train_files(tmp_path):
+    for name in ("c4-train.00000-of-00002", "c4-train.00001-of-00002", "c4-validation.00000-of-00001"):
+        with gzip.open(tmp_path / f"{name}.json.gz", "wt") as f:
+            f.write(json.dumps({"text": f"doc of {name}", "url": "u"}) + "\n")
+    units = corpus.source_units(str(tmp_path / "c4-train.*.json.gz"))
+    assert [u.name for u in units] == ["c4-train.00000-of-00002.json.gz", "c4-train.00001-of-00002.json.gz"]
+    assert [d for u in units for d in u.read()] == ["doc of c4-train.00000-of-00002", "doc of c4-train.00001-of-00002"]
+    assert len(corpus.source_units(str(tmp_path))) == 3  # the folder: validation files too
+    with pytest.raises(ValueError, match=r"matches no .* file; check the pattern"):
+        corpus.source_units(str(tmp_path / "c4-test.*.json.gz"))
+
+
 def test_read_wikitext2_validation_articles():
     if not os.path.exists(WIKITEXT_VALID):
         pytest.skip(f"WikiText-2 not present at {WIKITEXT_VALID} (shared data folder absent)")
@@ -196,22 +219,14 @@ def test_tokenizer_without_mask_or_pad_is_rejected(tok, tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer '.*bare' has no mask token.*pad token.*roberta-base"):
         data.load_tokenizer(str(tmp_path / "bare"))
     with pytest.raises(ValueError, match=r"has no mask token .*add_special_tokens"):
-        data.build_examples(["word " * 50], bare, layout="contiguous", seq_len=16)
+        data.token_ids(bare)
     with pytest.raises(ValueError, match=r"could not load tokenizer '.*nowhere'"):
         data.load_tokenizer(str(tmp_path / "nowhere"))
 
 
 # ------------------------------------------------------------------------------------------
-# Layouts
+# Layouts and records
 # ------------------------------------------------------------------------------------------
-
-
-def test_split_sentences():
-    text = 'One sentence. Two "quoted!" Three? \n\nNew paragraph without end\nnext line'
-    assert layout.split_sentences(text) == [
-        "One sentence.", ' Two "quoted!"', " Three?", " \n\nNew paragraph without end\nnext line"]
-    assert "".join(layout.split_sentences(text)) == text
-    assert layout.split_sentences("  \n ") == []
 
 
 def test_group_blocks_is_greedy_and_cuts_long_sentences():
@@ -234,13 +249,34 @@ def test_blocks_example_and_document_examples():
     assert len(kept) == 2 and kept[1]["input_ids"][0] == 0 and kept[1]["input_ids"][1] == 13
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_records_rebuild_the_examples_exactly(dtype):
+    rng = np.random.default_rng(0)
+    sizes = dict(seq_len=64, block_size=16, bos_id=0, eos_id=2, pad_id=1)
+    rl = records.RecordLayout(layout="blocks", dtype=dtype, **sizes)
+    for _ in range(20):
+        blocks = [rng.integers(5, 60_000, size=rng.integers(1, 16)).tolist() for _ in range(rng.integers(1, 5))]
+        record = rl.encode_blocks(blocks)
+        assert len(record) == (1 + len(blocks) + sum(map(len, blocks))) * np.dtype(dtype).itemsize
+        got, want = rl.decode(record), layout.blocks_example(blocks, **sizes)
+        for k in data.MODEL_KEYS:
+            np.testing.assert_array_equal(got[k], want[k])
+            assert got[k].dtype == np.int32
+        assert rl.content_tokens(record) == sum(map(len, blocks))
+    cl = records.RecordLayout(layout="contiguous", dtype=dtype, **sizes)
+    tokens = rng.integers(5, 60_000, size=63).tolist()
+    ex = cl.decode(cl.encode_contiguous(tokens))
+    np.testing.assert_array_equal(ex["input_ids"], [0, *tokens])
+    assert ex["attention_mask"].all() and not ex["global_attention_mask"].any()
+    assert records.token_dtype(50_265, 4096, 128) == "uint16" and records.token_dtype(70_000, 4096, 128) == "uint32"
+
+
 def test_contiguous_examples_cut_the_stream_across_documents():
     docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # stream 5 6 7 </s> 8 9 </s> 10 11 12 13 </s>
     got = list(layout.contiguous_examples(docs, seq_len=5, bos_id=0, eos_id=2))
-    assert [i for i, _ in got] == [0, 1, 2]
-    np.testing.assert_array_equal([ex["input_ids"] for _, ex in got],
+    np.testing.assert_array_equal([ex["input_ids"] for ex in got],
                                   [[0, 5, 6, 7, 2], [0, 8, 9, 2, 10], [0, 11, 12, 13, 2]])
-    assert all(ex["attention_mask"].all() and not ex["global_attention_mask"].any() for _, ex in got)
+    assert all(ex["attention_mask"].all() and not ex["global_attention_mask"].any() for ex in got)
 
 
 def test_check_layout_names_the_fix():
@@ -253,17 +289,15 @@ def test_check_layout_names_the_fix():
         layout.check_layout("rows", 64, 16)
 
 
-def test_blocks_layout_invariants(tok, small_docs):
+def test_blocks_layout_invariants(tok, small_docs, tmp_path):
     seq_len, block = 256, 32
-    ex = data.build_examples(small_docs, tok, layout="blocks", seq_len=seq_len, block_size=block,
-                             min_doc_words=100)
+    prepared = prepare([small_docs], tok, tmp_path / "p", seq_len=seq_len, block_size=block, min_doc_tokens=200)
+    ex = decoded(prepared)
     ids, am, gm = ex["input_ids"], ex["attention_mask"], ex["global_attention_mask"]
     n = len(ids)
-    assert n > 10
+    assert n > 10 and n == prepared.num_train
     for k in data.MODEL_KEYS:
         assert ex[k].shape == (n, seq_len) and ex[k].dtype == np.int32
-    assert ex["doc_index"].shape == (n,) and np.all(np.diff(ex["doc_index"]) >= 0)
-    assert set(np.unique(ex["doc_index"])) == set(range(len(small_docs)))
     ids_b, am_b, gm_b = (x.reshape(n, seq_len // block, block) for x in (ids, am, gm))
     used = am_b[:, :, 0] == 1  # blocks holding text
     assert np.all(used[:, 0])
@@ -278,76 +312,54 @@ def test_blocks_layout_invariants(tok, small_docs):
     assert am.mean() > 0.5
     # Unused blocks only at the end of an example.
     assert np.all(np.diff(used.astype(int), axis=1) <= 0)
+    assert prepared.content["totals"]["train_tokens"] == int(am.sum() - used.sum())
 
 
 def test_blocks_layout_keeps_every_token_in_order(tok):
     doc = "Alpha beta gamma. " * 30 + "A very long sentence " + "with many words " * 40 + "ends here."
-    ex = data.build_examples([doc], tok, layout="blocks", seq_len=128, block_size=16, min_doc_words=1)
-    content = [t for row, m in zip(ex["input_ids"], ex["attention_mask"], strict=True)
-               for t, keep in zip(row, m, strict=True) if keep and t not in (0, 2)]
+    settings = prepare_data.Settings(seq_len=128, block_size=16, min_doc_tokens=1)
+    rl = records.RecordLayout("blocks", 128, 16, 0, 2, 1, "uint16")
+    [(n_tokens, recs)] = prepare_data.DocumentEncoder(tok, settings, rl)([doc])
+    ex = [rl.decode(r) for r in recs]
+    content = [t for e in ex for t, keep in zip(e["input_ids"], e["attention_mask"], strict=True)
+               if keep and t not in (0, 2)]
     want = tok(doc, add_special_tokens=False)["input_ids"]
-    assert content == want  # sentence split + greedy grouping + cutting lose and reorder nothing
-    assert len(ex["input_ids"]) >= 2  # the long document made several examples
+    assert content == want and n_tokens == len(want)  # sentence split + grouping + cutting lose nothing
+    assert len(ex) >= 2  # the long document made several examples
+    # The sentences are NLTK Punkt's (train.sentences), not a regex: "Mr. Smith" stays in one block.
+    [(_, recs)] = prepare_data.DocumentEncoder(tok, settings, rl)(["He met Mr. Smith there. It rained."])
+    lengths = np.frombuffer(recs[0], np.uint16)
+    assert lengths[0] == 2 and lengths[1] == len(tok("He met Mr. Smith there.", add_special_tokens=False).input_ids)
 
 
-def test_blocks_min_blocks_and_min_doc_words(tok):
+def test_min_doc_tokens_and_min_blocks(tok):
     doc = " ".join(f"Sentence number {i} is here." for i in range(60))
-    full = data.build_examples([doc], tok, seq_len=64, block_size=16, min_doc_words=10)
-    strict = data.build_examples([doc], tok, seq_len=64, block_size=16, min_doc_words=10, min_blocks=4)
-    n_blocks_last = full["attention_mask"][-1].reshape(4, 16)[:, 0].sum()
-    assert len(strict["input_ids"]) == len(full["input_ids"]) - (n_blocks_last < 4)
-    short = "Too short to keep."
-    got = data.build_examples([short, doc], tok, seq_len=64, block_size=16, min_doc_words=10)
-    np.testing.assert_array_equal(got["input_ids"], full["input_ids"])
-    with pytest.raises(ValueError, match=r"no document long enough.*min_doc_words=1024.*--min-doc-words"):
-        data.build_examples([short, doc], tok, seq_len=64, block_size=16)
-    with pytest.raises(ValueError, match=r"no documents given"):
-        data.build_examples([], tok, seq_len=64, block_size=16)
-    with pytest.raises(ValueError, match=r"seq_len=100 is not a multiple of block_size=16; use seq_len=96"):
-        data.build_examples([doc], tok, seq_len=100, block_size=16, min_doc_words=0)
+    rl = records.RecordLayout("blocks", 64, 16, 0, 2, 1, "uint16")
+    n_doc = len(tok(doc, add_special_tokens=False).input_ids)
+
+    def encode(docs, **kw):
+        return prepare_data.DocumentEncoder(tok, prepare_data.Settings(seq_len=64, block_size=16, **kw), rl)(docs)
+
+    (n, full), (n_short, dropped) = encode([doc, "Too short to keep."], min_doc_tokens=n_doc)
+    assert n == n_doc and full and dropped is None and n_short < n_doc
+    assert encode([doc], min_doc_tokens=n_doc + 1)[0][1] is None
+    strict = encode([doc], min_doc_tokens=0, min_blocks=4)[0][1]
+    n_blocks_last = np.frombuffer(full[-1], np.uint16)[0]
+    assert len(strict) == len(full) - (n_blocks_last < 4)
 
 
-def test_contiguous_layout(tok, small_docs):
+def test_contiguous_layout(tok, small_docs, tmp_path):
     seq_len = 128
-    ex = data.build_examples(small_docs, tok, layout="contiguous", seq_len=seq_len)
-    ids = ex["input_ids"]
+    prepared = prepare([small_docs], tok, tmp_path / "p", layout="contiguous", seq_len=seq_len)
+    ids = decoded(prepared)["input_ids"]
     assert ids.shape[1] == seq_len and ids.dtype == np.int32
     assert np.all(ids[:, 0] == 0) and not np.any(ids[:, 1:] == 0)
     assert not np.any(ids == 1)
-    assert np.all(ex["attention_mask"] == 1) and np.all(ex["global_attention_mask"] == 0)
     stream = []
     for d in small_docs:
         stream += tok(d, add_special_tokens=False)["input_ids"] + [2]
     assert len(ids) == len(stream) // (seq_len - 1)
     np.testing.assert_array_equal(ids[:, 1:].reshape(-1), stream[: len(ids) * (seq_len - 1)])
-    assert ex["doc_index"][0] == 0 and ex["doc_index"][-1] <= len(small_docs) - 1
-    with pytest.raises(ValueError, match=r"fewer tokens than one example.*--seq-len"):
-        data.build_examples(["a few words only"], tok, layout="contiguous", seq_len=seq_len)
-
-
-def test_max_docs(tok, small_docs):
-    ex = data.build_examples(iter(small_docs), tok, seq_len=64, block_size=32, min_doc_words=0, max_docs=2)
-    assert set(np.unique(ex["doc_index"])) == {0, 1}
-
-
-def test_split_examples_by_document():
-    ex = _synthetic_examples(40)
-    ex["doc_index"] = np.repeat(np.arange(10), 4).astype(np.int32)
-    train, evaluation = data.split_examples(ex, 0.2, seed=0)
-    assert len(evaluation["input_ids"]) == 8 and len(train["input_ids"]) == 32
-    assert not set(train["doc_index"]) & set(evaluation["doc_index"])
-    again = data.split_examples(ex, 0.2, seed=0)[1]
-    np.testing.assert_array_equal(again["input_ids"], evaluation["input_ids"])
-    assert len(data.split_examples(ex, 3, seed=1)[1]["input_ids"]) == 4  # no document fits: the smallest
-    counted = data.split_examples(ex, 5, seed=1)[1]
-    assert len(counted["input_ids"]) == 4  # whole documents, never above the target
-    one_doc = dict(ex, doc_index=np.zeros(40, np.int32))
-    assert len(data.split_examples(one_doc, 5, seed=1)[1]["input_ids"]) == 5
-    assert len(data.split_examples(ex, 0.0, seed=1)[1]["input_ids"]) == 0
-    assert len(data.split_examples(ex, seed=0, eval_fraction=0.2)[1]["input_ids"]) == 8
-    assert len(data.split_examples(one_doc, seed=0, eval_examples=7)[1]["input_ids"]) == 7
-    with pytest.raises(ValueError, match="at least one must stay for training"):
-        data.split_examples(ex, 40, seed=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -391,79 +403,98 @@ def test_masking_spec_from_tokenizer(tok):
 
 
 # ------------------------------------------------------------------------------------------
-# Iterators
+# Iterators over prepared shards
 # ------------------------------------------------------------------------------------------
 
 
-def test_train_iterator_batches_and_determinism(tok):
-    ex = _synthetic_examples(24)
-    it = data.make_train_iterator(ex, tok, data.Batching(4, seed=7))
-    batches = [next(it) for _ in range(12)]  # two epochs
+@pytest.fixture(scope="module")
+def rows_prepared(tok, small_docs, tmp_path_factory):
+    """Contiguous examples of 32 tokens in two shards, one held-out document."""
+    out = tmp_path_factory.mktemp("rows") / "p"
+    return prepare([small_docs[:2], small_docs[2:]], tok, out, layout="contiguous", seq_len=32, eval_docs=1)
+
+
+def _iterator(prepared, tok, batch, seed, **kw):
+    return data.make_train_iterator(prepared, data.masking_spec(tok), data.Batching(batch, seed=seed, **kw))
+
+
+def test_train_iterator_batches_and_determinism(tok, rows_prepared):
+    n = rows_prepared.num_train
+    assert n > 40 and len(rows_prepared.train_files()) == 2
+    it = _iterator(rows_prepared, tok, 8, seed=7)
+    batches = [next(it) for _ in range(2 * n // 8 + 1)]  # two epochs and a bit
     b = batches[0]
     assert set(b) == {"input_ids", "attention_mask", "global_attention_mask", "labels"}
-    assert all(v.shape == (4, 32) and v.dtype == np.int32 for v in b.values())
-    same = data.make_train_iterator(ex, tok, data.Batching(4, seed=7), num_threads=0)
-    for x, y in zip(batches, (next(same) for _ in range(12)), strict=True):
+    assert all(v.shape == (8, 32) and v.dtype == np.int32 for v in b.values())
+    same = data.make_train_iterator(rows_prepared, data.masking_spec(tok), data.Batching(8, seed=7), num_threads=0)
+    for x, y in zip(batches, (next(same) for _ in range(len(batches))), strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    other = next(data.make_train_iterator(ex, tok, data.Batching(4, seed=8)))
+    other = next(_iterator(rows_prepared, tok, 8, seed=8))
     assert not np.array_equal(other["input_ids"], b["input_ids"])
-    # Each epoch is a permutation of the examples, shuffled anew.
+    # Each epoch is a permutation of the examples of both shards, shuffled anew.
     rows = _rows(batches)
-    everything = sorted(tuple(r) for r in ex["input_ids"])
-    assert sorted(rows[:24]) == everything and sorted(rows[24:]) == everything
-    assert rows[:24] != rows[24:]
+    everything = sorted(tuple(r) for r in decoded(rows_prepared)["input_ids"])
+    assert sorted(rows[:n]) == everything and sorted(rows[n : 2 * n]) == everything
+    assert rows[:n] != rows[n : 2 * n]
     assert any(np.any(x["labels"] != IGNORE_INDEX) for x in batches)
 
 
-def test_masking_is_fresh_each_epoch(tok):
-    ex = _synthetic_examples(4, length=256)
-    it = data.make_train_iterator(ex, tok, data.Batching(4, seed=0))
+def test_masking_is_fresh_each_epoch(tok, rows_prepared):
+    n = rows_prepared.num_train
+    it = _iterator(rows_prepared, tok, n, seed=0)
     first, second = next(it), next(it)
     order = {tuple(r): i for i, r in enumerate(_unmask(first))}
     perm = [order[tuple(r)] for r in _unmask(second)]
     assert not np.array_equal(first["labels"][perm], second["labels"])
 
 
-def test_train_iterator_resume(tok):
-    ex = _synthetic_examples(20)
-    uninterrupted = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
+def test_train_iterator_resume(tok, rows_prepared):
+    uninterrupted = _iterator(rows_prepared, tok, 3, seed=5)
     want = [next(uninterrupted) for _ in range(15)]
-    it = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
+    it = _iterator(rows_prepared, tok, 3, seed=5)
     for _ in range(8):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
-    resumed = data.make_train_iterator(ex, tok, data.Batching(3, seed=5))
+    assert state == {"examples_seen": 24}
+    resumed = _iterator(rows_prepared, tok, 3, seed=5)
     resumed.set_state(state)
     for x, y in zip(want[8:], (next(resumed) for _ in range(7)), strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
+    for bad in ({"examples_seen": 25}, {"next_index": 3}, {"examples_seen": -3}):
+        with pytest.raises(ValueError, match="whole global batches of 3"):
+            resumed.set_state(bad)
 
 
-def test_train_iterator_sharding(tok):
-    ex = _synthetic_examples(16)
-    hosts = [data.make_train_iterator(ex, tok, data.Batching(2, seed=3, shard_index=h, shard_count=2))
-             for h in range(2)]
-    per_host = [[next(h) for _ in range(4)] for h in hosts]
-    rows0, rows1 = _rows(per_host[0]), _rows(per_host[1])
-    assert not set(rows0) & set(rows1)
-    assert sorted(rows0 + rows1) == sorted(tuple(r) for r in ex["input_ids"])
-    # Global batch t is the same with one host of batch 4 as with two hosts of batch 2.
-    single = data.make_train_iterator(ex, tok, data.Batching(4, seed=3))
-    for t in range(4):
+def test_hosts_read_disjoint_rows_of_each_global_batch(tok, rows_prepared):
+    hosts = [_iterator(rows_prepared, tok, 2, seed=3, shard_index=h, shard_count=2) for h in range(2)]
+    per_host = [[next(h) for _ in range(5)] for h in hosts]
+    single = _iterator(rows_prepared, tok, 4, seed=3)
+    for t in range(5):  # global batch t: host 0's rows, then host 1's
         g = next(single)
         for k in g:
             np.testing.assert_array_equal(g[k], np.concatenate([per_host[0][t][k], per_host[1][t][k]]))
+    assert not set(_rows(per_host[0])) & set(_rows(per_host[1]))
+    # A position saved by one host of batch 4 continues on two hosts of batch 2 at the same example.
+    state = single.get_state()
+    assert state == {"examples_seen": 20}
+    moved = [_iterator(rows_prepared, tok, 2, seed=3, shard_index=h, shard_count=2) for h in range(2)]
+    for m in moved:
+        m.set_state(state)
+    for _ in range(3):
+        g, parts = next(single), [next(m) for m in moved]
+        for k in g:
+            np.testing.assert_array_equal(g[k], np.concatenate([p[k] for p in parts]))
     with pytest.raises(ValueError, match=r"shard_index=2 must lie in \[0, shard_count=2\)"):
-        data.make_train_iterator(ex, tok, data.Batching(2, seed=3, shard_index=2, shard_count=2))
+        data.Batching(2, seed=3, shard_index=2, shard_count=2)
 
 
-def test_train_iterator_position_is_checkpointed(tok, tmp_path):
+def test_train_iterator_position_is_checkpointed(tok, rows_prepared, tmp_path):
     """The trainer's Checkpointer stores the iterator's position as it was when the save started."""
     from train.checkpoint import Checkpointer
 
-    ex = _synthetic_examples(10)
-    it = data.make_train_iterator(ex, tok, data.Batching(2, seed=1))
+    it = _iterator(rows_prepared, tok, 2, seed=1)
     for _ in range(3):
         next(it)
     ck = Checkpointer(tmp_path / "ckpt", keep=2)
@@ -471,10 +502,11 @@ def test_train_iterator_position_is_checkpointed(tok, tmp_path):
     ck.save(3, state, it.get_state(), {"step": 3})
     want = [next(it) for _ in range(4)]  # the iterator moves on while the save completes
     ck.close()
-    fresh = data.make_train_iterator(ex, tok, data.Batching(2, seed=1))
+    fresh = _iterator(rows_prepared, tok, 2, seed=1)
     restorer = Checkpointer(tmp_path / "ckpt", read_only=True)
     restored, data_state, meta = restorer.restore(restorer.latest_step(), state)
     restorer.close()
+    assert data_state == {"examples_seen": 6}
     fresh.set_state(data_state)
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert meta == {"step": 3}
@@ -483,35 +515,40 @@ def test_train_iterator_position_is_checkpointed(tok, tmp_path):
         np.testing.assert_array_equal(x["labels"], y["labels"])
 
 
-def test_eval_batches(tok):
-    ex = _synthetic_examples(10, length=64)
-    batches = data.make_eval_batches(ex, tok, data.Batching(4, seed=0))
-    again = data.make_eval_batches(ex, tok, data.Batching(4, seed=0))
-    assert len(batches) == 3 and all(b["labels"].shape == (4, 64) for b in batches)
+def test_every_field_of_the_masking_reaches_the_batch(tok, rows_prepared, monkeypatch):
+    def mask_with_extra(example, rng, spec):
+        out = mask_tokens(example, rng, spec)
+        out["masked_positions"] = np.flatnonzero(out["labels"] != IGNORE_INDEX)[:2].astype(np.int32)
+        out["masked_positions"] = np.pad(out["masked_positions"], (0, 2 - len(out["masked_positions"])),
+                                         constant_values=-1)
+        out["masked_labels"] = np.full((2,), 7, np.int32)
+        return out
+
+    monkeypatch.setattr(data, "mask_tokens", mask_with_extra)
+    batch = next(_iterator(rows_prepared, tok, 4, seed=0))
+    assert batch["masked_positions"].shape == (4, 2) and batch["masked_labels"].shape == (4, 2)
+    evals = data.make_eval_batches(rows_prepared, data.masking_spec(tok), data.Batching(64, seed=0))
+    assert evals[-1]["masked_positions"].shape == (64, 2)
+    assert np.all(evals[-1]["masked_labels"][rows_prepared.num_eval:] == IGNORE_INDEX)  # filler rows: no loss
+
+
+def test_eval_batches(tok, rows_prepared):
+    spec, n = data.masking_spec(tok), rows_prepared.num_eval
+    assert n >= 5
+    batches = data.make_eval_batches(rows_prepared, spec, data.Batching(4, seed=0))
+    again = data.make_eval_batches(rows_prepared, spec, data.Batching(4, seed=0))
+    assert len(batches) == -(-n // 4) and all(b["labels"].shape == (4, 32) for b in batches)
     for x, y in zip(batches, again, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    assert np.all(batches[-1]["labels"][2:] == IGNORE_INDEX)  # filler rows add no loss
-    assert sorted(_rows(batches)[:10]) == sorted(tuple(r) for r in ex["input_ids"])
-    assert len(data.make_eval_batches(ex, tok, data.Batching(4, seed=0), pad_last=False)[-1]["labels"]) == 2
-    halves = [data.make_eval_batches(ex, tok, data.Batching(2, seed=0, shard_index=h, shard_count=2))
+    if n % 4:
+        assert np.all(batches[-1]["labels"][n % 4 :] == IGNORE_INDEX)  # filler rows add no loss
+    assert _rows(batches)[:n] == [tuple(r) for r in decoded(rows_prepared, "eval")["input_ids"]]
+    assert len(data.make_eval_batches(rows_prepared, spec, data.Batching(4, seed=0), max_batches=1)) == 1
+    unpadded = data.make_eval_batches(rows_prepared, spec, data.Batching(4, seed=0), pad_last=False)
+    assert len(unpadded[-1]["labels"]) == (n % 4 or 4)
+    halves = [data.make_eval_batches(rows_prepared, spec, data.Batching(2, seed=0, shard_index=h, shard_count=2))
               for h in range(2)]
     for t, b in enumerate(batches):
         both = np.concatenate([halves[0][t]["labels"], halves[1][t]["labels"]])
         np.testing.assert_array_equal(b["labels"], both)
-
-
-def test_load_or_build_examples_caches(tok, tmp_path, monkeypatch):
-    (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "a.txt").write_text("Some words here. " * 200)
-    kwargs = dict(layout="blocks", seq_len=64, block_size=16, min_doc_words=10)
-    first = data.load_or_build_examples(str(tmp_path / "corpus"), tok, str(tmp_path / "cache"), **kwargs)
-    monkeypatch.setattr(data, "build_examples", lambda *a, **k: pytest.fail("cache not used"))
-    second = data.load_or_build_examples(str(tmp_path / "corpus"), tok, str(tmp_path / "cache"), **kwargs)
-    for k in first:
-        np.testing.assert_array_equal(first[k], second[k])
-    assert data.examples_fingerprint(first) == data.examples_fingerprint(second)
-    changed = dict(first, input_ids=first["input_ids"].copy())
-    changed["input_ids"][0, 1] += 1
-    assert data.examples_fingerprint(changed) != data.examples_fingerprint(first)
-    assert len([f for f in os.listdir(tmp_path / "cache") if f.endswith(".npz")]) == 1

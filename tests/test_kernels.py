@@ -2,8 +2,9 @@
 
 Every kernel (``splash``, ``pallas-gpu``) against ``attention.lean_band_attention_heads`` (the blocked
 path, exact to the dense statement and to HF): tail padding, interior pads, no globals, many globals,
-windows 8 and 16, float32 and bfloat16; a whole model with per-layer windows; the kernel dropout
-against a dense reference with the same mask; the refusals of the dispatcher.
+windows 8 and 16, float32 and bfloat16; every head with per-layer windows, the kernel chosen by the
+config setting ``attention_implementation`` (outputs of every head, every parameter's gradient); the
+kernel dropout against a dense reference with the same mask; the refusals of the dispatcher.
 
 Errors are measured against the size of the reference (``max |a - b| / max(1, max |b|)``): bfloat16
 keeps 8 bits, so one unit in the last place at 8 is 0.06.
@@ -327,7 +328,7 @@ def test_kernels_run_on_each_batch_shard_of_a_mesh():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
-# ------------------------------------------------------------------------------------- a whole model
+# ------------------------------------------------------------------------------------- whole models
 def tiny_model_inputs():
     """B=2, L=37 (padded to 48): interior pads, 3 / 1 global tokens, MLM labels."""
     rng = np.random.default_rng(0)
@@ -344,55 +345,106 @@ def tiny_model_inputs():
                                                 labels=labels).items()}
 
 
-def use_band(monkeypatch, impl):
-    """Route the model's band through ``kernels.band_attention(impl)`` (until the config setting exists).
-
-    Returns the list of windows the kernel was called with, so a test can check that it ran."""
-    calls = []
-
-    def band(q, k, v, mask, w, slots=None, *, block_size=None, dropout_rate=0.0, dropout_rng=None, **_):
-        calls.append(w)
-        return kernels.band_attention(impl, q, k, v, mask, w, slots, dropout_rate=dropout_rate,
-                                      dropout_rng=dropout_rng, interpret=True)
-
-    monkeypatch.setattr(A, "lean_band_attention_heads", band)
-    return calls
+def tiny_config(impl: str = "blocked", dtype: str = "float32", **extra) -> lj.LongformerConfig:
+    """A 2-layer model with per-layer windows 8 / 16; ``extra`` goes to config.json's extra fields."""
+    return lj.LongformerConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        attention_window=(8, 16), max_position_embeddings=64, type_vocab_size=1, layer_norm_eps=1e-5,
+        num_labels=3, attention_implementation=impl, dtype=dtype, extra=extra,
+    )
 
 
-_MODEL = {}
+def head_inputs(task: str) -> dict:
+    """Inputs of every head for ``tiny_model_inputs``' rows, with explicit global attention (so every
+    head gets the same interior pads and uneven global tokens)."""
+    x = tiny_model_inputs()
+    base = {k: x[k] for k in ("input_ids", "attention_mask", "global_attention_mask")}
+    if task in ("document-classification", "sequential-sentence-classification"):  # whole 16-token blocks
+        pad = lambda a, value: jnp.pad(a, ((0, 0), (0, 48 - a.shape[1])), constant_values=value)
+        base = {"input_ids": pad(base["input_ids"], 1), "attention_mask": pad(base["attention_mask"], 0),
+                "global_attention_mask": pad(base["global_attention_mask"], 0)}
+    if task == "multiple-choice":  # (B, 2 choices, L): the rows and their reverses
+        return {k: jnp.stack([v, v[:, ::-1]], axis=1) for k, v in base.items()}
+    return base
 
 
-def tiny_mlm():
-    """(run, params, reference): a 2-layer MLM with per-layer windows 8 / 16, and the blocked path's
-    (loss, logits) and gradients (computed once)."""
-    if not _MODEL:
-        cfg = lj.LongformerConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-            attention_window=(8, 16), max_position_embeddings=64, type_vocab_size=1, layer_norm_eps=1e-5,
-        )
-        model = lj.LongformerForMaskedLM(cfg)
-        batch = tiny_model_inputs()
-        params = model.init(jax.random.PRNGKey(0), batch["input_ids"][:, :16])["params"]
+def outputs_and_grads(task: str, config: lj.LongformerConfig, params):
+    """Every float output of ``task``'s model and the gradients of ``sum(outputs * c)`` for every parameter."""
+    model = lj.build_model(config, task)
+    inputs = head_inputs(task)
 
-        def run(params):
-            def loss(p):
-                out = model.apply({"params": p}, **batch, num_global_slots=4)
-                return out.loss, out.logits
+    def loss(p):
+        out = model.apply({"params": p}, **inputs, num_global_slots=4)
+        leaves = [x for x in jax.tree.leaves(out) if x is not None]
+        total = 0.0
+        for i, x in enumerate(leaves):
+            c = jax.random.normal(jax.random.PRNGKey(i), x.shape, jnp.float32)
+            total = total + jnp.sum(x.astype(jnp.float32) * c)
+        return total, leaves
 
-            return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-
-        _MODEL.update(run=run, params=params, reference=run(params))
-    return _MODEL["run"], _MODEL["params"], _MODEL["reference"]
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return outputs, grads
 
 
+TASKS = tuple(lj.TASKS)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", KERNELS)
-def test_model_with_kernel_equals_blocked_model(monkeypatch, impl):
-    """MLM with per-layer windows 8 / 16: loss, logits and the gradient of every parameter."""
-    run, params, ((ref_loss, ref_logits), ref_grads) = tiny_mlm()
-    calls = use_band(monkeypatch, impl)
-    (loss, logits), grads = run(params)
-    assert calls == [4, 8], "the model no longer calls attention.lean_band_attention_heads: route it through " \
-                            "kernels.band_attention (config.attention_implementation) and update this test"
-    assert scaled_error(loss, ref_loss) <= 1e-5
-    assert scaled_error(logits, ref_logits) <= 1e-5
-    assert_trees_close(grads, ref_grads, 1e-5, f"{impl} gradients")
+def test_every_head_with_a_kernel_equals_the_blocked_model(impl):
+    """Every head (the block heads with 16-token blocks), per-layer windows 8 / 16, interior pads and
+    uneven global tokens, the kernel chosen by the config setting ``attention_implementation`` (run in
+    interpret mode): every output of every head; and for the masked LM the gradient of every parameter
+    (the heads' own parameters see the kernel only through the encoder, whose gradients this checks)."""
+    def outputs(task, config, params):
+        out = lj.build_model(config, task).apply({"params": params}, **head_inputs(task), num_global_slots=4)
+        return [x for x in jax.tree.leaves(out) if x is not None]
+
+    for task in TASKS:
+        reference_config = tiny_config(sentence_block_size=16)
+        params = lj.init_params(lj.build_model(reference_config, task), 0)
+        want = outputs(task, reference_config, params)
+        with kernels.interpret_mode():
+            got = outputs(task, tiny_config(impl, sentence_block_size=16), params)
+        assert len(got) == len(want) > 0, task
+        for g, w in zip(got, want):
+            assert scaled_error(g, w) <= TOL["float32"], (task, impl)
+    params = lj.init_params(lj.build_model(tiny_config(), "masked-lm"), 0)
+    want, want_grads = outputs_and_grads("masked-lm", tiny_config(), params)
+    with kernels.interpret_mode():
+        got, grads = outputs_and_grads("masked-lm", tiny_config(impl), params)
+    for g, w in zip(got, want):
+        assert scaled_error(g, w) <= TOL["float32"], impl
+    assert_trees_close(grads, want_grads, TOL["float32"], f"masked-lm gradients with {impl}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", KERNELS)
+def test_bfloat16_model_with_a_kernel_equals_the_blocked_model(impl):
+    """The masked LM computing in bfloat16: logits and every parameter's gradient within 2e-2."""
+    params = lj.init_params(lj.build_model(tiny_config(), "masked-lm"), 0)
+    want, want_grads = outputs_and_grads("masked-lm", tiny_config(dtype="bfloat16"), params)
+    with kernels.interpret_mode():
+        got, grads = outputs_and_grads("masked-lm", tiny_config(impl, dtype="bfloat16"), params)
+    for g, w in zip(got, want):
+        assert scaled_error(g, w) <= TOL["bfloat16"], impl
+    assert_trees_close(grads, want_grads, TOL["bfloat16"], f"bfloat16 with {impl}")
+
+
+def test_the_setting_is_validated_saved_with_flax_checkpoints_and_kept_out_of_config_json(tmp_path):
+    with pytest.raises(ValueError, match=r"attention_implementation='flash' is not known.*'blocked'"):
+        tiny_config("flash")
+    config = tiny_config("pallas-gpu")
+    assert "attention_implementation" not in config.to_hf_dict()
+    model = lj.build_model(config, "masked-lm")
+    params = lj.init_params(lj.build_model(tiny_config(), "masked-lm"), 0)
+    from longformer_jax import pretrained
+
+    pretrained.save_flax_checkpoint(tmp_path / "flax", config, params, "masked-lm")
+    loaded, _ = lj.load_pretrained(str(tmp_path / "flax"), task="masked-lm")
+    assert loaded.config.attention_implementation == "pallas-gpu"
+    loaded, _ = lj.load_pretrained(str(tmp_path / "flax"), task="masked-lm", attention_implementation="blocked")
+    assert loaded.config.attention_implementation == "blocked"
+    # Without interpret mode, a GPU kernel on this CPU is refused, naming the setting.
+    with pytest.raises(ValueError, match="attention_implementation='pallas-gpu' runs on GPU"):
+        model.apply({"params": params}, **head_inputs("masked-lm"), num_global_slots=4)

@@ -1,4 +1,5 @@
-"""The same training run on 1 device, on 8 CPU devices (mesh and pmap drivers), and on 2 processes.
+"""The same training run on 1 device, on 8 CPU devices (mesh and pmap drivers), and on 2 processes
+(which read disjoint rows of every global batch, and resume a 1-process checkpoint at the same example).
 
 Multi-device runs happen in subprocesses: XLA_FLAGS must be set before JAX starts.
 """
@@ -6,10 +7,12 @@ Multi-device runs happen in subprocesses: XLA_FLAGS must be set before JAX start
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,60 +144,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_with_jax_distributed(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.jsonl")
+MULTI_STEPS = 4
+
+
+def _pretrain_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train.pretrain", "--preset", "demo", "--data", str(corpus), "--output-dir",
+            str(out), "--max-steps", str(MULTI_STEPS), "--save-every", "2", "--eval-every", "2", "--batch-size", "4",
+            "--log-batch-fingerprints", "--no-async-checkpointing", *TINY, *extra]
+
+
+def _run_processes(cmd: list[str], n: int) -> list[str]:
+    """Runs `cmd` as `n` processes of one jax.distributed job (n == 1: a plain run); their stderr."""
     port = _free_port()
     procs = []
-    for i in range(2):
-        cmd = [
-            sys.executable,
-            "-m",
-            "train.pretrain",
-            "--preset",
-            "demo",
-            "--data",
-            str(corpus),
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--max-steps",
-            "3",
-            "--save-every",
-            "2",
-            "--eval-every",
-            "2",
-            "--batch-size",
-            "4",
-            *TINY,
-            "--coordinator-address",
-            f"localhost:{port}",
-            "--num-processes",
-            "2",
-            "--process-id",
-            str(i),
-        ]
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=_env(JAX_PLATFORMS="cpu"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outs = []
+    for i in range(n):
+        dist = ["--coordinator-address", f"localhost:{port}", "--num-processes", str(n), "--process-id", str(i)]
+        procs.append(subprocess.Popen([*cmd, *(dist if n > 1 else [])], cwd=ROOT, env=_env(JAX_PLATFORMS="cpu"),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = []
     for p in procs:
         try:
-            outs.append(p.communicate(timeout=400))
+            errs.append(p.communicate(timeout=400)[1])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
-    for p, (_so, se) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, se[-4000:]
-    assert "2 device(s)" in outs[0][1]
-    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3]
-    assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
-    data_files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "3" / "data").iterdir())
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    return errs
+
+
+def _rows(path: Path) -> dict[tuple[int, int], list[str]]:
+    """(step, micro) -> the row fingerprints a process logged (the last record of each)."""
+    return {(r["step"], r["micro"]): r["rows"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(corpus, run directory) of a 1-process run of MULTI_STEPS steps, checkpoints at 2 and 4."""
+    base = tmp_path_factory.mktemp("single")
+    corpus = write_corpus(base / "corpus.jsonl")
+    _run_processes(_pretrain_args(corpus, base / "run"), 1)
+    return corpus, base / "run"
+
+
+def test_two_processes_with_jax_distributed(tmp_path, single_process_run):
+    """Two processes read disjoint rows of every global batch, whose union is the 1-process run's batch."""
+    corpus, single = single_process_run
+    run = tmp_path / "run"
+    errs = _run_processes(_pretrain_args(corpus, run), 2)
+    assert "2 device(s)" in errs[0]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["split"] == "train"] == list(range(1, MULTI_STEPS + 1))
+    assert (run / "hf" / "model.safetensors").exists()
+    data_files = sorted(p.name for p in (run / "checkpoints" / str(MULTI_STEPS) / "data").iterdir())
     assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files
+    assert json.loads((run / "config.json").read_text())["data_fingerprint"] == json.loads(
+        (single / "config.json").read_text())["data_fingerprint"]
+    ref = _rows(single / "batches.jsonl")
+    p0, p1 = _rows(run / "batches.0-of-2.jsonl"), _rows(run / "batches.1-of-2.jsonl")
+    assert sorted(ref) == sorted(p0) == sorted(p1) == [(s, 0) for s in range(MULTI_STEPS)]
+    for key, rows in ref.items():
+        assert len(p0[key]) == len(p1[key]) == 2 and not set(p0[key]) & set(p1[key])
+        assert p0[key] + p1[key] == rows
+
+
+def test_resume_from_one_process_into_two(tmp_path, single_process_run):
+    """A 1-process checkpoint resumed by 2 processes continues at the same global example."""
+    corpus, single = single_process_run
+    run = shutil.copytree(single, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / str(MULTI_STEPS))
+    shutil.rmtree(run / "hf")
+    (run / "batches.jsonl").unlink()
+    errs = _run_processes(_pretrain_args(corpus, run), 2)
+    assert "resuming from step 2" in errs[0]
+    ref = _rows(single / "batches.jsonl")
+    p0, p1 = _rows(run / "batches.0-of-2.jsonl"), _rows(run / "batches.1-of-2.jsonl")
+    assert sorted(p0) == sorted(p1) == [(s, 0) for s in range(2, MULTI_STEPS)]
+    for key in p0:
+        assert p0[key] + p1[key] == ref[key]
+    losses = {}
+    for name, d in (("single", single), ("resumed", run)):
+        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = {r["step"]: r["loss"] for r in recs if r["split"] == "train"}
+    for step in range(3, MULTI_STEPS + 1):
+        np.testing.assert_allclose(losses["resumed"][step], losses["single"][step], rtol=1e-4)

@@ -1,5 +1,6 @@
-"""Resume: a run killed with SIGKILL (and later stopped with SIGTERM), restarted with the same
-command, ends with the same parameters as an uninterrupted run, and sees every batch once."""
+"""Resume: a run on prepared data (train.prepare_data) killed with SIGKILL (and later stopped with
+SIGTERM), restarted with the same command, ends with the same parameters as an uninterrupted run,
+and sees every batch, row by row, once."""
 
 from __future__ import annotations
 
@@ -67,7 +68,17 @@ def run_until_checkpoint(cmd, ckpt_dir: Path, step: int, sig: int) -> subprocess
 
 def fingerprints(out: Path) -> list[tuple[int, int, str]]:
     recs = [json.loads(x) for x in (out / "batches.jsonl").read_text().splitlines() if x.strip()]
-    return [(r["step"], r["micro"], r["hash"]) for r in recs]
+    return [(r["step"], r["micro"], r["hash"] + ":" + ",".join(r["rows"])) for r in recs]
+
+
+def prepared_corpus(tmp_path: Path) -> Path:
+    """A corpus prepared once (in TINY's layout) that both runs read in place."""
+    from train import data, prepare_data
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=16)
+    tok = data.train_demo_tokenizer(data.read_documents(str(corpus)), str(tmp_path / "tok"), vocab_size=300)
+    settings = prepare_data.Settings(seq_len=64, block_size=16, min_doc_tokens=50, eval_docs=1)
+    return prepare_data.prepare(str(corpus), tok, tmp_path / "prepared", settings, progress=False).directory
 
 
 def final_params(out: Path) -> dict[str, np.ndarray]:
@@ -78,7 +89,7 @@ def final_params(out: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_killed_and_preempted_run_resumes_exactly(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=16)
+    corpus = prepared_corpus(tmp_path)
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
     run_to_end(command(corpus, ref_dir))
 
@@ -99,6 +110,7 @@ def test_killed_and_preempted_run_resumes_exactly(tmp_path):
     # And once more to the end.
     last = run_to_end(cmd)
     assert "resuming from step" in last.stderr
+    assert not (run_dir / "data").exists()  # the prepared directory is read in place
 
     ref, got = final_params(ref_dir), final_params(run_dir)
     assert ref.keys() == got.keys()

@@ -34,10 +34,10 @@ TINY = [
     "16",
     "--tokenizer-vocab-size",
     "300",
-    "--min-doc-words",
+    "--min-doc-tokens",
     "50",
-    "--eval-fraction",
-    "2",
+    "--eval-docs",
+    "1",
     "--eval-batches",
     "1",
     "--log-every",
@@ -90,7 +90,8 @@ def test_seed_recipe_preset_is_the_spec():
     assert (c.warmup_fraction, c.max_steps, c.batch_size, c.grad_accum_steps) == (0.1, 50_000, 16, 8)
     assert c.global_batch_size == 128 and c.warmup_steps == 5000
     assert (c.seed, c.seq_len, c.mlm_probability, c.clip_norm) == (42, 4096, 0.15, 1.0)
-    assert (c.layout, c.block_size, c.num_global_slots, c.min_doc_words) == ("blocks", 128, 32, 1024)
+    assert (c.layout, c.block_size, c.num_global_slots, c.min_doc_tokens) == ("blocks", 128, 32, 1024)
+    assert c.data == "data/c4" and c.eval_docs == 1000  # C4 prepared by train.prepare_data (README)
     assert c.init == "kiddothe2b/longformer-base-4096"
     c.validate()
     d = config_lib.preset("demo")

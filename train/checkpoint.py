@@ -4,7 +4,9 @@ the check that a run directory belongs to this run, and `restore_or_init`.
 A checkpoint step directory holds three items:
   state/  the TrainState (step, params, optimizer state) as sharded arrays;
   data/   each process's data-iterator state as `process_{i}-of-{n}.json` (the iterator's
-          `get_state()`, snapshotted when the save starts, so later batches cannot leak in);
+          `get_state()`, snapshotted when the save starts, so later batches cannot leak in); a
+          state that every process holds alike (the pretraining pipeline's global example count)
+          restores into any number of processes;
   meta/   JSON: the config fingerprint, the step, the consumed-example count.
 Saves are asynchronous (the step loop keeps running while arrays are written); Orbax only
 makes a step visible once every item is complete, so `latest_step()` is always restorable.
@@ -14,7 +16,9 @@ would build a new state with (`Driver.abstract_state`), and the data iterator is
 position saved with it; with no checkpoint, the driver builds a new state. Steps are
 deterministic functions of the state, the step number and the data position, so a resumed run
 continues bitwise as the uninterrupted one. `check_resumable` refuses a run directory whose
-saved settings differ (`TrainConfig.fingerprint_fields`) before anything is restored.
+saved settings differ (`TrainConfig.fingerprint_fields`) before anything is restored, and
+`check_data` one whose checkpoints were trained on other prepared data (the manifest's
+fingerprint, saved in the run's config.json as `data_fingerprint`).
 """
 
 from __future__ import annotations
@@ -47,12 +51,16 @@ class DataStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
         i, n = _process_index_count()
         path = directory / f"process_{i}-of-{n}.json"
-        if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            raise ValueError(
-                f"{path} is missing: the checkpoint was written by a different number of processes "
-                f"(found {found}); resume with the same number of hosts ({n} now).")
-        return json.loads(path.read_text())
+        if path.exists():
+            return json.loads(path.read_text())
+        # Written by another number of processes: usable when every process saved the same state.
+        saved = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+        states = {p: json.loads((directory / p).read_text()) for p in saved}
+        if states and all(v == states[saved[0]] for v in states.values()):
+            return states[saved[0]]
+        raise ValueError(
+            f"{path} is missing: the checkpoint was written by a different number of processes "
+            f"(found {saved}) with a data position per process; resume with the same number of hosts ({n} now).")
 
     def metadata(self, directory: epath.Path) -> Any:
         return None
@@ -170,13 +178,35 @@ class Checkpointer:
         self.manager.close()
 
 
+DATA_FINGERPRINT = "data_fingerprint"  # config.json key: the prepared data's manifest fingerprint
+
+
+def _has_checkpoints(out: Path) -> bool:
+    ckpt_dir = out / "checkpoints"
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
+def check_data(run_dir: str | Path, fingerprint: str, data_dir: str | Path) -> None:
+    """A `ValueError` naming the fix when `run_dir` holds checkpoints trained on other prepared data
+    than `data_dir` (whose manifest fingerprint is `fingerprint`): another corpus, tokenizer or layout."""
+    out = Path(run_dir)
+    if not _has_checkpoints(out) or not (out / "config.json").exists():
+        return
+    saved = json.loads((out / "config.json").read_text()).get(DATA_FINGERPRINT)
+    if saved is not None and saved != fingerprint:
+        raise ValueError(
+            f"--output-dir {out} holds checkpoints trained on other data (manifest fingerprint {saved}) than "
+            f"{data_dir} (fingerprint {fingerprint}: another corpus, tokenizer or layout). Resume with the data "
+            "the run was trained on, pick another --output-dir, or pass --overwrite to start over.")
+
+
 def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
     """A `ValueError` naming the fix when `run_dir` holds checkpoints that `cfg` cannot resume:
     ones without the run's `config.json`, or of a run whose fingerprinted settings differ (the saved
     settings are read as `cfg`'s own class, so a `TrainConfig` subclass compares all its fields)."""
     out = Path(run_dir)
     ckpt_dir = out / "checkpoints"
-    if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+    if not _has_checkpoints(out):
         return
     if not (out / "config.json").exists():
         raise ValueError(

@@ -65,15 +65,17 @@ class TrainConfig:
     scan_layers: bool = False
 
     # ----- data -----
-    data: str = "builtin:python-docs"  # file/dir of .txt/.jsonl/.parquet, hf:NAME[:CONFIG], builtin:...
-    tokenizer: str | None = None  # path or hub id; None: train a byte-level BPE on the corpus
+    # A directory prepared by `python -m train.prepare_data` (its layout settings must match), or raw
+    # text (file/dir of .txt/.jsonl/.parquet, hf:NAME[:CONFIG], builtin:python-docs) prepared into
+    # RUN_DIR/data by the same code with the settings below.
+    data: str = "builtin:python-docs"
+    tokenizer: str | None = None  # path or hub id; None: --init's, the prepared data's, or a BPE trained on the corpus
     tokenizer_vocab_size: int = 8192  # for the trained tokenizer
     layout: str = "blocks"  # blocks (sentence blocks, global on block starts) | contiguous
     seq_len: int = 512
     block_size: int = 128  # tokens per sentence block (blocks layout)
-    min_doc_words: int = 200
-    max_docs: int | None = None
-    eval_fraction: float = 0.05  # < 1: fraction of examples held out; >= 1: number of examples
+    min_doc_tokens: int = 1024  # raw text: documents with fewer subword tokens are dropped
+    eval_docs: int = 12  # raw text: the first kept documents held out for evaluation
     eval_batches: int | None = 8  # None: every held-out batch
     mlm_probability: float = 0.15
 
@@ -194,8 +196,9 @@ class TrainConfig:
             fail(f"warmup_fraction={self.warmup_fraction}; expected a value in [0, 1].")
         if not 0.0 < self.mlm_probability < 1.0:
             fail(f"mlm_probability={self.mlm_probability}; expected a value in (0, 1).")
-        if self.eval_fraction <= 0:
-            fail(f"eval_fraction={self.eval_fraction}; expected a fraction in (0, 1) or a count >= 1.")
+        for name in ("min_doc_tokens", "eval_docs"):
+            if getattr(self, name) < 0:
+                fail(f"{name}={getattr(self, name)}; expected an integer >= 0 (--{_flag(name)}).")
         if self.mesh_fsdp < 1 or (self.mesh_data < 1 and self.mesh_data != -1):
             fail(f"mesh shape (data={self.mesh_data}, fsdp={self.mesh_fsdp}) is invalid; use "
                  "--mesh-data N (or -1 for all remaining devices) and --mesh-fsdp M >= 1.")
@@ -223,11 +226,11 @@ _SEED_RECIPE = dict(
     init="kiddothe2b/longformer-base-4096",
     model=SEED_MODEL,
     tokenizer=None,  # None with --init: the tokenizer saved beside the initial model
-    data="hf:allenai/c4:en",
-    # max_docs bounds the streamed corpus: examples are built in memory (kept documents >= 1024
-    # words; about 2 examples of 4096 tokens each).
-    layout="blocks", seq_len=4096, block_size=128, min_doc_words=1024, max_docs=50_000,
-    eval_fraction=1000, eval_batches=50, mlm_probability=0.15,
+    # C4 `en` prepared once by `python -m train.prepare_data ... --output data/c4` (README): shards
+    # streamed by every host, documents of at least 1,024 subword tokens, 1,000 held out.
+    data="data/c4",
+    layout="blocks", seq_len=4096, block_size=128, min_doc_tokens=1024,
+    eval_docs=1000, eval_batches=50, mlm_probability=0.15,
     batch_size=16, grad_accum_steps=8,
     learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.01,
     warmup_fraction=0.1, max_steps=50_000, clip_norm=1.0,
@@ -241,8 +244,8 @@ _DEMO = dict(
     init=None, tokenizer=None, tokenizer_vocab_size=8192,
     model=DEMO_MODEL,
     data="builtin:python-docs",
-    layout="blocks", seq_len=512, block_size=128, min_doc_words=200,
-    eval_fraction=0.05, eval_batches=8, mlm_probability=0.15,
+    layout="blocks", seq_len=512, block_size=128, min_doc_tokens=400,
+    eval_docs=12, eval_batches=8, mlm_probability=0.15,
     batch_size=8, grad_accum_steps=1,
     learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.1, max_steps=300, clip_norm=1.0,
     seed=42, dropout=True, dtype="float32",

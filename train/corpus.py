@@ -2,8 +2,10 @@
 
 A spec is one of
 
-- a path to a file or a directory (searched recursively, files in sorted order) of
-  ``.txt``, ``.jsonl`` or ``.parquet`` files (``.txt.gz`` and ``.jsonl.gz`` too);
+- a path to a file, a directory (searched recursively, files in sorted order) or a glob pattern
+  (``c4/en/c4-train.*.json.gz``: C4's ``en`` folder also holds its validation files) of
+  ``.txt``, ``.jsonl`` or ``.parquet`` files (``.txt.gz``, ``.jsonl.gz`` and C4's ``.json.gz``
+  JSON lines too);
 - ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face ``datasets`` dataset read in streaming mode,
   e.g. ``hf:allenai/c4:en`` (the seed checkpoint's corpus; split defaults to ``train``);
 - ``builtin:python-docs``: the documentation of the Python standard library on the running
@@ -17,9 +19,11 @@ How each format becomes documents:
   document (a book, an article), unless ``txt_mode="paragraphs"``, where every
   blank-line-separated paragraph is a document (BERT's one-document-per-paragraph format).
   ``txt_mode="file"`` and ``"wikitext"`` force the other two rules.
-- ``.jsonl``: one JSON object per line, the document in field ``text`` (``text_field``).
+- ``.jsonl`` (``.json.gz``): one JSON object per line, the document in field ``text`` (``text_field``).
 - ``.parquet``: column ``text`` (``text_field``), read in record batches with pyarrow.
 
+A corpus is a list of units read independently (``source_units``): its files, the shards of an
+``hf:`` dataset, or the built-in corpus; data preparation makes one output shard per unit.
 Documents that are empty after stripping whitespace are skipped. A missing path, a directory
 without supported files, or a corpus that yields no document raises a ``ValueError`` naming
 the path and what to do.
@@ -27,7 +31,9 @@ the path and what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import glob
 import gzip
 import io
 import json
@@ -35,12 +41,12 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 HF_PREFIX = "hf:"
 TEXT_SUFFIXES = (".txt", ".txt.gz")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz")  # C4's files: c4-train.00000-of-01024.json.gz
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 TXT_MODES = ("auto", "file", "wikitext", "paragraphs")
@@ -206,7 +212,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return name, config, split
 
 
-def _read_hf(spec: str, text_field: str) -> Iterator[str]:
+def _hf_dataset(spec: str):
     name, config, split = parse_hf_spec(spec)
     try:
         import datasets
@@ -214,7 +220,10 @@ def _read_hf(spec: str, text_field: str) -> Iterator[str]:
         raise ValueError(
             f"reading {spec!r} needs the `datasets` package: pip install 'longformer-jax[data]'"
         ) from e
-    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    return datasets.load_dataset(name, config, split=split, streaming=True)
+
+
+def _read_hf(spec: str, ds, text_field: str) -> Iterator[str]:
     for row in ds:
         if text_field not in row:
             raise ValueError(
@@ -280,7 +289,17 @@ def _read_parquet(path: str, text_field: str) -> Iterator[str]:
         yield from batch.column(0).to_pylist()
 
 
+def _is_pattern(spec: str) -> bool:
+    return any(c in spec for c in "*?[") and not os.path.exists(os.path.expanduser(spec))
+
+
 def _corpus_files(path: str) -> list[str]:
+    if _is_pattern(path):
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f) and f.endswith(SUPPORTED_SUFFIXES))
+        if not files:
+            raise ValueError(f"data pattern {path!r} matches no {'/'.join(SUPPORTED_SUFFIXES)} file; check the "
+                             "pattern (quote it in the shell)")
+        return files
     if os.path.isfile(path):
         if not path.endswith(SUPPORTED_SUFFIXES):
             raise ValueError(
@@ -307,17 +326,72 @@ def _read_file(path: str, txt_mode: str, text_field: str) -> Iterator[str]:
     return _read_parquet(path, text_field)
 
 
-def _non_empty(docs: Iterator[str], spec: str) -> Iterator[str]:
-    n = 0
+def _stripped(docs: Iterator[str | None]) -> Iterator[str]:
+    """The documents that are not empty after stripping whitespace, stripped."""
     for doc in docs:
-        if doc is None:
-            continue
-        doc = doc.strip()
+        doc = doc.strip() if doc is not None else ""
         if doc:
-            n += 1
             yield doc
-    if n == 0:
-        raise ValueError(f"data {spec!r} holds no text (every document is empty); point --data at a corpus")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceUnit:
+    """One independently readable part of a corpus: a file, a dataset shard, the built-in corpus.
+
+    Attributes:
+      name: the file's path relative to the corpus root (its name for a single file),
+        ``hf:NAME...#shard-I-of-N``, or ``builtin:python-docs@PYTHON_VERSION``.
+      size: the file's size in bytes (0 for the others).
+      read: returns an iterator of the unit's documents (non-empty, stripped).
+    """
+
+    name: str
+    size: int
+    read: Callable[[], Iterator[str]]
+
+
+def _check_spec(spec: str, txt_mode: str) -> None:
+    if txt_mode not in TXT_MODES:
+        raise ValueError(f"txt_mode={txt_mode!r} is not one of {TXT_MODES}")
+    if spec.startswith("builtin:") and spec != BUILTIN_PYTHON_DOCS:
+        raise ValueError(f"unknown built-in corpus {spec!r}; the built-in corpus is {BUILTIN_PYTHON_DOCS!r}")
+    if spec.startswith(HF_PREFIX):
+        parse_hf_spec(spec)
+    elif not spec.startswith("builtin:") and not os.path.exists(os.path.expanduser(spec)) and not _is_pattern(spec):
+        raise ValueError(
+            f"data path {spec!r} does not exist; pass a .txt/.jsonl/.parquet file or a directory "
+            f"of them, 'hf:NAME[:CONFIG]', or {BUILTIN_PYTHON_DOCS!r}"
+        )
+
+
+def source_units(spec: str, *, txt_mode: str = "auto", text_field: str = "text") -> list[SourceUnit]:
+    """The units of the corpus ``spec`` in a fixed order: its files (sorted), the shards of a
+    streamed ``hf:`` dataset (``n_shards`` of them: its files), or the one built-in corpus.
+
+    Data preparation turns unit ``i`` into output shard ``i``. The spec is checked at once (a
+    missing path, an empty file, an unknown format raise a ``ValueError``); documents are read
+    lazily.
+    """
+    spec = str(spec)
+    _check_spec(spec, txt_mode)
+    if spec == BUILTIN_PYTHON_DOCS:
+        name = f"{BUILTIN_PYTHON_DOCS}@{sys.version.split()[0]}"
+        return [SourceUnit(name, 0, lambda: _stripped(text for _, text in python_docs_corpus()))]
+    if spec.startswith(HF_PREFIX):
+        ds = _hf_dataset(spec)
+        n = max(1, int(getattr(ds, "n_shards", 1)))
+        shard = (lambda i: ds.shard(num_shards=n, index=i)) if n > 1 else (lambda i: ds)
+        return [SourceUnit(f"{spec}#shard-{i}-of-{n}", 0,
+                           functools.partial(lambda i: _stripped(_read_hf(spec, shard(i), text_field)), i))
+                for i in range(n)]
+    path = os.path.expanduser(spec)
+    files = _corpus_files(path)
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise ValueError(f"data path {spec!r} is empty (0 bytes); point --data at a corpus with text")
+    root = path if os.path.isdir(path) else os.path.commonpath([os.path.dirname(f) for f in files])
+    return [SourceUnit(os.path.relpath(f, root), os.path.getsize(f),
+                       functools.partial(lambda f: _stripped(_read_file(f, txt_mode, text_field)), f))
+            for f in files]
 
 
 def read_documents(
@@ -326,34 +400,21 @@ def read_documents(
     txt_mode: str = "auto",
     text_field: str = "text",
 ) -> Iterator[str]:
-    """Documents (non-empty, stripped strings) of the corpus ``spec``; see the module docstring.
+    """Documents (non-empty, stripped strings) of the corpus ``spec``, unit after unit (``source_units``).
 
     The spec is checked at once (a missing path, an empty file, an unknown format raise a
     ``ValueError`` here); the documents are read lazily. A corpus that turns out to hold no
     text raises a ``ValueError`` when the iterator is exhausted.
     """
-    if txt_mode not in TXT_MODES:
-        raise ValueError(f"txt_mode={txt_mode!r} is not one of {TXT_MODES}")
-    spec = str(spec)
-    if spec == BUILTIN_PYTHON_DOCS:
-        return _non_empty((text for _, text in python_docs_corpus()), spec)
-    if spec.startswith("builtin:"):
-        raise ValueError(f"unknown built-in corpus {spec!r}; the built-in corpus is {BUILTIN_PYTHON_DOCS!r}")
-    if spec.startswith(HF_PREFIX):
-        parse_hf_spec(spec)
-        return _non_empty(_read_hf(spec, text_field), spec)
-    path = os.path.expanduser(spec)
-    if not os.path.exists(path):
-        raise ValueError(
-            f"data path {spec!r} does not exist; pass a .txt/.jsonl/.parquet file or a directory "
-            f"of them, 'hf:NAME[:CONFIG]', or {BUILTIN_PYTHON_DOCS!r}"
-        )
-    files = _corpus_files(path)
-    if all(os.path.getsize(f) == 0 for f in files):
-        raise ValueError(f"data path {spec!r} is empty (0 bytes); point --data at a corpus with text")
+    units = source_units(spec, txt_mode=txt_mode, text_field=text_field)
 
     def docs() -> Iterator[str]:
-        for f in files:
-            yield from _read_file(f, txt_mode, text_field)
+        n = 0
+        for unit in units:
+            for doc in unit.read():
+                n += 1
+                yield doc
+        if n == 0:
+            raise ValueError(f"data {spec!r} holds no text (every document is empty); point --data at a corpus")
 
-    return _non_empty(docs(), spec)
+    return docs()

@@ -62,7 +62,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from train.corpus import python_docs_corpus, split_wikitext
-from train.data import split_sentences
+from train.sentences import split_sentences
 
 TASK_NAMES = (
     "document-classification",
@@ -305,7 +305,7 @@ def sequential_sentence_classification(
         "a method's entry (CLASSES) and a function's entry (FUNCTIONS) look alike, the page's order tells them "
         "apart.\n\n"
         "**Blocks.** The blank-line-separated paragraphs of the cleaned page (the built-in corpus's text); a "
-        f"paragraph longer than {max_block_words} words is cut at sentence ends (`train.data.split_sentences`) "
+        f"paragraph longer than {max_block_words} words is cut at sentence ends (`train.sentences.split_sentences`) "
         f"into pieces of at most {max_block_words} words. Sections DATA, FILE and the like are not in the "
         "corpus.\n\n"
         f"**Documents.** Every module page of the built-in corpus with at least two sections and {min_blocks} "
@@ -371,7 +371,7 @@ def question_answering(
     rule = (
         "**Question and answer.** For a module-level function of a pydoc page (an entry of its FUNCTIONS "
         "section: `name(signature)` followed by its docstring), the question is the docstring's first sentence "
-        "(`train.data.split_sentences`, whitespace collapsed), the answer is the function's name at the start "
+        "(`train.sentences.split_sentences`, whitespace collapsed), the answer is the function's name at the start "
         "of its entry; `answer_start` is its character offset in `text` (the whole page). Kept: questions of "
         f"{min_question_words}+ words that occur once in the page (whitespace collapsed) and names with one "
         f"entry; at most {max_per_page} per page, drawn with the seed, from pages of {min_words}+ words.\n\n"
@@ -501,7 +501,7 @@ def multiple_choice(
         "**Why these distractors.** The two from other articles can be ruled out by topic (learnable in a few "
         "minutes); the one from the same article takes local coherence with the sentences around the gap. A "
         "topic-only model stops near 50%, chance is 25%.\n\n"
-        "**Sentences.** `train.data.split_sentences` pieces of one line that start with a capital letter, end "
+        "**Sentences.** `train.sentences.split_sentences` pieces of one line that start with a capital letter, end "
         f"with WikiText's spaced ` .`, ` ?` or ` !` (so no abbreviation cut them short) and have 8-60 words; at "
         f"most {per_article} gaps per article, drawn with the seed.\n\n"
         f"**Split.** Articles shuffled with the seed; {HELD_OUT_FRACTION:.0%} (at least one) to validation, as many "

@@ -62,7 +62,7 @@ POOLINGS = ("max", "attentive", "first", "last", "cls")
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "hf", "best", "curves.png", "eval_results.json",
              "predictions.jsonl", data_lib.RUN_TOKENIZER_DIR, export.MODEL_DIR)
 # TrainConfig settings fine-tuning does not use (left out of its command line).
-_UNUSED = ("tokenizer_vocab_size", "min_doc_words", "max_docs", "mlm_probability", "fill_mask_text",
+_UNUSED = ("tokenizer_vocab_size", "min_doc_tokens", "eval_docs", "mlm_probability", "fill_mask_text",
            "log_batch_fingerprints", "eval_batches", "distributed", "coordinator_address", "num_processes",
            "process_id")
 _FIELDS = tuple(f"{f.name}_field" for f in dataclasses.fields(fd.Fields))

@@ -61,7 +61,8 @@ import numpy as np
 
 from longformer_jax.losses import IGNORE_INDEX
 from train.corpus import parse_hf_spec
-from train.layout import LAYOUTS, blocks_example, group_blocks, split_sentences
+from train.layout import LAYOUTS, blocks_example, group_blocks, sentence_ids
+from train.sentences import split_sentences
 
 TASK_NAMES = (
     "document-classification",
@@ -511,7 +512,7 @@ class TaskEncoder:
         """A string: its sentences grouped into blocks (the pretraining layout); a list: each item in blocks
         of its own."""
         if isinstance(text, str):
-            return self.layout.group(self._tokens(split_sentences(text)))
+            return self.layout.group(sentence_ids(text, self._tokens))
         return [b for item in self._tokens(list(text)) for b in self.layout.group([item])]
 
     def _one_block(self, tokens: list[int], what: str) -> list[int]:

@@ -1,40 +1,41 @@
-"""Document layout: token ids of documents in, fixed-length example arrays out.
+"""Document layout: documents in, fixed-length example arrays out.
 
 The one home of how a document becomes model input, for pretraining and fine-tuning alike.
-Pure functions of token ids and a few sizes (no tokenizer, no I/O), so a streaming pipeline,
-an in-memory builder and a fine-tuning reader all call the same code. Two layouts:
+Functions of text, token ids and a few sizes (a tokenizer enters only as an ``encode``
+callable; no I/O), so data preparation, the training input pipeline and a fine-tuning reader all
+call the same code. Two layouts:
 
 - ``"blocks"`` (the seed checkpoint's): a document is split into sentences
-  (``split_sentences``), the sentences' tokens are grouped greedily into blocks of at most
-  ``block_size - 1`` tokens (``group_blocks``; a sentence longer than that is cut into pieces),
-  and ``seq_len // block_size`` blocks make an example (``blocks_example``): each block starts
-  with ``</s>`` (the first with ``<s>``), is padded with ``<pad>`` to ``block_size`` inside the
-  sequence (attention mask 0 there), and has global attention on its start. Blocks an example
-  does not fill are all padding. ``document_blocks_examples`` cuts one document into examples.
+  (``train.sentences.split_sentences``, NLTK's English Punkt, as the seed's authors did), the
+  sentences' tokens are grouped greedily into blocks of at most ``block_size - 1`` tokens
+  (``group_blocks``; a sentence longer than that is cut into pieces), and ``seq_len //
+  block_size`` blocks make an example (``blocks_example``): each block starts with ``</s>``
+  (the first with ``<s>``), is padded with ``<pad>`` to ``block_size`` inside the sequence
+  (attention mask 0 there), and has global attention on its start. Blocks an example does not
+  fill are all padding. ``document_blocks`` cuts one document into examples' blocks.
 - ``"contiguous"``: documents, each followed by ``</s>``, are joined into one stream and cut
-  into examples of ``<s>`` + ``seq_len - 1`` tokens (``contiguous_examples``): no padding, no
+  into examples of ``<s>`` + ``seq_len - 1`` tokens (``contiguous_chunks``): no padding, no
   global attention.
 
-Every example is a dict of ``input_ids``, ``attention_mask``, ``global_attention_mask``: int32
-arrays of shape (seq_len,).
+An example is stored compactly as its content tokens (no block starts, no padding) and, for the
+blocks layout, its block lengths; ``expand_blocks`` / ``expand_contiguous`` rebuild the arrays
+exactly. Every example is a dict of ``input_ids``, ``attention_mask``, ``global_attention_mask``:
+int32 arrays of shape (seq_len,).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from train.sentences import split_sentences
 
 LAYOUTS = ("blocks", "contiguous")
 MODEL_KEYS = ("input_ids", "attention_mask", "global_attention_mask")
 
 Example = dict[str, np.ndarray]
-
-# A sentence ends after . ! or ? (and closing quotes/brackets) before whitespace; a blank line
-# also ends one. The whitespace stays at the start of the next sentence, so the pieces
-# tokenize as the running text does.
-_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])(?=\s)|(?<=[.!?][\"')\]])(?=\s)|(?=\n[ \t]*\n)")
+Blocks = list[list[int]]  # the blocks of one example, each a list of token ids
 
 
 def check_layout(layout: str, seq_len: int, block_size: int, min_blocks: int = 1) -> None:
@@ -57,23 +58,6 @@ def check_layout(layout: str, seq_len: int, block_size: int, min_blocks: int = 1
         raise ValueError(f"min_blocks={min_blocks} must lie in [1, {n_blocks}] (blocks per example)")
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` (a regex splitter: good for prose, approximate for abbreviations).
-
-    Whitespace between sentences starts the next one, so the sentences joined give back the
-    text (less trailing whitespace).
-    """
-    sentences: list[str] = []
-    pending = ""
-    for piece in _SENTENCE_SPLIT_RE.split(text):
-        if piece.strip():
-            sentences.append(pending + piece)
-            pending = ""
-        else:
-            pending += piece
-    return sentences
-
-
 def group_blocks(sentences: Iterable[Sequence[int]], content: int) -> list[list[int]]:
     """Greedy grouping of sentences (token id lists) into blocks of at most ``content`` tokens.
 
@@ -94,21 +78,54 @@ def group_blocks(sentences: Iterable[Sequence[int]], content: int) -> list[list[
     return blocks
 
 
+def expand_blocks(
+    lengths: np.ndarray, tokens: np.ndarray, *, seq_len: int, block_size: int, bos_id: int, eos_id: int, pad_id: int
+) -> Example:
+    """A ``"blocks"`` example from its block lengths (n,) and content tokens (sum of lengths,)."""
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.arange(len(lengths)) * block_size
+    # Position of each content token: its block's start + 1 + its offset inside the block.
+    offsets = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    positions = np.repeat(starts, lengths) + 1 + offsets
+    input_ids = np.full((seq_len,), pad_id, np.int32)
+    attention_mask = np.zeros((seq_len,), np.int32)
+    global_mask = np.zeros((seq_len,), np.int32)
+    input_ids[starts] = eos_id
+    input_ids[starts[:1]] = bos_id
+    input_ids[positions] = tokens
+    attention_mask[starts] = 1
+    attention_mask[positions] = 1
+    global_mask[starts] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "global_attention_mask": global_mask}
+
+
 def blocks_example(
     blocks: Sequence[Sequence[int]], *, seq_len: int, block_size: int, bos_id: int, eos_id: int, pad_id: int
 ) -> Example:
     """One example from at most ``seq_len // block_size`` blocks of at most ``block_size - 1`` tokens."""
-    input_ids = np.full((seq_len,), pad_id, np.int32)
-    attention_mask = np.zeros((seq_len,), np.int32)
-    global_mask = np.zeros((seq_len,), np.int32)
-    for j, block in enumerate(blocks):
-        start = j * block_size
-        n = 1 + len(block)
-        input_ids[start] = bos_id if j == 0 else eos_id
-        input_ids[start + 1 : start + n] = block
-        attention_mask[start : start + n] = 1
-        global_mask[start] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "global_attention_mask": global_mask}
+    lengths = np.asarray([len(b) for b in blocks], np.int64)
+    tokens = np.asarray([t for b in blocks for t in b], np.int32)
+    return expand_blocks(lengths, tokens, seq_len=seq_len, block_size=block_size, bos_id=bos_id, eos_id=eos_id,
+                         pad_id=pad_id)
+
+
+def document_blocks(
+    sentences: Iterable[Sequence[int]], *, seq_len: int, block_size: int, min_blocks: int = 1
+) -> list[Blocks]:
+    """The ``"blocks"`` examples of one document (its sentences as token id lists), each as its blocks.
+
+    A long document makes several examples; an example (in practice the last) with fewer than
+    ``min_blocks`` blocks is dropped.
+    """
+    blocks = group_blocks(sentences, block_size - 1)
+    n_blocks = seq_len // block_size
+    chunks = (blocks[i : i + n_blocks] for i in range(0, len(blocks), n_blocks))
+    return [chunk for chunk in chunks if len(chunk) >= min_blocks]
+
+
+def sentence_ids(text: str, encode: Callable[[list[str]], list[list[int]]]) -> list[list[int]]:
+    """The token ids of each sentence of ``text`` (``split_sentences``), by ``encode``."""
+    return encode(split_sentences(text))
 
 
 def document_blocks_examples(
@@ -121,43 +138,51 @@ def document_blocks_examples(
     pad_id: int,
     min_blocks: int = 1,
 ) -> list[Example]:
-    """The ``"blocks"`` examples of one document, given its sentences as token id lists.
-
-    A long document makes several examples; an example (in practice the last) with fewer than
-    ``min_blocks`` blocks is dropped.
-    """
-    blocks = group_blocks(sentences, block_size - 1)
-    n_blocks = seq_len // block_size
-    chunks = (blocks[i : i + n_blocks] for i in range(0, len(blocks), n_blocks))
+    """The ``"blocks"`` examples of one document, given its sentences as token id lists, as arrays."""
     return [
         blocks_example(chunk, seq_len=seq_len, block_size=block_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
-        for chunk in chunks
-        if len(chunk) >= min_blocks
+        for chunk in document_blocks(sentences, seq_len=seq_len, block_size=block_size, min_blocks=min_blocks)
     ]
+
+
+def expand_contiguous(tokens: np.ndarray, *, bos_id: int) -> Example:
+    """A ``"contiguous"`` example from its ``seq_len - 1`` tokens after ``<s>``."""
+    input_ids = np.empty((len(tokens) + 1,), np.int32)
+    input_ids[0] = bos_id
+    input_ids[1:] = tokens
+    return {
+        "input_ids": input_ids,
+        "attention_mask": np.ones_like(input_ids),
+        "global_attention_mask": np.zeros_like(input_ids),
+    }
+
+
+class ContiguousStream:
+    """The ``"contiguous"`` layout over documents given one at a time.
+
+    ``add(tokens)`` appends a document and ``</s>`` to the stream and returns the chunks of
+    ``seq_len - 1`` tokens completed by it (each becomes ``<s>`` + chunk); tokens left at the end
+    (fewer than one example) are dropped.
+    """
+
+    def __init__(self, *, seq_len: int, eos_id: int):
+        self.span, self.eos_id = seq_len - 1, eos_id
+        self._stream: list[int] = []
+
+    def add(self, tokens: Sequence[int]) -> list[list[int]]:
+        self._stream.extend(tokens)
+        self._stream.append(self.eos_id)
+        n_full = len(self._stream) // self.span
+        chunks = [self._stream[i * self.span : (i + 1) * self.span] for i in range(n_full)]
+        del self._stream[: n_full * self.span]
+        return chunks
 
 
 def contiguous_examples(
     documents: Iterable[Sequence[int]], *, seq_len: int, bos_id: int, eos_id: int
-) -> Iterator[tuple[int, Example]]:
-    """``(document index, example)`` of the ``"contiguous"`` layout over a stream of documents.
-
-    Each document's tokens are followed by ``</s>``; the stream is cut into ``<s>`` +
-    ``seq_len - 1`` tokens. The index is that of the document holding the example's first
-    token. Tokens left at the end (fewer than one example) are dropped.
-    """
-    span = seq_len - 1
-    stream: list[int] = []
-    stream_docs: list[int] = []
-    for doc_index, tokens in enumerate(documents):
-        stream.extend(tokens)
-        stream.append(eos_id)
-        stream_docs.extend([doc_index] * (len(tokens) + 1))
-        n_full = len(stream) // span
-        for i in range(n_full):
-            input_ids = np.asarray([bos_id, *stream[i * span : (i + 1) * span]], np.int32)
-            yield stream_docs[i * span], {
-                "input_ids": input_ids,
-                "attention_mask": np.ones((seq_len,), np.int32),
-                "global_attention_mask": np.zeros((seq_len,), np.int32),
-            }
-        del stream[: n_full * span], stream_docs[: n_full * span]
+) -> Iterator[Example]:
+    """The ``"contiguous"`` examples of a stream of documents (token id lists), as arrays."""
+    stream = ContiguousStream(seq_len=seq_len, eos_id=eos_id)
+    for tokens in documents:
+        for chunk in stream.add(tokens):
+            yield expand_contiguous(np.asarray(chunk, np.int32), bos_id=bos_id)

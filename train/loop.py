@@ -54,6 +54,14 @@ def batch_fingerprint(batch: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def row_fingerprints(batch: dict[str, Any]) -> list[str]:
+    """A short hash of each row's ``input_ids`` and ``labels``: compares the examples of runs with
+    any number of processes (each process logs its rows of every global batch)."""
+    ids, labels = np.asarray(batch["input_ids"]), np.asarray(batch["labels"])
+    return [hashlib.sha1(np.ascontiguousarray(i).tobytes() + np.ascontiguousarray(lab).tobytes()).hexdigest()[:12]
+            for i, lab in zip(ids.reshape(len(ids), -1), labels.reshape(len(labels), -1), strict=True)]
+
+
 class TrainLoop:
     """One run's loop: `cfg` (a `TrainConfig`) gives the steps, intervals and batch sizes.
 
@@ -87,9 +95,10 @@ class TrainLoop:
             except StopIteration:
                 raise ValueError(
                     f"the training data ran out at step {step}; the train iterator must repeat "
-                    "(epochs) - check --data and --max-docs.") from None
+                    "(epochs) - check --data.") from None
             if self.batch_log is not None:
-                self.batch_log.write(json.dumps({"step": step, "micro": a, "hash": batch_fingerprint(b)}) + "\n")
+                self.batch_log.write(json.dumps({"step": step, "micro": a, "hash": batch_fingerprint(b),
+                                                 "rows": row_fingerprints(b)}) + "\n")
             micro.append(b)
         return trainer.stack_micro_batches(micro)
 

@@ -1,16 +1,18 @@
 """The pretraining program: `python -m train.pretrain --preset demo --output-dir runs/demo`.
 
-`run` reads as setup -> restore_or_init -> loop -> export: it builds the tokenizer, examples,
-model, driver and checkpointer (`setup`), restores the latest complete checkpoint in the output
+`run` reads as setup -> restore_or_init -> loop -> export: it builds the tokenizer, the data
+pipeline, model, driver and checkpointer (`setup`), restores the latest complete checkpoint in the output
 directory or starts anew (`train.checkpoint.restore_or_init`), trains with periodic evaluation
 and asynchronous Orbax checkpoints (`train.loop`), and exports the final weights
 (`train.export`). A finished run leaves:
 
   DIR/config.json      the resolved configuration (and its fingerprint)
   DIR/model/           the model's HF config.json (what `python -m train.export` reads)
-  DIR/tokenizer/       the tokenizer (trained on the corpus, or a copy of --tokenizer / --init's)
-  DIR/checkpoints/     Orbax steps (train state, data-iterator state, metadata)
-  DIR/cache/           the tokenized examples
+  DIR/tokenizer/       the tokenizer (trained on the corpus, or a copy of --tokenizer / --init's /
+                       the prepared data's)
+  DIR/data/            a raw-text --data, prepared (`train.prepare_data`; absent when --data is a
+                       prepared directory)
+  DIR/checkpoints/     Orbax steps (train state, data position, metadata)
   DIR/metrics.jsonl    train and eval records; DIR/tb/ the same for TensorBoard
   DIR/curves.png       training and evaluation curves
   DIR/hf/              the final weights as an HF directory (config.json, model.safetensors,
@@ -34,14 +36,14 @@ import longformer_jax as lj
 from longformer_jax import sharding as shd
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
-from train import data, export, trainer
+from train import data, export, prepare_data, trainer
 from train import metrics as metrics_lib
 from train.loop import NonFiniteError, TrainLoop
 from train.objectives import mlm_objective
 
 # What --overwrite deletes: every file a run writes (config.json and model/ are rewritten).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "hf", "curves.png", "batches.jsonl", data.RUN_TOKENIZER_DIR,
-             export.MODEL_DIR)
+             data.RUN_DATA_DIR, export.MODEL_DIR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,27 +77,47 @@ def prepare_output_dir(cfg: config_lib.TrainConfig, out: Path) -> None:
         ckpt_lib.check_resumable(cfg, out)
         return
     if _is_main():
-        ckpt_lib.remove_run_files(out, RUN_FILES)
+        ckpt_lib.remove_run_files(out, [*RUN_FILES, *(p.name for p in out.glob("batches.*-of-*.jsonl"))])
     _sync("overwrite")
 
 
 def load_tokenizer(cfg: config_lib.TrainConfig, out: Path):
-    """The tokenizer: --tokenizer, else the one beside --init, else a BPE trained on the corpus.
+    """The tokenizer: --tokenizer, else the one beside --init, else the prepared data's, else a BPE
+    trained on the (raw, local) corpus.
 
     Whichever it is, DIR/tokenizer holds a copy, so the run directory is complete on its own.
     """
     saved = out / data.RUN_TOKENIZER_DIR
-    source = cfg.tokenizer or cfg.init
+    prepared = data.looks_prepared(cfg.data)
+    if prepared:
+        data.open_prepared(cfg.data)  # an unfinished or damaged directory: its error, before anything else
+    source = cfg.tokenizer or cfg.init or (str(Path(cfg.data) / data.TOKENIZER_DIR) if prepared else None)
+    if source is None and cfg.data.startswith("hf:"):
+        raise ValueError(f"--data {cfg.data} is streamed: pass --tokenizer (a tokenizer is trained only on a local "
+                         "corpus), or prepare the data first with python -m train.prepare_data")
     if _is_main() and not data.has_tokenizer_files(saved):
         if source:
             data.load_tokenizer(source, model_max_length=cfg.seq_len).save_pretrained(str(saved))
         else:
-            docs = data.read_documents(cfg.data)
-            if cfg.max_docs is not None:
-                docs = (d for i, d in zip(range(cfg.max_docs), docs, strict=False))
-            data.train_demo_tokenizer(list(docs), str(saved), vocab_size=cfg.tokenizer_vocab_size)
+            docs = list(data.read_documents(cfg.data))
+            data.train_demo_tokenizer(docs, str(saved), vocab_size=cfg.tokenizer_vocab_size)
     _sync("tokenizer")
     return data.load_tokenizer(source or str(saved), model_max_length=cfg.seq_len)
+
+
+def open_data(cfg: config_lib.TrainConfig, out: Path, tok) -> data.Manifest:
+    """The prepared data of the run, checked against `tok` and the layout settings: --data itself when
+    it is a prepared directory, else DIR/data, prepared from the raw-text --data (by the main process)."""
+    if data.looks_prepared(cfg.data):
+        directory = Path(cfg.data)
+    else:
+        directory = out / data.RUN_DATA_DIR
+        if _is_main():
+            settings = prepare_data.Settings(layout=cfg.layout, seq_len=cfg.seq_len, block_size=cfg.block_size,
+                                             min_doc_tokens=cfg.min_doc_tokens, eval_docs=cfg.eval_docs)
+            prepare_data.prepare(cfg.data, tok, directory, settings, progress=cfg.progress_bar)
+        _sync("data")
+    return data.open_prepared(directory, tok, layout=cfg.layout, seq_len=cfg.seq_len, block_size=cfg.block_size)
 
 
 def build_model(cfg: config_lib.TrainConfig, tok):
@@ -146,6 +168,7 @@ class Setup:
     param_inputs: tuple
     key: np.ndarray  # the run's dropout key
     num_examples: tuple[int, int]  # (train, eval)
+    data_fingerprint: str  # the prepared data's manifest fingerprint
 
 
 def setup(cfg: config_lib.TrainConfig) -> Setup:
@@ -162,17 +185,12 @@ def setup(cfg: config_lib.TrainConfig) -> Setup:
     prepare_output_dir(cfg, out)
 
     tok = load_tokenizer(cfg, out)
-    # Examples are cached under DIR/cache (keyed by corpus, tokenizer and layout), so a resumed
-    # run does not tokenize again; with several processes each builds its own copy in memory.
-    examples = data.load_or_build_examples(
-        cfg.data, tok, str(out / "cache") if pc == 1 else None, layout=cfg.layout, seq_len=cfg.seq_len,
-        block_size=cfg.block_size, min_doc_words=cfg.min_doc_words, max_docs=cfg.max_docs)
-    eval_split = int(cfg.eval_fraction) if cfg.eval_fraction >= 1 else cfg.eval_fraction
-    train_ex, eval_ex = data.split_examples(examples, eval_split, cfg.seed)
-    batching = data.Batching(batch_size=cfg.batch_size // pc, seed=cfg.seed, mlm_probability=cfg.mlm_probability,
-                             shard_index=pi, shard_count=pc)
-    train_it = data.make_train_iterator(train_ex, tok, batching)
-    eval_batches = data.make_eval_batches(eval_ex, tok, batching, pad_last=True)[: cfg.eval_batches]
+    prepared = open_data(cfg, out, tok)
+    ckpt_lib.check_data(out, prepared.fingerprint, prepared.directory)
+    batching = data.Batching(batch_size=cfg.batch_size // pc, seed=cfg.seed, shard_index=pi, shard_count=pc)
+    spec = data.masking_spec(tok, cfg.mlm_probability)
+    train_it = data.make_train_iterator(prepared, spec, batching)
+    eval_batches = data.make_eval_batches(prepared, spec, batching, max_batches=cfg.eval_batches)
 
     model, init_params = build_model(cfg, tok)
     tx, schedule = trainer.make_optimizer(cfg)
@@ -184,14 +202,15 @@ def setup(cfg: config_lib.TrainConfig) -> Setup:
     else:
         make_params, param_inputs = (lambda params: params), (init_params,)
     return Setup(out, tok, model, driver, ckpt, train_it, eval_batches, make_params, param_inputs,
-                 np.asarray(jax.device_get(dropout_key)), (len(train_ex["input_ids"]), len(eval_ex["input_ids"])))
+                 np.asarray(jax.device_get(dropout_key)), (prepared.num_train, prepared.num_eval),
+                 prepared.fingerprint)
 
 
 def write_run_files(cfg: config_lib.TrainConfig, s: Setup) -> None:
     """DIR/config.json (settings and fingerprint) and DIR/model/config.json (the model's HF config)."""
     if not _is_main():
         return
-    saved = {**cfg.to_dict(), "fingerprint": cfg.fingerprint()}
+    saved = {**cfg.to_dict(), "fingerprint": cfg.fingerprint(), ckpt_lib.DATA_FINGERPRINT: s.data_fingerprint}
     (s.out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     s.model.config.save_pretrained(s.out / export.MODEL_DIR, architectures=["LongformerForMaskedLM"])
 
@@ -203,6 +222,12 @@ def _announce(cfg: config_lib.TrainConfig, s: Setup, state, resumed_from: int | 
             f"{n_params / 1e6:.2f}M params, {s.num_examples[0]} train / {s.num_examples[1]} eval examples of "
             f"{cfg.seq_len} tokens, {s.driver.num_devices} device(s) ({s.driver.name}), batch "
             f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation, {cfg.max_steps} steps -> {s.out}")
+
+
+def batch_log_name() -> str:
+    """`batches.jsonl`, or `batches.{i}-of-{n}.jsonl` for process i of n > 1: each logs its own rows."""
+    pi, pc = jax.process_index(), jax.process_count()
+    return "batches.jsonl" if pc == 1 else f"batches.{pi}-of-{pc}.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,8 +249,7 @@ def run(cfg: config_lib.TrainConfig) -> dict[str, Any]:
     progress = metrics_lib.Progress(cfg.max_steps, initial=resumed_from or 0,
                                     enabled=main_proc and cfg.progress_bar)
     progress.write(_announce(cfg, s, state, resumed_from))
-    batch_log = open(s.out / "batches.jsonl", "a", buffering=1) if cfg.log_batch_fingerprints and main_proc \
-        else None
+    batch_log = open(s.out / batch_log_name(), "a", buffering=1) if cfg.log_batch_fingerprints else None
     loop = TrainLoop(cfg, s.driver, s.ckpt, s.train_it, s.eval_batches, key=s.key, logger=logger,
                      progress=progress, batch_log=batch_log)
     try:
@@ -277,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg)
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3 if isinstance(e, NonFiniteError) else 2
+        return 3 if isinstance(e, NonFiniteError) else 1
     if summary["status"] != "finished" or jax.process_index() != 0:
         return 0
     out = Path(summary["output_dir"])

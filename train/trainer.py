@@ -252,7 +252,10 @@ class Driver:
 
 
 class MeshDriver(Driver):
-    """`jax.jit` over a ("data", "fsdp") mesh with the partition rules of longformer_jax.sharding."""
+    """`jax.jit` over a ("data", "fsdp") mesh with the partition rules of longformer_jax.sharding.
+
+    The steps are traced and run under `jax.set_mesh(mesh)`, so that an attention kernel (one custom
+    call XLA cannot split) runs on each device's rows of the batch (`longformer_jax.kernels`)."""
 
     name = "mesh"
 
@@ -312,7 +315,8 @@ class MeshDriver(Driver):
                 donate_argnums=(0,),
             )
         rng = _put_global(jax.device_get(rng), self.replicated)  # the same key on every process
-        return self._jit_train(state, batch, rng)
+        with jax.set_mesh(self.mesh):  # the model's kernels see the mesh (longformer_jax.kernels)
+            return self._jit_train(state, batch, rng)
 
     def put_params(self, host_params: Any) -> Any:
         """Host parameters -> global arrays laid out by the partition rules (as a state's)."""
@@ -336,7 +340,8 @@ class MeshDriver(Driver):
                 in_shardings=(self._shardings.params, jax.tree.map(lambda x: x.sharding, batch)),
                 out_shardings=self.replicated,
             )
-        return self._jit_eval(state.params, batch)
+        with jax.set_mesh(self.mesh):
+            return self._jit_eval(state.params, batch)
 
 
 class PmapDriver(Driver):

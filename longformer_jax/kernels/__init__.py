@@ -41,11 +41,12 @@ from jax.sharding import PartitionSpec as P
 
 from longformer_jax import attention, sharding
 from longformer_jax.attention import GlobalSlots
+from longformer_jax.config import ATTENTION_IMPLEMENTATIONS
 from longformer_jax.kernels import common, pallas_gpu, splash
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("blocked", "splash", "pallas-gpu", "auto")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 # The backends each implementation is compiled for (elsewhere: interpret mode only).
 NATIVE_BACKENDS = {"blocked": ("cpu", "gpu", "tpu"), "splash": ("tpu",), "pallas-gpu": ("gpu",)}
 # Implementations that apply dropout to the attention probabilities.
