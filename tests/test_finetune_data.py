@@ -163,9 +163,11 @@ def test_multiple_choice_keeps_the_mask(tok, kind):
     assert row[-len(choice) - (1 if kind == "contiguous" else 0):][:len(choice)] == choice
     assert "cut around <mask>" in encoder.report.lines(1, "train")[0]
     gm = enc.arrays["global_attention_mask"][0, 1]
-    assert gm[0] == 0 and gm[np.nonzero(ids[0, 1] == choice[0])[0][-1]] == 1  # <s> local, the choice global
-    if kind == "blocks":
-        assert gm[BLOCK::BLOCK].tolist() == [1, 1, 1]
+    assert gm[np.nonzero(ids[0, 1] == choice[0])[0][-1]] == 1  # the choice global
+    if kind == "blocks":  # every block start global, <s> included (the pretraining layout)
+        assert gm[::BLOCK].tolist() == [1, 1, 1, 1]
+    else:  # transformers' rule: <s> local
+        assert gm[0] == 0
     with pytest.raises(fd.DataError, match="not the index of one of its 3 choices"):
         encode(tok, "multiple-choice", [{**rows[0], "label": 3}], labels=None)
 

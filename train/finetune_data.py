@@ -34,8 +34,9 @@ inner padding). A list ``text`` puts each item in blocks of its own (paragraphs 
   blocks (a long document makes several examples, every block is predicted once);
 - multiple choice: per choice, the context blocks (those around the first ``<mask>`` token when the
   context holds one, else the first), the question block, the choice block: (choices, seq_len) rows;
-  global attention on the question and the choice, not on ``<s>`` (``transformers``' rule: ``<s>``, read by
-  the classifier, attends to its neighbours and to them), and on the other block starts;
+  global attention on the question and the choice (``transformers``' rule); ``"blocks"``: also on every
+  block start, ``<s>`` included (the pretraining layout, which ``transformers`` cannot infer, so the mask is
+  always given), ``"contiguous"``: not on ``<s>`` (``transformers``' rule);
 - question answering: the question in the first block (global attention on it, as ``transformers``),
   the context in windows of the remaining blocks overlapping by one block; a window without the
   answer points at ``<s>`` (HF's rule); the best span over all windows is the prediction;
@@ -597,12 +598,11 @@ class TaskEncoder:
         if dropped:
             self.report.add(f"context longer than the input: cut{'' if center is None else ' around <mask>'}",
                             dropped)
-        # transformers' rule: the question and the choice are global, <s> (whose representation the classifier
-        # reads) is not; in the blocks layout the other block starts stay global (the pretraining layout).
+        # transformers' rule: the question and the choice are global, <s> is not ("contiguous"); the blocks
+        # layout keeps every block start global, <s> included, as the model was pretrained (with <s> local a
+        # 2-layer model sees the context only through the other block starts, and learns far more slowly).
         global_parts = list(range(1, len(q) + 2))
         rows = [self.layout.example([kept, *q, [c]], global_parts, bos_global=False)[0] for c in choice_blocks]
-        for example in rows:
-            example["global_attention_mask"][0] = 0
         ex = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         value = self._field(row, self.fields.label, where, targets)
         gold = None
