@@ -24,7 +24,7 @@ from bench import finetune_baselines as baselines
 
 # Fixed budgets for the demo model (hidden 128, 2 layers, 512 tokens) on 2 CPU cores: a few minutes each.
 BUDGETS: dict[str, list[str]] = {
-    "document-classification": ["--max-steps", "160", "--eval-every", "16", "--learning-rate", "3e-3"],
+    "document-classification": ["--max-steps", "224", "--eval-every", "32", "--learning-rate", "1e-3"],
     "sequential-sentence-classification": ["--max-steps", "320", "--eval-every", "160", "--learning-rate", "1e-3"],
     "multiple-choice": ["--seq-len", "256", "--max-steps", "200", "--eval-every", "100", "--learning-rate", "1e-3"],
     "question-answering": ["--max-steps", "200", "--eval-every", "100", "--learning-rate", "1e-3",
@@ -107,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     for task in chosen:
         task_dir = str(tasks_dir / task)
         results, minutes = finetune(task, args.init, task_dir, out / task, extra)
-        n = sum(1 for line in open(os.path.join(task_dir, "test.jsonl"), encoding="utf-8") if line.strip())
-        rows.append({"task": task, "examples": n, "unit": baselines._unit(task_dir), "test": results["test"],
+        with open(os.path.join(task_dir, "test.jsonl"), encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        unit = baselines._unit(task_dir)
+        if unit == "blocks":  # scored per block: both counts
+            unit = f"documents ({sum(len(r['labels']) for r in records):,} blocks)"
+        rows.append({"task": task, "examples": len(records), "unit": unit, "test": results["test"],
                      "validation": results["validation"], "baselines": _baselines(task_dir), "minutes": minutes,
                      "steps": results["steps"], "best_step": results["best_step"]})
     table = render(rows)
