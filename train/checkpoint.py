@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,8 @@ def check_data(run_dir: str | Path, fingerprint: str, data_dir: str | Path) -> N
 
 def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
     """A `ValueError` naming the fix when `run_dir` holds checkpoints that `cfg` cannot resume:
-    ones without the run's `config.json`, or of a run whose fingerprinted settings differ."""
+    ones without the run's `config.json`, or of a run whose fingerprinted settings differ (the saved
+    settings are read as `cfg`'s own class, so a `TrainConfig` subclass compares all its fields)."""
     out = Path(run_dir)
     ckpt_dir = out / "checkpoints"
     if not _has_checkpoints(out):
@@ -211,13 +213,23 @@ def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
             f"--output-dir {out} holds checkpoints ({ckpt_dir}) but no config.json, so they cannot be "
             "matched to this run: pick another --output-dir, or pass --overwrite to delete them and "
             "start over.")
-    diff = cfg.differences(TrainConfig.load(out / "config.json"))
+    diff = cfg.differences(type(cfg).load(out / "config.json"))
     if diff:
         shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(
             f"--output-dir {out} holds checkpoints of a different run ({shown}). Pick another "
             "--output-dir, rerun with the saved settings to resume, or pass --overwrite to delete "
             "those checkpoints and start over.")
+
+
+def remove_run_files(run_dir: str | Path, names: Iterable[str]) -> None:
+    """Deletes the files and folders `names` of a run directory (what --overwrite starts over from)."""
+    for name in names:
+        p = Path(run_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def restore_or_init(ckpt: Checkpointer, driver, make_params: Callable, *inputs,

@@ -281,12 +281,20 @@ def preset(name: str, **overrides) -> TrainConfig:
     A preset's model describes the model of the preset's own `init` (a fresh one for the demo):
     with another `init` only the `model` fields given here apply over that checkpoint's config.
     """
-    if name not in PRESETS:
-        raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)} (--preset).")
-    base = PRESETS[name]
+    return make_preset(name, overrides)
+
+
+def make_preset(name: str, overrides: dict[str, Any], presets: dict[str, dict[str, Any]] | None = None,
+                config_class: type = TrainConfig):
+    """`preset` for any config class (a `TrainConfig` subclass) and its table of presets."""
+    presets = PRESETS if presets is None else presets
+    if name not in presets:
+        raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(presets)} (--preset).")
+    base = presets[name]
+    overrides = dict(overrides)
     same_init = overrides.get("init", base.get("init")) == base.get("init")
     model = {**(base.get("model", {}) if same_init else {}), **overrides.pop("model", {})}
-    return TrainConfig(**{**base, **overrides, "model": model})
+    return config_class(**{**base, **overrides, "model": model})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,9 +304,9 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
+def _field_type(f: dataclasses.Field, config_class: type = TrainConfig) -> tuple[type, bool]:
     """(base type, optional) of a dataclass field annotation such as `int | None`."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(config_class)
     t = hints[f.name]
     optional = False
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
@@ -326,14 +334,14 @@ def _split_item(flag: str, item: str) -> tuple[str, str]:
     return k.strip(), v.strip()
 
 
-def _parse_value(name: str, raw: str) -> Any:
-    f = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
+def _parse_value(name: str, raw: str, config_class: type = TrainConfig) -> Any:
+    f = {f.name: f for f in dataclasses.fields(config_class)}.get(name)
     if f is None or name == "model":
         hint = f" ({name} is a model field: use --model {name}=...)" if name in MODEL_FIELDS else ""
-        known = sorted(x.name for x in dataclasses.fields(TrainConfig) if x.name != "model")
+        known = sorted(x.name for x in dataclasses.fields(config_class) if x.name != "model")
         raise ValueError(f"--set {name}=...: unknown setting {name!r}{hint}; known settings: "
                          f"{', '.join(known)}, model.KEY.")
-    t, optional = _field_type(f)
+    t, optional = _field_type(f, config_class)
     if optional and raw.lower() in ("none", "null", ""):
         return None
     if t is bool:
@@ -365,10 +373,10 @@ def parse_model_value(name: str, raw: str) -> Any:
     return value
 
 
-def _arg_type(name: str):
+def _arg_type(name: str, config_class: type = TrainConfig):
     def convert(raw: str):
         try:
-            return _parse_value(name, raw)
+            return _parse_value(name, raw, config_class)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -376,11 +384,15 @@ def _arg_type(name: str):
     return convert
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train.pretrain",
-        description="Masked-LM pretraining of a Longformer (Optax, Orbax), from one CPU to a TPU pod.",
-    )
+def build_parser(config_class: type = TrainConfig, presets: dict[str, dict[str, Any]] | None = None, *,
+                 prog: str = "python -m train.pretrain", default_preset: str = "demo",
+                 description: str = "Masked-LM pretraining of a Longformer (Optax, Orbax), from one CPU to a TPU pod.",
+                 hidden: tuple[str, ...] = (), parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command line of `config_class`: one flag per field (but `hidden`), `--model`, `--set`, `--preset`.
+
+    Defaults in the help are those of `presets[default_preset]`."""
+    presets = PRESETS if presets is None else presets
+    p = parser_class(prog=prog, description=description)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting by its config.json name, model fields as model.KEY (repeatable)")
     p.add_argument("--mesh", default=None, metavar="data=N,fsdp=M,sequence=S",
@@ -389,22 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequence=1; the same as --mesh-data, --mesh-fsdp, --mesh-sequence)")
     p.add_argument("--model", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a LongformerConfig field of the model (repeatable; values in JSON, e.g. "
-                        f"attention_window=[4,8]); demo preset: {DEMO_MODEL}; fields: {', '.join(MODEL_FIELDS)}")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "model":
+                        f"attention_window=[4,8]); {default_preset} preset: "
+                        f"{presets[default_preset].get('model', {})}; fields: {', '.join(MODEL_FIELDS)}")
+    for f in dataclasses.fields(config_class):
+        if f.name in ("model", *hidden):
             continue
-        t, optional = _field_type(f)
-        default = TrainConfig.__dataclass_fields__[f.name].default
-        demo = PRESETS["demo"].get(f.name, default)
-        help_ = f"{t.__name__}{' or none' if optional else ''} (demo preset: {demo!r})"
+        t, optional = _field_type(f, config_class)
+        default = config_class.__dataclass_fields__[f.name].default
+        shown = presets[default_preset].get(f.name, default)
+        help_ = f"{t.__name__}{' or none' if optional else ''} ({default_preset} preset: {shown!r})"
         if f.name == "preset":
-            p.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="named recipe")
+            p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named recipe")
         elif t is bool:
             p.add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
                            action=argparse.BooleanOptionalAction, help=help_)
         else:
             p.add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
-                           metavar=t.__name__.upper(), type=_arg_type(f.name), help=help_)
+                           metavar=t.__name__.upper(), type=_arg_type(f.name, config_class), help=help_)
     return p
 
 
@@ -416,9 +429,12 @@ def _mesh_settings(ns: argparse.Namespace) -> dict[str, int]:
     return {f"mesh_{axis}": size for axis, size in parse_mesh(ns.mesh).items()}
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Preset values, then `--set key=value`, then `--model` and the per-field flags; validated."""
-    ns = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None = None, config_class: type = TrainConfig,
+               presets: dict[str, dict[str, Any]] | None = None, parser: argparse.ArgumentParser | None = None):
+    """Preset values, then `--set key=value`, then `--model` and the per-field flags; validated.
+
+    `config_class`, `presets` and `parser` (from `build_parser` of them) serve another program's config."""
+    ns = (parser or build_parser()).parse_args(argv)
     overrides: dict[str, Any] = {}
     model: dict[str, Any] = {}
     for item in ns.set:
@@ -426,15 +442,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if k.startswith("model."):
             model[k[len("model."):]] = parse_model_value(k[len("model."):], v)
         else:
-            overrides[k] = _parse_value(k, v)
+            overrides[k] = _parse_value(k, v, config_class)
     for item in ns.model:
         k, v = _split_item("--model", item)
         model[k] = parse_model_value(k, v)
     if ns.mesh is not None:
         overrides.update(_mesh_settings(ns))
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config_class):
         if f.name not in ("preset", "model") and hasattr(ns, f.name):
             overrides[f.name] = getattr(ns, f.name)
-    cfg = preset(ns.preset, **overrides, model=model)
+    cfg = make_preset(ns.preset, {**overrides, "model": model}, presets, config_class)
     cfg.validate()
     return cfg

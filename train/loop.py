@@ -10,6 +10,8 @@
   step up to it were read and found finite, so a bad state is never checkpointed.
 - Evaluation every `eval_every` steps (and at the end), checkpoints every `save_every` steps
   (and at the end), SIGTERM: save and stop (the same command resumes).
+- An evaluation may ask the loop to stop (early stopping: `stop_reason`, set by a subclass's
+  `evaluate`): the state is saved and the run ends with status "stopped".
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class NonFiniteError(RuntimeError):
 class LoopResult:
     state: Any
     step: int
-    status: str  # "finished" | "preempted"
+    status: str  # "finished" | "preempted" | "stopped" (an evaluation set `stop_reason`)
     first_eval: dict[str, float] | None
     final_eval: dict[str, float]
     train_seconds: float  # from the end of the first (compiling) step to the end of the last
@@ -81,6 +83,7 @@ class TrainLoop:
         self._pending: list[tuple[int, Any]] = []  # (step, metrics on the device), oldest first
         self._interval: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self.stop_reason: str | None = None  # set by an evaluation to end the run (early stopping)
 
     # --- pieces ---
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -138,11 +141,13 @@ class TrainLoop:
             self.progress.write(f"step {step}: eval {shown}")
         return res
 
+    def checkpoint_meta(self, step: int) -> dict[str, Any]:
+        """The JSON saved with the checkpoint of `step` (a subclass adds its own state)."""
+        return {"step": step, "fingerprint": self.cfg.fingerprint(), "examples_seen": step * self.cfg.global_batch_size}
+
     def save(self, state, step: int) -> None:
         """Starts an asynchronous save of `state` (whose metrics must have been read)."""
-        meta = {"step": step, "fingerprint": self.cfg.fingerprint(),
-                "examples_seen": step * self.cfg.global_batch_size}
-        self.ckpt.save(step, self.driver.for_save(state), self.train_it.get_state(), meta)
+        self.ckpt.save(step, self.driver.for_save(state), self.train_it.get_state(), self.checkpoint_meta(step))
 
     # --- the loop ---
     def run(self, state, start_step: int) -> LoopResult:
@@ -169,8 +174,13 @@ class TrainLoop:
                 self.drain(keep=0 if evaluate or save else 1)
                 if evaluate:
                     last_eval = self.evaluate(state, step)
-                if save:
+                if save or self.stop_reason is not None:
                     self.save(state, step)
+                if self.stop_reason is not None:
+                    self.ckpt.wait()
+                    status = "stopped"
+                    self.progress.write(f"step {step}: {self.stop_reason}")
+                    break
                 if self._stop_signal is not None:
                     self.ckpt.wait()
                     status = "preempted"

@@ -117,8 +117,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return recs
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draws train/eval loss, eval accuracy and learning rate of a run into a PNG."""
+def plot_run(run_dir: str | Path, out: str | Path | None = None, *, loss_label: str = "MLM loss (nats / masked token)",
+             metric: str = "accuracy", metric_label: str = "masked-token accuracy") -> Path:
+    """Draws train/eval loss, train/eval `metric` (where the records hold it) and learning rate of a run into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,19 +142,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if evals:
         ax.plot([s for s, _ in evals], [r["loss"] for _, r in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("MLM loss (nats / masked token)")
+    ax.set_ylabel(loss_label)
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax = axes[1]
-    if train and "accuracy" in train[0][1]:
-        ax.plot([s for s, _ in train], [r["accuracy"] for _, r in train], label="train", lw=1)
-    if evals:
-        ax.plot([s for s, _ in evals], [r["accuracy"] for _, r in evals], "o-", label="eval")
+    if train and metric in train[0][1]:
+        ax.plot([s for s, _ in train], [r[metric] for _, r in train], label="train", lw=1)
+    if evals and metric in evals[0][1]:
+        ax.plot([s for s, _ in evals], [r[metric] for _, r in evals], "o-", label="eval")
     ax.set_xlabel("step")
-    ax.set_ylabel("masked-token accuracy")
+    ax.set_ylabel(metric_label)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax = axes[2]
     if train and "lr" in train[0][1]:
         ax.plot([s for s, _ in train], [r["lr"] for _, r in train])

@@ -11,9 +11,13 @@ An `Objective` tells the trainer's steps (`train.trainer`) what to compute on a 
   by it, so A micro-batches of B give the same update as one of A*B.
 - `metrics`: the names of the metric sums (their means carry the same names);
   `derived(means)`: further numbers computed from the means (e.g. bits per token).
+- `predict` (optional): `predict(model, params, batch) -> (sums, outputs)`: from one deterministic
+  forward pass, the sums `sums` gives (the loss as ``"loss"``) and per-row outputs (logits, ...)
+  for scoring predictions on the host (`train.trainer.make_predict_step`).
 
-`mlm_objective` is masked-LM cross-entropy, the pretraining objective; fine-tuning objectives
-are further instances.
+`mlm_objective` is masked-LM cross-entropy, the pretraining objective; `classification_objective`
+(every head with ``logits``, single- or multi-label) and `span_objective` (extractive question
+answering) are those of fine-tuning (`train.finetune`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Objective:
     count: Callable[[Batch], jax.Array]
     metrics: tuple[str, ...] = ()
     derived: Callable[[dict[str, float]], dict[str, float]] = _nothing_derived
+    predict: Callable[..., tuple[dict[str, jax.Array], dict[str, jax.Array]]] | None = None
 
 
 def forward(model, params, batch: Batch, rng: jax.Array | None, deterministic: bool, *, num_global_slots: int,
@@ -54,11 +59,6 @@ def forward(model, params, batch: Batch, rng: jax.Array | None, deterministic: b
     rngs = None if deterministic else {"dropout": rng}
     return model.apply({"params": params}, batch["input_ids"], **masks, deterministic=deterministic,
                        num_global_slots=num_global_slots, rngs=rngs, **head_args)
-
-
-def count_labels(batch: Batch) -> jax.Array:
-    """The labels that count a loss (not ``IGNORE_INDEX``), as float32."""
-    return jnp.sum(batch["labels"] != IGNORE_INDEX).astype(jnp.float32)
 
 
 def bits_per_token(means: dict[str, float]) -> dict[str, float]:
@@ -93,3 +93,81 @@ def mlm_objective(num_global_slots: int) -> Objective:
         return loss_sum, {"accuracy": correct}
 
     return Objective(sums=sums, count=count_mlm_labels, metrics=("accuracy",), derived=bits_per_token)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning objectives (train.finetune): one forward pass, the loss from the head's outputs
+
+
+def _label_sums(logits: jax.Array, labels: jax.Array, multi_label: bool) -> tuple[jax.Array, jax.Array]:
+    """(loss sum, correct predictions) over the labelled positions of ``logits`` (..., K).
+
+    Single-label: ``labels`` (...) ints, -100 where nothing counts; cross-entropy, argmax correct.
+    Multi-label: ``labels`` (..., K) of 0/1, a row of -100 where nothing counts; binary cross-entropy
+    averaged over the K labels (HF's ``BCEWithLogitsLoss`` per row), a row correct when every
+    sigmoid > 0.5 decision is (scikit-learn's subset accuracy).
+    """
+    if not multi_label:
+        loss_sum, correct, _ = cross_entropy_sums(logits, labels)
+        return loss_sum, correct
+    x = logits.astype(jnp.float32)
+    valid = labels[..., 0] != IGNORE_INDEX
+    y = jnp.where(valid[..., None], labels, 0).astype(jnp.float32)
+    bce = jnp.mean(jnp.maximum(x, 0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x))), axis=-1)
+    exact = jnp.all((x > 0) == (y > 0.5), axis=-1)
+    return jnp.sum(jnp.where(valid, bce, 0.0)), jnp.sum(valid & exact).astype(jnp.float32)
+
+
+def classification_objective(num_global_slots: int, multi_label: bool = False) -> Objective:
+    """The loss of any head whose output is ``logits`` (..., K) against ``labels``: document and
+    sequence classification (B, K), multiple choice (B, choices), sequential sentence
+    classification (B, blocks, K), token classification (B, L, K). See ``_label_sums``.
+
+    Metric ``accuracy`` (per labelled position); ``predict`` gives the ``logits``.
+    """
+    def logits_of(model, params, batch, rng, deterministic):
+        return forward(model, params, batch, rng, deterministic, num_global_slots=num_global_slots).logits
+
+    def sums(model, params, batch: Batch, rng, deterministic: bool):
+        loss_sum, correct = _label_sums(logits_of(model, params, batch, rng, deterministic), batch["labels"],
+                                        multi_label)
+        return loss_sum, {"accuracy": correct}
+
+    def predict(model, params, batch: Batch):
+        logits = logits_of(model, params, batch, None, True)
+        loss_sum, correct = _label_sums(logits, batch["labels"], multi_label)
+        return {"loss": loss_sum, "accuracy": correct}, {"logits": logits.astype(jnp.float32)}
+
+    def count(batch: Batch) -> jax.Array:
+        labels = batch["labels"]
+        return jnp.sum(labels[..., 0] != IGNORE_INDEX if multi_label else labels != IGNORE_INDEX).astype(jnp.float32)
+
+    return Objective(sums=sums, count=count, metrics=("accuracy",), predict=predict)
+
+
+def span_objective(num_global_slots: int) -> Objective:
+    """Extractive question answering: (CE of the start + CE of the end) / 2 per example (HF's loss),
+    against ``start_positions`` / ``end_positions`` (B,), -100 on rows that count nothing.
+
+    Metric ``exact`` (start and end both the argmax); ``predict`` gives ``start_logits``, ``end_logits``.
+    """
+    def span_sums(out, batch: Batch):
+        ls, cs, _ = cross_entropy_sums(out.start_logits, batch["start_positions"])
+        le, _, _ = cross_entropy_sums(out.end_logits, batch["end_positions"])
+        hit = ((jnp.argmax(out.start_logits, -1) == batch["start_positions"])
+               & (jnp.argmax(out.end_logits, -1) == batch["end_positions"]))
+        return (ls + le) / 2, {"exact": jnp.sum(hit).astype(jnp.float32)}
+
+    def sums(model, params, batch: Batch, rng, deterministic: bool):
+        return span_sums(forward(model, params, batch, rng, deterministic, num_global_slots=num_global_slots), batch)
+
+    def predict(model, params, batch: Batch):
+        out = forward(model, params, batch, None, True, num_global_slots=num_global_slots)
+        loss_sum, metrics = span_sums(out, batch)
+        return {"loss": loss_sum, **metrics}, {"start_logits": out.start_logits.astype(jnp.float32),
+                                               "end_logits": out.end_logits.astype(jnp.float32)}
+
+    def count(batch: Batch) -> jax.Array:
+        return jnp.sum(batch["start_positions"] != IGNORE_INDEX).astype(jnp.float32)
+
+    return Objective(sums=sums, count=count, metrics=("exact",), predict=predict)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -77,11 +76,7 @@ def prepare_output_dir(cfg: config_lib.TrainConfig, out: Path) -> None:
         ckpt_lib.check_resumable(cfg, out)
         return
     if _is_main():
-        for p in [*(out / name for name in RUN_FILES), *out.glob("batches.*-of-*.jsonl")]:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        ckpt_lib.remove_run_files(out, [*RUN_FILES, *(p.name for p in out.glob("batches.*-of-*.jsonl"))])
     _sync("overwrite")
 
 

@@ -158,6 +158,22 @@ def make_eval_step(model, objective: Objective, *, axis_name: str | None = None)
     return eval_step
 
 
+def make_predict_step(model, objective: Objective, *, axis_name: str | None = None):
+    """`predict_step(params, batch) -> (sums, outputs)`: the sums of `eval_step` (count included) and the
+    objective's per-row outputs (`Objective.predict`) of a (B, ...) batch, from one forward pass."""
+    if objective.predict is None:
+        raise ValueError("this objective has no `predict` (per-row outputs); give Objective(predict=...).")
+
+    def predict_step(params, batch: Batch):
+        sums, outputs = objective.predict(model, params, batch)
+        sums = {**sums, "count": objective.count(batch)}
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        return sums, outputs
+
+    return predict_step
+
+
 def finish_eval(sums: list[dict[str, Any]], objective: Objective | None = None) -> dict[str, float]:
     """Means over everything counted in all eval batches (loss and metrics), the count, and the
     objective's derived numbers (e.g. bpc)."""
@@ -265,6 +281,7 @@ class MeshDriver(Driver):
         self._shardings = None
         self._jit_train = None
         self._jit_eval = None
+        self._jit_predict = None
 
     # --- state ---
     def _state_shardings(self, shapes: TrainState) -> Any:
@@ -317,6 +334,20 @@ class MeshDriver(Driver):
         with jax.set_mesh(self.mesh):  # the model's kernels see the mesh (longformer_jax.kernels)
             return self._jit_train(state, batch, rng)
 
+    def put_params(self, host_params: Any) -> Any:
+        """Host parameters -> global arrays laid out by the partition rules (as a state's)."""
+        host_params = jax.device_get(host_params)
+        return jax.tree.map(_put_global, host_params, shd.tree_shardings(host_params, self.mesh))
+
+    def predict(self, params: Any, host_batch_BxL: Batch) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(sums, per-row outputs) of `make_predict_step` on the host; `params` as `put_params` lays them out.
+        The outputs are gathered whole on every process."""
+        batch = self.put_batch(host_batch_BxL, batch_dim=0)
+        if self._jit_predict is None:
+            self._jit_predict = jax.jit(make_predict_step(self.model, self.objective),
+                                        out_shardings=(self.replicated, self.replicated))
+        return jax.device_get(self._jit_predict(params, batch))
+
     def evaluate(self, state: TrainState, host_batch_BxL: Batch):
         batch = self.put_batch(host_batch_BxL, batch_dim=0)
         if self._jit_eval is None:
@@ -345,6 +376,7 @@ class PmapDriver(Driver):
         self._p_train = jax.pmap(step, axis_name=self.axis, in_axes=(0, 0, None),
                                  devices=self.devices, donate_argnums=(0,))
         self._p_eval = jax.pmap(ev, axis_name=self.axis, devices=self.devices)
+        self._p_predict = None
 
     # --- state: built (or restored) on the first device, then one copy per device ---
     def _state_shardings(self, shapes: TrainState) -> Any:
@@ -386,6 +418,18 @@ class PmapDriver(Driver):
         sums = self._p_eval(state.params, self._split(host_batch_BxL, 0))
         return jax.tree.map(lambda x: x[0], sums)
 
+    def put_params(self, host_params: Any) -> Any:
+        """Host parameters -> one copy per local device (as a state's)."""
+        return self.place(host_params)
+
+    def predict(self, params: Any, host_batch_BxL: Batch) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(sums, per-row outputs) of `make_predict_step` on the host, rows in the order of the batch."""
+        if self._p_predict is None:
+            self._p_predict = jax.pmap(make_predict_step(self.model, self.objective, axis_name=self.axis),
+                                       axis_name=self.axis, devices=self.devices)
+        sums, outputs = jax.device_get(self._p_predict(params, self._split(host_batch_BxL, 0)))
+        return jax.tree.map(lambda x: x[0], sums), jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
+
 
 def check_batch_split(cfg, num_devices: int) -> None:
     """A ValueError naming the fix unless `cfg.batch_size` rows split evenly over the devices that hold
@@ -418,5 +462,5 @@ def make_driver(cfg, model, tx, objective: Objective, schedule=None, devices=Non
 
 __all__ = [
     "Driver", "MeshDriver", "PmapDriver", "TrainState", "check_batch_split", "decay_mask", "finish_eval", "lr_schedule",
-    "make_driver", "make_eval_step", "make_optimizer", "make_train_step", "stack_micro_batches",
+    "make_driver", "make_eval_step", "make_optimizer", "make_predict_step", "make_train_step", "stack_micro_batches",
 ]
