@@ -169,6 +169,7 @@ def prepare_inputs(
         global_attention_mask: (B, L), 1 global; none global when None.
         token_type_ids: (B, L); zeros when None.
         position_ids: (B, L); RoBERTa positions from ``input_ids`` (or pad+1 .. L+pad) when None.
+        inputs_embeds: (B, L, E) embeddings in place of ``input_ids``.
         num_global_slots: the static number of global tokens a row may hold; required when the
             masks are traced, chosen from them (rounded up to a power of two) when None.
 

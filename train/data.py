@@ -226,6 +226,7 @@ def make_train_iterator(
     Args:
       prepared: ``open_prepared``'s manifest.
       spec: the masking (``masking_spec``).
+      batching: this host's batch size, the seed, and this host among all (``Batching``).
       num_threads: threads preparing batches ahead (0: none, batches made on ``next``).
       prefetch: batches prepared ahead.
     """

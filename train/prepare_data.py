@@ -1,8 +1,8 @@
-"""Data preparation: a corpus in, prepared shards out (``train.records``), once, in parallel, resumable.
+r"""Data preparation: a corpus in, prepared shards out (``train.records``), once, in parallel, resumable.
 
 ```bash
-python -m train.prepare_data --data SRC --tokenizer TOK --output DIR \\
-    [--layout blocks|contiguous] [--seq-len 4096] [--block-size 128] [--min-doc-tokens 1024] \\
+python -m train.prepare_data --data SRC --tokenizer TOK --output DIR \
+    [--layout blocks|contiguous] [--seq-len 4096] [--block-size 128] [--min-doc-tokens 1024] \
     [--eval-docs N] [--num-shards N --shard-index I] [--workers K]
 ```
 
