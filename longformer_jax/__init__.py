@@ -20,7 +20,7 @@ from longformer_jax.heads import (
 )
 from longformer_jax.inputs import ModelInputs, global_slot_bucket, prepare_inputs
 from longformer_jax.modeling import LongformerModel
-from longformer_jax.pipeline import classify, fill_mask
+from longformer_jax.pipeline import fill_mask
 from longformer_jax.pretrained import load_pretrained, save_pretrained
 from longformer_jax.state_dict import params_from_state_dict, state_dict_from_params
 from longformer_jax.tasks import TASKS, build_model, init_params
@@ -41,7 +41,6 @@ __all__ = [
     "ModelInputs",
     "attention",
     "build_model",
-    "classify",
     "fill_mask",
     "global_slot_bucket",
     "init_params",

@@ -1,4 +1,4 @@
-"""Inference helpers: fill-mask, and classification with a fine-tuned model.
+"""Inference helpers: fill-mask.
 
 ``fill_mask(model_or_dir, text, top_k=5)`` answers like ``transformers.pipeline("fill-mask")``: for
 each ``<mask>`` a list of ``{"score", "token", "token_str", "sequence"}``, best first. Texts may be as
@@ -8,9 +8,8 @@ head runs only on the masked positions (``LongformerForMaskedLM``'s ``masked_pos
 4096-token text never materialises (L, vocab) logits.
 Global attention: on ``<s>`` by default, or on the positions given.
 
-``classify(model_dir, texts)`` labels documents (or their blocks, or their words) with a model fine-tuned by
-``python -m train.finetune`` (its ``RUN/best`` or ``RUN/hf``), laying each text out exactly as the model
-was fine-tuned (the layout code is the training program's: ``train/`` of the source tree).
+Classification with a model fine-tuned by ``python -m train.finetune`` lays each text out exactly as
+the model was fine-tuned, with the training program's layout code: ``train.finetune_eval.classify``.
 """
 
 from __future__ import annotations
@@ -187,27 +186,3 @@ def fill_mask(model_or_dir, text_or_texts: str | Sequence[str], top_k: int = 5, 
             raise ValueError("fill_mask(model, ...) with a Flax module needs params=.")
         pipe = FillMaskPipeline(model_or_dir, params, tokenizer)
     return pipe(text_or_texts, top_k=top_k, global_attention=global_attention)
-
-
-# ------------------------------------------------------------------------------------------ classification
-@functools.lru_cache(maxsize=4)
-def _predictor(directory: str, dtype: str, batch_size: int):
-    try:  # the layout and the task encoder are the training program's (train/ of the source tree)
-        from train.finetune_eval import Predictor
-    except ImportError as e:
-        raise ImportError("classify lays texts out with the fine-tuning program's code (train/ of the longformer-jax "
-                          "source tree): run from the repository root or put it on PYTHONPATH") from e
-    return Predictor(directory, batch_size=batch_size, dtype=dtype)
-
-
-def classify(model_dir, texts, *, pairs=None, batch_size: int = 8, dtype: str = "float32"):
-    """Labels of ``texts`` from a model fine-tuned by ``python -m train.finetune`` (a directory).
-
-    ``texts``: one text or a list. Document classification: a string (or a list of paragraphs), with
-    ``pairs`` the second texts (e.g. NLI hypotheses) of a model fine-tuned with a pair field; sequential
-    sentence classification: a list of blocks; token classification: a list of words (or a string).
-    Returns, per text, ``{"label": ..., "scores": ...}``: the label's name and every label's probability
-    (multi-label: the list of labels whose sigmoid exceeds 0.5, and every label's sigmoid); for sequential
-    sentence and token classification, one label and one score dict per block or word.
-    """
-    return _predictor(os.fspath(resolve_source(model_dir)), dtype, batch_size).classify(texts, pairs=pairs)

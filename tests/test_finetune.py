@@ -1,6 +1,6 @@
 """The fine-tuning program (train/finetune.py) on tiny models and synthetic tasks: every task trains (the
 validation loss falls), predictions.jsonl rescored with scikit-learn equals eval_results.json, --predict and
-lj.classify give the run's predictions, the HF exports equal the Flax model in transformers, bad input is one
+classify give the run's predictions, the HF exports equal the Flax model in transformers, bad input is one
 `error:` line and exit 1 with no checkpoint touched."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tests.conftest import max_diff
 from tests.finetune_fixtures import LABELS, build_base_model, finetune_args, write_task
 from train import finetune
 from train import finetune_data as fd
+from train.finetune_eval import classify
 
 TASKS = ("document-classification", "multi-label", "sequential-sentence-classification", "multiple-choice",
          "question-answering", "token-classification")
@@ -126,14 +127,14 @@ def test_predict_and_classify_give_the_runs_predictions(space, tmp_path):
     for a, b in zip(mine, theirs):
         assert max(abs(a["scores"][k] - b["scores"][k]) for k in LABELS) < 1e-5
     rows = read_jsonl(test)
-    got = lj.classify(out / "best", [r["text"] for r in rows])
+    got = classify(out / "best", [r["text"] for r in rows])
     assert [g["label"] for g in got] == [p["prediction"] for p in theirs]
-    one = lj.classify(out / "best", rows[0]["text"])
+    one = classify(out / "best", rows[0]["text"])
     assert one["label"] == theirs[0]["prediction"] and set(one["scores"]) == set(LABELS)
     ssc = run_task(space, "sequential-sentence-classification")
     row = read_jsonl(space["root"] / "tasks" / "sequential-sentence-classification" / "test.jsonl")[0]
     pred = next(p for p in read_jsonl(ssc / "predictions.jsonl") if p["id"] == row["id"])
-    assert lj.classify(ssc / "best", row["text"])["label"] == pred["prediction"]
+    assert classify(ssc / "best", row["text"])["label"] == pred["prediction"]
 
 
 def test_block_heads_are_flax_only(space):

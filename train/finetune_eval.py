@@ -13,13 +13,14 @@ The one home of what a fine-tuned model's outputs mean:
   (padding removed), token classification every word. Multiple choice: accuracy. Question answering:
   SQuAD v1.1's exact match and token F1 (the best over the gold answers), as fractions;
 - ``Predictor``: a fine-tuned model directory (a run's ``best/`` or ``hf/``, or any HF classification
-  directory) and records -> predictions (``python -m train.finetune --predict`` and ``lj.classify``).
+  directory) and records -> predictions (``python -m train.finetune --predict`` and :func:`classify`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 import string
 from collections.abc import Sequence
@@ -330,7 +331,7 @@ class Predictor:
 
 
     def classify(self, texts: Any, pairs: Any = None) -> Any:
-        """``longformer_jax.classify``: ``{"label", "scores"}`` per text (one text: one dict)."""
+        """:func:`classify` on this model: ``{"label", "scores"}`` per text (one text: one dict)."""
         task = self.settings.task
         if task not in fd.LABELLED_TASKS:
             raise ValueError(f"this is a {task} model; classify takes classification models (predict the others "
@@ -350,6 +351,26 @@ class Predictor:
         predictions, _, _ = self.predict(fd.Records(rows, "classify"))
         out = [{"label": p["prediction"], "scores": p["scores"]} for p in predictions]
         return out[0] if single else out
+
+
+@functools.lru_cache(maxsize=4)
+def _predictor(directory: str, dtype: str, batch_size: int) -> Predictor:
+    return Predictor(directory, batch_size=batch_size, dtype=dtype)
+
+
+def classify(model_dir, texts, *, pairs=None, batch_size: int = 8, dtype: str = "float32"):
+    """Labels of ``texts`` from a model fine-tuned by ``python -m train.finetune`` (a directory).
+
+    ``texts``: one text or a list. Document classification: a string (or a list of paragraphs), with
+    ``pairs`` the second texts (e.g. NLI hypotheses) of a model fine-tuned with a pair field; sequential
+    sentence classification: a list of blocks; token classification: a list of words (or a string).
+    Returns, per text, ``{"label": ..., "scores": ...}``: the label's name and every label's probability
+    (multi-label: the list of labels whose sigmoid exceeds 0.5, and every label's sigmoid); for sequential
+    sentence and token classification, one label and one score dict per block or word. Each text is laid
+    out exactly as the model was fine-tuned (the model's ``"finetuning"`` settings). The loaded model is
+    kept for the next call with the same directory.
+    """
+    return _predictor(str(resolve_source(model_dir)), dtype, batch_size).classify(texts, pairs=pairs)
 
 
 def settings_of(config: Any, task: str) -> FinetuneSettings:
