@@ -117,21 +117,22 @@ def test_parse_mesh():
 def test_mesh_flag_of_the_training_programs():
     from train import config as config_lib
 
-    c = config_lib.parse_args(["--mesh", "data=1,fsdp=1,sequence=8"])  # demo: 512 tokens, window 64
+    base = ["--seq-len", "512", "--block-size", "128", "--model", "attention_window=64"]
+    c = config_lib.parse_args(["--mesh", "data=1,fsdp=1,sequence=8", *base])
     assert (c.mesh_data, c.mesh_fsdp, c.mesh_sequence) == (1, 1, 8)
     c = config_lib.parse_args(["--mesh-fsdp", "2", "--mesh-sequence", "2"])  # the per-axis flags still work
     assert (c.mesh_data, c.mesh_fsdp, c.mesh_sequence) == (-1, 2, 2)
     assert "mesh_sequence" in config_lib.TrainConfig.RESUMABLE_CHANGES
     with pytest.raises(ValueError, match=r"seq_len=512 does not split .* 16 devices .* multiple of 16 x 64 = 1024"):
-        config_lib.parse_args(["--mesh", "sequence=16"])
+        config_lib.parse_args(["--mesh", "sequence=16", *base])
     with pytest.raises(ValueError, match=r"multiple of 8 x 128 = 1024 \(the window times its dilation\)"):
-        config_lib.parse_args(["--mesh", "sequence=8", "--model", "attention_dilation=2"])
-    c = config_lib.parse_args(["--mesh", "sequence=4", "--model", "attention_dilation=2"])
+        config_lib.parse_args(["--mesh", "sequence=8", *base, "--model", "attention_dilation=2"])
+    c = config_lib.parse_args(["--mesh", "sequence=4", *base, "--model", "attention_dilation=2"])
     assert c.mesh_sequence == 4 and c.model["attention_dilation"] == 2
     with pytest.raises(ValueError, match="--mesh and --mesh-data both set the mesh"):
-        config_lib.parse_args(["--mesh", "sequence=2", "--mesh-data", "2"])
+        config_lib.parse_args(["--mesh", "sequence=2", "--mesh-data", "2", *base])
     with pytest.raises(ValueError, match="mesh_sequence=2 needs the mesh driver"):
-        config_lib.parse_args(["--mesh", "sequence=2", "--driver", "pmap"])
+        config_lib.parse_args(["--mesh", "sequence=2", "--driver", "pmap", *base])
     with pytest.raises(ValueError, match="expected AXIS=SIZE"):
         config_lib.parse_args(["--mesh", "sequence:2"])
 
