@@ -1,11 +1,11 @@
-# The two commands of the README: `make demo` and `make test`. Each builds .venv first.
+# The README's commands: `make demo` and `make test` (plus test-fast, lint, bench). Each builds .venv first.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # A CPU build of PyTorch, pinned exactly (any other spelling pulls a multi-GB CUDA build).
 TORCH  := torch==2.13.0
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test test-fast demo bench lint format clean
 
 venv: $(VENV)/.installed
 
@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: venv
 	$(BIN)/python -m train.pretrain --preset demo --output-dir runs/demo
@@ -27,6 +30,11 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check longformer_jax convert train bench tests
+	$(BIN)/ruff format --check longformer_jax convert train bench tests
+
+format: venv
+	$(BIN)/ruff format longformer_jax convert train bench tests
+	$(BIN)/ruff check --fix longformer_jax convert train bench tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,7 +2,10 @@
 
 A case is one (framework, sequence length, window, number of global tokens) with the modes to time
 (``fwd``: encoder forward pass; ``train``: forward, backward and AdamW update of the encoder with a
-token-classification head). It is a plain dict so that it travels to a worker process as JSON.
+token-classification head). A case with ``task="mlm"`` is the pretraining step instead: the masked-LM
+train step in the seed's layout (``mlm_inputs``), JAX with the LM head at the masked positions only,
+PyTorch with ``transformers``' full-vocabulary head. It is a plain dict so that it travels to a
+worker process as JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ BASE = dict(
     sep_token_id=2,
 )
 NUM_LABELS = 2  # token-classification head of the train step
+MLM_PROBABILITY = 0.15  # the seed recipe's masking rate
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01
 DROPOUT = 0.1  # hidden and attention dropout in the train step (as in pretraining); off in fwd
@@ -44,9 +48,12 @@ MALLOC_ENV = {
 
 
 def model_kwargs(case: dict) -> dict:
+    """The model config of the case: the base size unless the case gives a size (a tiny smoke-test case)."""
     L = case["length"]
+    sizes = {k: case[k] for k in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size") if k in case}
     return dict(
         BASE,
+        **sizes,
         num_hidden_layers=case["layers"],
         attention_window=case["window"],
         # RoBERTa positions: real tokens take pad+1 .. L+pad, so L + 2 rows.
@@ -81,6 +88,46 @@ def inputs(case: dict) -> dict[str, np.ndarray]:
     }
 
 
+def mlm_inputs(case: dict) -> dict[str, np.ndarray]:
+    """The seed's pretraining layout, masked: the same arrays on both sides (int64; cast as needed).
+
+    Each sequence is ``length // block`` blocks of ``block`` tokens (the seed: 32 of 128); a block
+    starts with ``<s>`` (the first) or ``</s>``, holds at most ``block - 1`` tokens and is padded with
+    ``<pad>`` INSIDE the sequence (attention mask 0 there); global attention on every block start.
+    fairseq's RoBERTa masking at 15% (``train.masking.mask_tokens``) gives ``labels`` per token (what
+    ``transformers`` takes) and the slots ``masked_positions`` / ``masked_labels`` (what this project's
+    masked-only LM head takes)."""
+    from train.masking import MaskingSpec, mask_tokens
+
+    B, L, blk = case["batch"], case["length"], case["block"]
+    pad, bos, eos = BASE["pad_token_id"], BASE["bos_token_id"], BASE["eos_token_id"]
+    mask_id = case.get("vocab_size", BASE["vocab_size"]) - 1  # RoBERTa's <mask> (50264): the last id
+    rng = np.random.default_rng(0)
+    ids = np.full((B, L), pad, np.int64)
+    for b in range(B):
+        for n in range(L // blk):
+            start, fill = n * blk, int(rng.integers(blk // 2, blk))  # at most blk - 1 tokens, then pads
+            ids[b, start] = bos if n == 0 else eos
+            ids[b, start + 1 : start + fill] = rng.integers(4, mask_id, fill - 1)
+    am = (ids != pad).astype(np.int64)
+    gm = np.zeros((B, L), np.int64)
+    gm[:, ::blk] = 1
+    spec = MaskingSpec(mask_id=mask_id, special_ids=np.array([bos, pad, eos, 3, mask_id]),
+                       random_ids=np.arange(4, mask_id), mlm_probability=MLM_PROBABILITY)
+    out = mask_tokens({"input_ids": ids, "attention_mask": am, "global_attention_mask": gm}, rng, spec)
+    return {k: np.asarray(v, np.int64) for k, v in out.items()}
+
+
+def case_inputs(case: dict) -> dict[str, np.ndarray]:
+    """The inputs of the case: ``mlm_inputs`` for the masked-LM step, else ``inputs``."""
+    return mlm_inputs(case) if case.get("task") == "mlm" else inputs(case)
+
+
+def masked_tokens(case: dict) -> int:
+    """How many tokens of the masked-LM case carry a label (where the LM head is needed)."""
+    return int((mlm_inputs(case)["labels"] != -100).sum())
+
+
 def forward_flops(case: dict, dense: bool = False) -> float:
     """Matrix-product FLOPs of one forward pass of the encoder (per batch), of the exact model.
 
@@ -90,7 +137,10 @@ def forward_flops(case: dict, dense: bool = False) -> float:
     the global keys and values of the whole sequence (HF's way) or folding those projections into
     the ``G`` queries (this project's way while ``H G < E + G``). ``dense``: the plain O(L^2)
     attention of the same sizes, without the global projections. Sizes other than the base model's
-    come from the case (``hidden_size``, ``intermediate_size``, ``num_attention_heads``)."""
+    come from the case (``hidden_size``, ``intermediate_size``, ``num_attention_heads``). The head is
+    the token classifier of the train step, or for the masked-LM case the LM head at the
+    ``masked_tokens`` labelled tokens (what the loss needs; a full-vocabulary head at every position
+    does more)."""
     E = case.get("hidden_size", BASE["hidden_size"])
     F = case.get("intermediate_size", BASE["intermediate_size"])
     L, B, G = case["length"], case["batch"], case["globals"]
@@ -108,6 +158,9 @@ def forward_flops(case: dict, dense: bool = False) -> float:
             folded = 2 * 2 * H * G * E * L + 2 * 2 * H * G * E * (E // H)  # (H G) x E x L twice; fold, unfold
             per_layer += min(projected, folded)  # global queries over every key
     head = 2 * L * E * NUM_LABELS if case.get("mode") == "train" else 0
+    if case.get("task") == "mlm":  # the LM head (dense, decoder) where a token is masked
+        V = case.get("vocab_size", BASE["vocab_size"])
+        return float(B * case["layers"] * per_layer + 2 * case["masked_tokens"] * (E * E + E * V))
     return float(B * (case["layers"] * per_layer + head))
 
 

@@ -1,7 +1,9 @@
 """JAX side of one benchmark case, run in its own process: ``python -m bench.jax_case '<case json>'``.
 
 ``framework`` is ``jax`` (this project's Longformer) or ``dense`` (the same encoder with plain
-O(L^2) softmax attention, the baseline that shows where the band pays off). Special cases:
+O(L^2) softmax attention, the baseline that shows where the band pays off). The masked-LM case
+(``task="mlm"``) trains ``LongformerForMaskedLM`` with its LM head at the masked positions only
+(``masked_positions`` / ``masked_labels``), as ``python -m train.pretrain`` does. Special cases:
 ``{"kind": "matmul"}`` measures the matrix-product FLOP/s of this machine, ``{"kind": "compile"}``
 only compiles a forward pass (the 12-layer compile time).
 """
@@ -154,6 +156,22 @@ def _functions(case: dict, mode: str):
                 num_global_slots=G,
             ).last_hidden_state
 
+    elif case.get("task") == "mlm":
+        model = lj.LongformerForMaskedLM(cfg)
+
+        def apply(p, b, r):
+            return model.apply(
+                {"params": p},
+                b["input_ids"],
+                attention_mask=b["attention_mask"],
+                global_attention_mask=b["global_attention_mask"],
+                labels=b["masked_labels"],
+                masked_positions=b["masked_positions"],
+                deterministic=False,
+                num_global_slots=G,
+                rngs={"dropout": r},
+            ).loss
+
     else:
         model = lj.LongformerForTokenClassification(cfg)
 
@@ -257,7 +275,7 @@ def run_case(case: dict) -> dict:
     _setup(case.get("device", "cpu"))
     import jax.numpy as jnp
 
-    arrays = {k: jnp.asarray(v, jnp.int32) for k, v in common.inputs(case).items()}
+    arrays = {k: jnp.asarray(v, jnp.int32) for k, v in common.case_inputs(case).items()}
     rss = common.PeakRSS()
     result = {"case": case, "modes": {}}
     for mode in case["modes"]:
@@ -271,7 +289,7 @@ def compile_only(case: dict) -> dict:
     jax = _setup(case.get("device", "cpu"))
     import jax.numpy as jnp
 
-    arrays = {k: jnp.asarray(v, jnp.int32) for k, v in common.inputs(case).items()}
+    arrays = {k: jnp.asarray(v, jnp.int32) for k, v in common.case_inputs(case).items()}
     init, apply = _functions(case, "fwd")
     params = jax.eval_shape(init, jax.random.PRNGKey(0), arrays)
     t0 = time.perf_counter()

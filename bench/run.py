@@ -2,12 +2,20 @@
 
     python -m bench.run                 # the full CPU table (about 15 minutes on 2 cores)
     python -m bench.run --quick         # a small subset, under 2 minutes
+    python -m bench.run --cases mlm     # only the masked-LM pretraining step (writes results-mlm.*)
     python -m bench.run --device gpu    # bfloat16, larger batch, model FLOPs utilisation
 
 Every measurement runs in a fresh worker process (``bench.jax_case`` / ``bench.torch_case``) with
 the same config and the same inputs on both sides; times are taken after a warm-up call (and, for
 JAX, after compilation, which is reported separately). Writes ``results.md`` (the table),
 ``results.json`` (every number) and ``results.png`` (tokens/s against length) to ``--out``.
+
+Case groups (``--cases``): ``main``, the encoder's forward pass and a token-classification train
+step per (window, globals, length), with the dense-attention baseline and the compile times; and
+``mlm``, the pretraining step: ``LongformerForMaskedLM`` at 4,096 tokens in the seed's layout (32
+blocks of 128, global attention on the block starts, 15% masking), JAX with the LM head at the
+masked positions only, PyTorch with ``transformers``' full-vocabulary head, both with AdamW. A run
+of only some groups writes ``results-<groups>.{md,json}`` beside the full run's files.
 """
 
 from __future__ import annotations
@@ -30,11 +38,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # two other combinations.
 MAIN_CONFIGS = [(512, 0), (128, 32)]
 OTHER_CONFIGS = [(512, 32), (128, 0)]
+CASE_GROUPS = ("main", "mlm")
+# The masked-LM pretraining step: the seed's layout at 4096 tokens (32 blocks of 128, globals on block starts).
+MLM_CASE = dict(task="mlm", length=4096, block=128, window=128, globals=32, modes=["train"])
+MLM_SPEED_GOAL, MLM_MEMORY_GOAL = 1.5, 0.5
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small subset (1024 and 4096 tokens, one layer)")
+    p.add_argument("--cases", default=None, help=f"comma-separated case groups out of {', '.join(CASE_GROUPS)} "
+                   "(default: all; main with --quick)")
     p.add_argument("--layers", type=int, default=None, help="encoder layers (default 2 on CPU, 12 on GPU)")
     p.add_argument("--lengths", type=str, default=None, help="comma-separated sequence lengths")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -56,7 +70,14 @@ def parse_args(argv=None):
     p.add_argument("--peak-flops", type=float, default=None, help="nominal peak FLOP/s for MFU (GPU)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--render", default=None, help="only rebuild results.{md,png} from this results.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.cases_given = args.cases is not None
+    if args.cases is None:
+        args.cases = "main" if args.quick else ",".join(CASE_GROUPS)
+    unknown = sorted(set(args.cases.split(",")) - set(CASE_GROUPS))
+    if unknown:
+        p.error(f"--cases {args.cases}: unknown group(s) {', '.join(unknown)}; choose from {', '.join(CASE_GROUPS)}")
+    return args
 
 
 def _reps(length: int, quick: bool) -> dict:
@@ -86,6 +107,25 @@ def plan(args) -> dict:
         device=args.device,
         block_size=args.block_size,
     )
+    groups = args.cases.split(",")
+    cases = mlm_cases(base, args) if "mlm" in groups else []
+    compile_cases = []
+    if "main" in groups:
+        cases += main_cases(args, base, lengths, configs, gpu)
+        compile_cases = _compile_cases(args, base)
+    return {"layers": layers, "lengths": lengths, "cases": cases, "compile_cases": compile_cases,
+            "groups": groups, **base}
+
+
+def mlm_cases(base: dict, args) -> list[dict]:
+    """The masked-LM pretraining step, JAX (masked-only head) and PyTorch (full head)."""
+    c = dict(base, **MLM_CASE, reps={"train": 2, "warmup": 1})
+    c["masked_tokens"] = common.masked_tokens(c)
+    return [dict(c, framework=fw) for fw in ("jax", "torch") if fw == "jax" or not args.no_torch]
+
+
+def main_cases(args, base: dict, lengths: list[int], configs: list, gpu: bool) -> list[dict]:
+    """The forward and token-classification train cases per (window, globals, length), and the dense baseline."""
     cases = []
     # The target cases (4096 tokens) first, so that a run cut short still has them.
     order = sorted(lengths, key=lambda L: (L != 4096, L))
@@ -109,15 +149,16 @@ def plan(args) -> dict:
                 dict(base, length=L, window=512, globals=0, reps=_reps(L, args.quick), modes=["fwd", "train"],
                      framework="dense", batch=batch)
             )
-    compile_cases = []
+    return cases
+
+
+def _compile_cases(args, base: dict) -> list[dict]:
     if args.compile_layers is None:
         args.compile_layers = 0 if args.quick else 12
-    if args.compile_layers:
-        for window, G in MAIN_CONFIGS:
-            compile_cases.append(
-                dict(base, layers=args.compile_layers, length=4096, window=window, globals=G, framework="jax", batch=1)
-            )
-    return {"layers": layers, "lengths": lengths, "cases": cases, "compile_cases": compile_cases, **base}
+    if not args.compile_layers:
+        return []
+    return [dict(base, layers=args.compile_layers, length=4096, window=window, globals=G, framework="jax", batch=1)
+            for window, G in MAIN_CONFIGS]
 
 
 # ---------------------------------------------------------------------------------------- workers
@@ -157,44 +198,50 @@ def median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+def _entry(c: dict, mode: str, res: dict, peak: float, gpu: bool) -> dict:
+    """The numbers of one (framework, case, mode): time, tokens/s, efficiency, memory, compile time."""
+    if "error" in res:
+        return {"error": res["error"]}
+    m = res["modes"][mode]
+    t = median(m["times_s"])
+    flops = common.step_flops(c, mode, dense=c["framework"] == "dense")
+    return {
+        "time_s": t,
+        "tokens_per_s": c["batch"] * c["length"] / t,
+        "model_flops": flops,
+        "efficiency": flops / t / peak,
+        # On a GPU the memory that matters is the device's: torch's allocator peak, XLA's analysis.
+        "peak_rss_bytes": (
+            (m.get("peak_device_bytes") if c["framework"] == "torch" else _xla_total(m.get("xla_memory")))
+            if gpu
+            else m.get("peak_rss_bytes")
+        ),
+        "peak_device_bytes": m.get("peak_device_bytes"),
+        "xla_memory": m.get("xla_memory"),
+        "compile_s": m.get("compile_s"),
+        "times_s": m["times_s"],
+    }
+
+
+def _peak(raw: dict) -> float:
+    """Reference FLOP/s of the efficiency column: the nominal peak when given (MFU), else the
+    matrix-product FLOP/s measured in this run."""
+    return raw["args"].get("peak_flops") or raw["matmul"]["flops_per_s"]
+
+
 def summarise(raw: dict, p: dict) -> list[dict]:
-    """One row per (window, globals, length, mode) with both frameworks side by side."""
-    # Reference FLOP/s of the efficiency column: the nominal peak when given (MFU), else the
-    # matrix-product FLOP/s measured in this run.
-    peak = raw["args"].get("peak_flops") or raw["matmul"]["flops_per_s"]
-    gpu = p["device"] == "gpu"
+    """One row per (window, globals, length, mode) with both frameworks side by side (the main cases)."""
+    peak, gpu = _peak(raw), p["device"] == "gpu"
+    main = [r for r in raw["cases"] if r["spec"].get("task") != "mlm"]
     by_key = {}
-    for r in raw["cases"]:
+    for r in main:
         c = r["spec"]
-        res = r["result"]
         for mode in c["modes"]:
-            key = (c["framework"], c["window"], c["globals"], c["length"], mode)
-            if "error" in res:
-                by_key[key] = {"error": res["error"]}
-                continue
-            m = res["modes"][mode]
-            t = median(m["times_s"])
-            dense = c["framework"] == "dense"
-            flops = common.step_flops(c, mode, dense=dense)
-            by_key[key] = {
-                "time_s": t,
-                "tokens_per_s": c["batch"] * c["length"] / t,
-                "model_flops": flops,
-                "efficiency": flops / t / peak,
-                # On a GPU the memory that matters is the device's: torch's allocator peak, XLA's analysis.
-                "peak_rss_bytes": (
-                    (m.get("peak_device_bytes") if c["framework"] == "torch" else _xla_total(m.get("xla_memory")))
-                    if gpu
-                    else m.get("peak_rss_bytes")
-                ),
-                "peak_device_bytes": m.get("peak_device_bytes"),
-                "xla_memory": m.get("xla_memory"),
-                "compile_s": m.get("compile_s"),
-                "times_s": m["times_s"],
-            }
+            by_key[(c["framework"], c["window"], c["globals"], c["length"], mode)] = _entry(
+                c, mode, r["result"], peak, gpu)
     rows = []
     seen = set()
-    for r in raw["cases"]:
+    for r in main:
         c = r["spec"]
         if c["framework"] == "dense":
             continue
@@ -215,6 +262,18 @@ def summarise(raw: dict, p: dict) -> list[dict]:
                 }
             )
     return rows
+
+
+def summarise_mlm(raw: dict, p: dict) -> dict | None:
+    """The masked-LM step, ``{"case", "jax", "torch"}``; None when the run has no such case."""
+    peak, gpu = _peak(raw), p["device"] == "gpu"
+    out = {}
+    for r in raw["cases"]:
+        c = r["spec"]
+        if c.get("task") == "mlm":
+            out["case"] = c
+            out[c["framework"]] = _entry(c, "train", r["result"], peak, gpu)
+    return out or None
 
 
 def _xla_total(m):
@@ -308,25 +367,53 @@ def targets(rows, raw) -> list[dict]:
     return out
 
 
-def markdown(raw, rows, p) -> str:
-    peak = raw["matmul"]["flops_per_s"]
-    torch_peak = raw.get("torch_matmul", {}).get("flops_per_s")
+def mlm_targets(mlm: dict | None) -> list[dict]:
+    """The masked-LM step's targets: >= 1.5x PyTorch's tokens/s, <= 0.5x its peak memory."""
+    if not mlm or not mlm.get("jax") or not mlm.get("torch"):
+        return []
+    j, t = mlm["jax"], mlm["torch"]
+    out = []
+    speed = _ratio(j, t)
+    if speed is not None:
+        out.append({"target": "MLM train step, 4096 tokens in the seed's layout: JAX/PyTorch tokens/s",
+                    "measured": speed, "goal": MLM_SPEED_GOAL, "met": speed >= MLM_SPEED_GOAL,
+                    "text": f"{speed:.2f}x (goal >= {MLM_SPEED_GOAL}x)"})
+    a, b = j.get("peak_rss_bytes"), t.get("peak_rss_bytes")
+    if a and b:
+        v = a / b
+        out.append({"target": "MLM train step, 4096 tokens in the seed's layout: peak memory JAX/PyTorch",
+                    "measured": v, "goal": MLM_MEMORY_GOAL, "met": v <= MLM_MEMORY_GOAL,
+                    "text": f"{_mb(a)} MiB vs {_mb(b)} MiB = {v:.2f} (goal <= {MLM_MEMORY_GOAL})"})
+    return out
+
+
+def mlm_markdown(mlm: dict) -> list[str]:
+    """The masked-LM step's table."""
+    c, j, t = mlm["case"], mlm.get("jax"), mlm.get("torch")
+    ok_j, ok_t = bool(j) and "error" not in j, bool(t) and "error" not in t
+    ratio = _ratio(j, t)
+    mem = j["peak_rss_bytes"] / t["peak_rss_bytes"] if ok_j and ok_t and t["peak_rss_bytes"] else None
+    cells = [
+        _ms(j), _ms(t), _tps(j), _tps(t), "-" if ratio is None else f"**{ratio:.2f}x**", _eff(j), _eff(t),
+        _mb(j["peak_rss_bytes"]) if ok_j else "-", _mb(t["peak_rss_bytes"]) if ok_t else "-",
+        "-" if mem is None else f"**{mem:.2f}**", _xla_mb(j), f"{j['compile_s']:.1f}" if ok_j else "-",
+    ]
+    return [
+        f"MLM train step (`LongformerForMaskedLM`, AdamW) at {c['length']} tokens in the seed's layout: "
+        f"{c['length'] // c['block']} blocks of {c['block']}, global attention on the block starts, window "
+        f"{c['window']}, 15% masking ({c['masked_tokens']} masked tokens); JAX computes the LM head at the masked "
+        "positions only, PyTorch its full-vocabulary head at every position:",
+        "",
+        "| JAX ms | PyTorch ms | JAX tok/s | PyTorch tok/s | JAX / PyTorch | JAX eff. | PyTorch eff. "
+        "| JAX peak MiB | PyTorch peak MiB | memory JAX / PyTorch | JAX XLA MiB | JAX compile s |",
+        "|" + "---:|" * 12,
+        "| " + " | ".join(cells) + " |",
+    ]
+
+
+def _main_table(rows) -> list[str]:
+    """The main cases' table and the dense-attention baseline."""
     lines = []
-    batch = (
-        "32768 tokens per batch (32 x 1024, 8 x 4096, 2 x 16384)"
-        if p["device"] == "gpu" and not raw["args"].get("batch")
-        else f"batch {p['batch']}"
-    )
-    lines.append(
-        f"Base size (hidden 768, 12 heads, FFN 3072, vocab 50265), **{_layers(p)}**, {batch}, "
-        f"{p['dtype']}, {raw['machine']['device']}; {raw['machine']['date']}."
-    )
-    lines.append(
-        f"Matrix-product peak measured in the same run: JAX {peak / 1e9:,.1f} GFLOP/s"
-        + (f", PyTorch {torch_peak / 1e9:,.1f} GFLOP/s" if torch_peak else "")
-        + f" ({p['dtype']} `jnp.dot`, best of {', '.join(raw['matmul']['by_shape'])})."
-    )
-    lines.append("")
     lines.append(
         "| window | globals | tokens | step | JAX ms | PyTorch ms | JAX tok/s | PyTorch tok/s | JAX / PyTorch "
         "| JAX eff. | PyTorch eff. | JAX peak MiB | PyTorch peak MiB | JAX XLA MiB | JAX compile s |"
@@ -378,11 +465,38 @@ def markdown(raw, rows, p) -> str:
                 f"{_mb(d.get('peak_rss_bytes')) if d and 'error' not in d else '-'} | "
                 f"{_mb(j.get('peak_rss_bytes')) if j and 'error' not in j else '-'} |"
             )
+    return lines
+
+
+def markdown(raw, rows, p) -> str:
+    peak = raw["matmul"]["flops_per_s"]
+    torch_peak = raw.get("torch_matmul", {}).get("flops_per_s")
+    lines = []
+    batch = (
+        "32768 tokens per batch (32 x 1024, 8 x 4096, 2 x 16384)"
+        if p["device"] == "gpu" and not raw["args"].get("batch")
+        else f"batch {p['batch']}"
+    )
+    lines.append(
+        f"Base size (hidden 768, 12 heads, FFN 3072, vocab 50265), **{_layers(p)}**, {batch}, "
+        f"{p['dtype']}, {raw['machine']['device']}; {raw['machine']['date']}."
+    )
+    lines.append(
+        f"Matrix-product peak measured in the same run: JAX {peak / 1e9:,.1f} GFLOP/s"
+        + (f", PyTorch {torch_peak / 1e9:,.1f} GFLOP/s" if torch_peak else "")
+        + f" ({p['dtype']} `jnp.dot`, best of {', '.join(raw['matmul']['by_shape'])})."
+    )
+    if rows:
+        lines += [""] + _main_table(rows)
+    mlm = raw.get("mlm")
+    if mlm:
+        lines += [""] + mlm_markdown(mlm)
     errors = [(r["spec"], r["result"]["error"]) for r in raw["cases"] if "error" in r["result"]]
     if errors:
         lines.append("")
         for spec, err in errors:
-            lines.append(f"- not measured: {spec['framework']} L={spec['length']} window={spec['window']} "
+            what = " masked-LM step" if spec.get("task") == "mlm" else ""
+            lines.append(f"- not measured: {spec['framework']}{what} L={spec['length']} window={spec['window']} "
                          f"globals={spec['globals']}: {err}")
     lines.append("")
     lines.append("Targets:")
@@ -453,7 +567,15 @@ def notes(raw, p) -> list[str]:
         "a train step counts 3x the forward. Work an implementation does beyond that (the blocked "
         "band's unused corners, HF's 2x overlapping chunks) is not counted.",
         memory,
-    ]
+    ] + (
+        ["masked-LM step: `LongformerForMaskedLM` in train mode, dropout 0.1, AdamW (lr 1e-4, weight decay 0.01); "
+         "token ids drawn at random (fixed seed) into the seed's sentence-block layout, each block of 64-127 tokens "
+         "padded inside the sequence, masked by `train.masking` (fairseq's RoBERTa masking, 15%); JAX takes the "
+         "masked slots (`masked_positions`, `masked_labels`), PyTorch the per-token labels of the same masking. "
+         "Model FLOPs count the LM head at the masked tokens only (the loss needs no more); tok/s counts every "
+         "position, padding included, on both sides."]
+        if raw.get("mlm") else []
+    )
 
 
 def plot(rows, path: str, p) -> None:
@@ -524,19 +646,30 @@ def machine_info(args) -> dict:
     }
 
 
+def results_stem(args: dict) -> str:
+    """``results`` for a run of every case group (or of the default ones), ``results-<groups>`` otherwise."""
+    groups = args.get("cases", ",".join(CASE_GROUPS)).split(",")
+    if not args.get("cases_given") or set(groups) == set(CASE_GROUPS):
+        return "results"
+    return "results-" + "-".join(groups)
+
+
 def write_report(raw: dict, p: dict, out: str) -> str:
     rows = summarise(raw, p)
     raw["rows"] = rows
-    raw["targets"] = targets(rows, raw)
+    raw["mlm"] = summarise_mlm(raw, p)
+    raw["targets"] = mlm_targets(raw["mlm"]) + targets(rows, raw)
     md_text = markdown(raw, rows, p)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    stem = os.path.join(out, results_stem(raw["args"]))
+    with open(stem + ".md", "w") as f:
         f.write(md_text)
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(stem + ".json", "w") as f:
         json.dump(raw, f, indent=1)
-    try:
-        plot(rows, os.path.join(out, "results.png"), p)
-    except Exception as e:  # noqa: BLE001 - the table matters more than the plot
-        log(f"plot failed: {e}")
+    if rows:
+        try:
+            plot(rows, stem + ".png", p)
+        except Exception as e:  # noqa: BLE001 - the table matters more than the plot
+            log(f"plot failed: {e}")
     return md_text
 
 
@@ -565,8 +698,8 @@ def main(argv=None) -> None:
             "bench.torch_case", {"kind": "matmul", "dtype": p["dtype"], "device": p["device"]}, args
         )
     for spec in p["cases"]:
-        log(f"{spec['framework']:5s} L={spec['length']:5d} window={spec['window']} globals={spec['globals']} "
-            f"{'+'.join(spec['modes'])}")
+        log(f"{spec['framework']:5s} {spec.get('task', '')} L={spec['length']:5d} window={spec['window']} "
+            f"globals={spec['globals']} {'+'.join(spec['modes'])}")
         module = "bench.torch_case" if spec["framework"] == "torch" else "bench.jax_case"
         res = run_worker(module, {"case": spec}, args)
         if "error" in res:
@@ -594,7 +727,7 @@ def main(argv=None) -> None:
     if os.path.exists(partial):
         os.remove(partial)
     print(md_text)
-    log(f"done in {raw['total_s']:.0f} s; wrote {args.out}/results.{{md,json,png}}")
+    log(f"done in {raw['total_s']:.0f} s; wrote {os.path.join(args.out, results_stem(raw['args']))}.{{md,json,png}}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The ``transformers`` Longformer with the same config and inputs as the JAX side: ``fwd`` is
 ``LongformerModel`` in eval mode under ``torch.no_grad``; ``train`` is
 ``LongformerForTokenClassification`` in train mode (dropout on), ``loss.backward()`` and an AdamW
-step. ``{"kind": "matmul"}`` measures ``torch.mm`` FLOP/s for reference.
+step; the masked-LM case (``task="mlm"``) trains ``LongformerForMaskedLM`` the same way, with its
+standard full-vocabulary head and per-token labels (what users of ``transformers`` run).
+``{"kind": "matmul"}`` measures ``torch.mm`` FLOP/s for reference.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ def _measure(case: dict, mode: str, arrays: dict, rss: common.PeakRSS) -> dict:
             hidden_dropout_prob=common.DROPOUT,
             attention_probs_dropout_prob=common.DROPOUT,
         )
-        model = transformers.LongformerForTokenClassification(cfg).to(dev, dtype).train()
+        head = transformers.LongformerForMaskedLM if case.get("task") == "mlm" else \
+            transformers.LongformerForTokenClassification
+        model = head(cfg).to(dev, dtype).train()
         opt = torch.optim.AdamW(model.parameters(), lr=common.LEARNING_RATE, weight_decay=common.WEIGHT_DECAY)
 
         def run():
@@ -112,7 +116,7 @@ def run_case(case: dict) -> dict:
 
     transformers.logging.set_verbosity_error()
     dev = "cuda" if case.get("device") == "gpu" else "cpu"
-    arrays = {k: torch.tensor(v, device=dev) for k, v in common.inputs(case).items()}
+    arrays = {k: torch.tensor(v, device=dev) for k, v in common.case_inputs(case).items()}
     rss = common.PeakRSS()
     result = {"case": case, "modes": {}}
     for mode in case["modes"]:

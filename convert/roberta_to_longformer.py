@@ -4,8 +4,14 @@
 
 Position embeddings: RoBERTa's rows for real tokens copied in repeats up to the new length;
 query/key/value_global copied from query/key/value; attention_window on every layer; the tokenizer
-saved with model_max_length = max length. --format: hf (config.json + model.safetensors), flax
-(an Orbax Flax checkpoint) or both (one directory that is both).
+saved with model_max_length = max length. SRC may also be a Longformer: it is made longer the same
+way (its position rows copied in repeats; its global projections, and its windows unless
+--attention-window is given, kept), e.g. for documents split over devices (--mesh sequence=N):
+
+    python -m convert.roberta_to_longformer kiddothe2b/longformer-base-4096 ckpt/long-64k --max-length 65536
+
+--format: hf (config.json + model.safetensors), flax (an Orbax Flax checkpoint) or both (one
+directory that is both).
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ def _windows(text: str) -> int | list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert.roberta_to_longformer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="RoBERTa checkpoint directory or hub id (e.g. FacebookAI/roberta-base)")
+    p.add_argument("src", help="RoBERTa checkpoint directory or hub id (e.g. FacebookAI/roberta-base), or a "
+                               "Longformer to make longer")
     p.add_argument("dst", help="output directory (must not exist or be empty)")
     p.add_argument("--max-length", type=int, default=4096, help="longest input in tokens (default 4096)")
-    p.add_argument("--attention-window", type=_windows, default=128,
+    p.add_argument("--attention-window", type=_windows, default=None,
                    help="full window (both sides), even; one value or one per layer, comma-separated "
-                        "(default 128)")
+                        "(default 128; a Longformer source keeps its own)")
     p.add_argument("--max-position-embeddings", type=int, default=None,
                    help="rows of the position table (default max_length + pad_token_id + 2: 4099 for 4096, "
                         "as in the seed checkpoint)")

@@ -8,12 +8,24 @@ doubles it.
 JAX-side options (``dtype``, ``remat``, ``scan_layers``, ``attention_block_size``,
 ``attention_implementation``) are never written to ``config.json``; a Flax checkpoint keeps them
 beside it (``longformer_jax.pretrained``).
+
+Two of them change what the model computes, and ``transformers`` has neither (the attention patterns
+of allenai's original Longformer, read from its configs):
+
+- ``attention_dilation``: dilated sliding windows. Query ``i`` of a layer with dilation ``d`` sees the
+  keys ``i + d*k`` for ``k`` in ``-w .. w``. An int (every layer, every head), or one entry per layer,
+  each an int or a tuple of one int per head (some heads dilated, the others not).
+- ``causal_attention``: causal sliding windows, every attention restricted to keys ``j <= i``.
+
+A config that uses them has no HF ``config.json`` (``to_hf_dict`` refuses: transformers would load it
+as a different model); such a model lives in the Flax checkpoint format.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -46,7 +58,10 @@ _HF_FIELDS = (
 # Keys that only allenai's original (pre-transformers) Longformer configs carry.
 _ALLENAI_KEYS = ("attention_mode", "attention_dilation", "autoregressive")
 
-JAX_FIELDS = ("dtype", "remat", "scan_layers", "attention_block_size", "attention_implementation")
+# The settings of the attention pattern that transformers lacks (they change the model's meaning).
+PATTERN_FIELDS = ("attention_dilation", "causal_attention")
+
+JAX_FIELDS = ("dtype", "remat", "scan_layers", "attention_block_size", "attention_implementation", *PATTERN_FIELDS)
 
 # The implementations of the band attention (``longformer_jax.kernels`` runs them): "blocked" is the
 # plain-JAX reference, "splash" a TPU kernel, "pallas-gpu" a GPU kernel, "auto" the backend's kernel.
@@ -116,10 +131,17 @@ class LongformerConfig:
     scan_layers: bool = False  # one lax.scan over the layers (needs one window for all layers)
     attention_block_size: int | None = None  # query rows per block of the band; None = largest divisor of w <= 128
     attention_implementation: str = "blocked"  # one of ATTENTION_IMPLEMENTATIONS (longformer_jax.kernels)
+    # --- attention patterns transformers lacks (JAX-side too: kept in Flax checkpoints, never in config.json) ---
+    # Dilation of the sliding window: an int, or one per layer, each an int or a tuple of one int per head.
+    attention_dilation: int | tuple[int | tuple[int, ...], ...] = 1
+    causal_attention: bool = False  # every attention restricted to keys j <= i (autoregressive)
 
     def __post_init__(self):
         if isinstance(self.attention_window, list):
             object.__setattr__(self, "attention_window", tuple(self.attention_window))
+        if isinstance(self.attention_dilation, (list, tuple)):
+            dil = tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in self.attention_dilation)
+            object.__setattr__(self, "attention_dilation", dil)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -185,6 +207,7 @@ class LongformerConfig:
                 f"{', '.join(repr(n) for n in ATTENTION_IMPLEMENTATIONS)} ('blocked' is the plain-JAX reference, "
                 "'auto' the fastest exact one for the backend)."
             )
+        self._validate_patterns(fail)
         if self.attention_block_size is not None:
             for w in windows:
                 if self.attention_block_size <= 0 or (w // 2) % self.attention_block_size:
@@ -193,7 +216,69 @@ class LongformerConfig:
                         f"every one-sided window (attention_window // 2 = {w // 2})."
                     )
 
+    def _validate_patterns(self, fail) -> None:
+        """The dilation (per layer, per head) and the causal switch: types, lengths, and what needs them."""
+        dil, layers, heads = self.attention_dilation, self.num_hidden_layers, self.num_attention_heads
+        positive = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1
+        hint = (f"give an int >= 1 (every layer), or {layers} entries (one per layer), each an int or a tuple of "
+                f"{heads} ints (one per head)")
+        if isinstance(dil, tuple):
+            if len(dil) != layers:
+                fail(f"attention_dilation has {len(dil)} entries but num_hidden_layers={layers}; {hint}.")
+            for i, d in enumerate(dil):
+                per_head = d if isinstance(d, tuple) else (d,)
+                if isinstance(d, tuple) and len(d) != heads:
+                    fail(f"attention_dilation[{i}] has {len(d)} entries but num_attention_heads={heads}; {hint}.")
+                if not all(positive(x) for x in per_head):
+                    fail(f"attention_dilation[{i}]={d!r} must hold integers >= 1 (1: no dilation); {hint}.")
+        elif not positive(dil):
+            fail(f"attention_dilation={dil!r} must be an integer >= 1 (1: no dilation); {hint}.")
+        if not isinstance(self.causal_attention, bool):
+            fail(f"causal_attention={self.causal_attention!r} must be True or False.")
+        if self.scan_layers and len(set(self.attention_dilations)) > 1:
+            fail(f"scan_layers=True needs the same attention_dilation on every layer, got {dil!r}; "
+                 "set scan_layers=False for per-layer dilations.")
+        if self.has_attention_pattern and self.attention_implementation not in ("blocked", "auto"):
+            fail(f"attention_implementation={self.attention_implementation!r} runs only the two-sided, undilated "
+                 f"band, but this model sets {self.pattern_description()}; use 'blocked' (or 'auto', which takes "
+                 "'blocked' for them).")
+
     # ------------------------------------------------------------------ derived
+    @property
+    def attention_dilations(self) -> tuple[int | tuple[int, ...], ...]:
+        """The dilation of every layer: an int, or a tuple of one int per head."""
+        if isinstance(self.attention_dilation, tuple):
+            return self.attention_dilation
+        return (self.attention_dilation,) * self.num_hidden_layers
+
+    @property
+    def is_dilated(self) -> bool:
+        """Whether some head of some layer has a dilation other than 1."""
+        return any(x != 1 for d in self.attention_dilations for x in (d if isinstance(d, tuple) else (d,)))
+
+    @property
+    def has_attention_pattern(self) -> bool:
+        """Whether the model uses an attention pattern transformers lacks (dilated or causal windows)."""
+        return self.causal_attention or self.is_dilated
+
+    def pattern_description(self) -> str:
+        """The pattern settings in use, as ``name=value`` for messages."""
+        parts = [f"attention_dilation={self.attention_dilation!r}"] if self.is_dilated else []
+        return ", ".join(parts + (["causal_attention=True"] if self.causal_attention else [])) or "no pattern"
+
+    @property
+    def pad_multiple(self) -> int:
+        """Inputs are padded to a multiple of this: every layer's window times its dilations.
+
+        A layer of window ``2w`` and dilation ``d`` runs an ordinary band on each of the ``d`` subsequences
+        of positions with the same residue mod ``d``, which needs ``L`` a multiple of ``2w * d``. Without
+        dilation this is the largest window (the windows divide it), as in transformers."""
+        per_layer = (
+            w * math.lcm(*(d if isinstance(d, tuple) else (d,)))
+            for w, d in zip(self.attention_windows, self.attention_dilations)
+        )
+        return math.lcm(*per_layer)
+
     @property
     def attention_windows(self) -> tuple[int, ...]:
         """The full window of every layer."""
@@ -220,23 +305,18 @@ class LongformerConfig:
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides) -> LongformerConfig:
+        """A config from a config.json dict (HF's, or allenai's original), then ``overrides``.
+
+        allenai's originals (``is_allenai_config``): the one-sided window is doubled, their
+        ``attention_dilation`` (per layer) and ``autoregressive`` become ``attention_dilation`` and
+        ``causal_attention``. Other JAX-side fields in ``d`` are ignored, except the pattern settings
+        (``PATTERN_FIELDS``, as ``to_dict`` writes them): dropping them would make a different model."""
         d = dict(d)
         check_model_type(d)
-        allenai = any(k in d for k in _ALLENAI_KEYS)
-        if allenai:
-            mode = d.get("attention_mode")
-            if mode not in (None, "longformer", "sliding_chunks", "tvm", "sliding_chunks_no_overlap"):
-                raise ValueError(f"allenai config attention_mode={mode!r} is not supported.")
-            dil = d.get("attention_dilation", 1)
-            dils = dil if isinstance(dil, list) else [dil]
-            if any(x != 1 for x in dils):
-                raise ValueError(f"attention_dilation={dil!r}: dilated windows are not supported (only 1).")
-            if d.get("autoregressive", False):
-                raise ValueError("autoregressive=True (causal Longformer) is not supported.")
-            aw = d.get("attention_window", 512)
-            d["attention_window"] = [2 * x for x in aw] if isinstance(aw, list) else 2 * aw
         kwargs: dict[str, Any] = {}
-        for k in _HF_FIELDS:
+        if is_allenai_config(d):
+            kwargs.update(_read_allenai(d))
+        for k in _HF_FIELDS + PATTERN_FIELDS:
             if k in d:
                 kwargs[k] = d.pop(k)
         if kwargs.get("id2label") is not None:
@@ -270,8 +350,26 @@ class LongformerConfig:
                 raise ValueError(f"{file} is not valid JSON: {e}") from None
         return cls.from_dict(d, **overrides)
 
+    def check_hf_compatible(self) -> None:
+        """A ValueError when transformers has no model for this config (dilated or causal windows)."""
+        if self.has_attention_pattern:
+            raise ValueError(
+                f"LongformerConfig: {self.pattern_description()} has no counterpart in transformers' Longformer: "
+                "an HF config.json of this model would load there as a model with plain two-sided windows, "
+                "silently different. Keep it in this library's Flax checkpoint format, which stores these "
+                "settings (longformer_jax.pretrained.save_flax_checkpoint; python -m train.export --format flax)."
+            )
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json that ``transformers`` reads (model_type longformer)."""
+        """The config.json that ``transformers`` reads (model_type longformer).
+
+        Raises:
+            ValueError: for a model with an attention pattern transformers lacks (``check_hf_compatible``).
+        """
+        self.check_hf_compatible()
+        return self._hf_fields()
+
+    def _hf_fields(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
         for k in _HF_FIELDS:
             v = getattr(self, k)
@@ -291,14 +389,25 @@ class LongformerConfig:
         return dict(sorted(d.items()))
 
     def to_dict(self) -> dict[str, Any]:
-        d = self.to_hf_dict()
+        """Every field: the config.json fields and the JAX-side ones (the pattern settings among them)."""
+        d = self._hf_fields()
         for k in JAX_FIELDS:
-            d[k] = getattr(self, k)
+            v = getattr(self, k)
+            d[k] = json.loads(json.dumps(v)) if isinstance(v, tuple) else v
         return d
 
-    def save_pretrained(self, directory: str | os.PathLike, architectures: list[str] | None = None) -> str:
+    def save_pretrained(self, directory: str | os.PathLike, architectures: list[str] | None = None, *,
+                        hf_export: bool = True) -> str:
+        """Writes ``directory/config.json`` (HF fields only); returns its path.
+
+        ``hf_export=False``: the config.json of a Flax checkpoint, which keeps the JAX-side settings (the
+        attention patterns among them) in its own file beside it; transformers loads no model from such
+        a directory (it holds no PyTorch weights). Otherwise a model with an attention pattern
+        transformers lacks is a ValueError (``check_hf_compatible``)."""
+        if hf_export:
+            self.check_hf_compatible()
         os.makedirs(directory, exist_ok=True)
-        d = self.to_hf_dict()
+        d = self._hf_fields()
         if architectures:
             d["architectures"] = list(architectures)
         file = os.path.join(directory, "config.json")
@@ -306,6 +415,30 @@ class LongformerConfig:
             json.dump(d, f, indent=2, sort_keys=True)
             f.write("\n")
         return file
+
+
+def is_allenai_config(d: dict[str, Any]) -> bool:
+    """Whether ``d`` is an allenai original config (one-sided windows): one of their keys, except an
+    ``attention_dilation`` under model_type 'longformer' alone (this library's ``to_dict`` writes it so,
+    with a full window)."""
+    if "attention_mode" in d or "autoregressive" in d:
+        return True
+    return "attention_dilation" in d and d.get("model_type") != "longformer"
+
+
+def _read_allenai(d: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an allenai original config (removing their keys from ``d``): the window doubled, the
+    dilation (per layer) and ``autoregressive`` as ``causal_attention``."""
+    mode = d.get("attention_mode")
+    if mode not in (None, "longformer", "sliding_chunks", "tvm", "sliding_chunks_no_overlap"):
+        raise ValueError(f"allenai config attention_mode={mode!r} is not supported.")
+    dil = d.pop("attention_dilation", 1)
+    out: dict[str, Any] = {"causal_attention": bool(d.pop("autoregressive", False) or False)}
+    if dil not in (None, 1) and not (isinstance(dil, list) and all(x == 1 for x in dil)):
+        out["attention_dilation"] = tuple(dil) if isinstance(dil, list) else dil
+    aw = d.pop("attention_window", 512)
+    out["attention_window"] = [2 * x for x in aw] if isinstance(aw, list) else 2 * aw
+    return out
 
 
 _ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh"}

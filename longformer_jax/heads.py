@@ -123,6 +123,8 @@ class LongformerTaskModel(nn.Module):
     - ``with_defaults(inputs)``: the inputs with the head's automatic global attention (and checks);
     - ``encoder_inputs(inputs)``: what the encoder sees (multiple choice flattens the choices);
     - ``head(out, inputs, deterministic)``: the output fields between ``loss`` and ``hidden_states``;
+    - ``head_at(out, inputs, masked_positions, deterministic)``: the same fields at chosen positions only
+      (``masked_positions`` (B, K), -1 = unused slot); only the masked-LM head has it;
     - ``loss(fields, labels, inputs)``: the loss, when labels are given.
 
     ``output_class`` is the output dataclass; ``add_pooling_layer`` whether the encoder has its pooler.
@@ -147,6 +149,7 @@ class LongformerTaskModel(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         num_global_slots: int | None = None,
+        masked_positions=None,
     ):
         if isinstance(input_ids, ModelInputs):
             raise ValueError(
@@ -164,7 +167,10 @@ class LongformerTaskModel(nn.Module):
             output_hidden_states=output_hidden_states,
             num_global_slots=num_global_slots,
         )
-        fields = self.head(out, inputs, deterministic)
+        if masked_positions is None:
+            fields = self.head(out, inputs, deterministic)
+        else:
+            fields = self.head_at(out, inputs, masked_positions, deterministic)
         loss = self.loss(fields, labels, inputs) if labels is not None else None
         return self.output_class(loss, *fields, out.hidden_states, out.attentions, out.global_attentions)
 
@@ -177,25 +183,89 @@ class LongformerTaskModel(nn.Module):
     def head(self, out: LongformerBaseModelOutput, inputs: HeadInputs, deterministic: bool) -> tuple[Array, ...]:
         raise NotImplementedError
 
+    def head_at(self, out: LongformerBaseModelOutput, inputs: HeadInputs, masked_positions,
+                deterministic: bool) -> tuple[Array, ...]:
+        raise ValueError(
+            f"{type(self).__name__} takes no masked_positions: only LongformerForMaskedLM computes its head at "
+            "chosen positions; leave masked_positions out."
+        )
+
     def loss(self, fields: tuple[Array, ...], labels, inputs: HeadInputs) -> Array:
         """HF's classification loss of the logits (regression, single- or multi-label)."""
         return classification_loss(self.config, fields[0], labels)
 
 
 class LongformerForMaskedLM(LongformerTaskModel):
-    """Masked-LM head; no automatic global attention. Loss: CE over labels != -100."""
+    """Masked-LM head; no automatic global attention. Loss: CE over labels != -100.
+
+    With ``masked_positions`` (B, K) int32 (-1 = unused slot) the head runs only at those positions:
+    ``logits`` are (B, K, vocab) and ``labels`` (B, K) hold one target per slot (-100 in unused slots),
+    the layout ``train.masking.mask_tokens`` writes as ``masked_positions`` / ``masked_labels``. The
+    loss equals the full-vocabulary loss at every position with the same labels, at K/L of the
+    head's cost and without (B, L, vocab) logits. An unused slot's logits are those of position 0
+    (meaningless; its label must be -100, and under ``jit`` a label there is ignored).
+    """
 
     output_class = LongformerMaskedLMOutput
 
-    def head(self, out, inputs, deterministic):
+    def __call__(
+        self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None, position_ids=None,
+        inputs_embeds=None, labels=None, masked_positions=None, **kwargs,
+    ) -> LongformerMaskedLMOutput:
+        """``LongformerTaskModel.__call__`` with ``masked_positions`` (B, K): logits and loss at those slots."""
+        inputs = (input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds)
+        if masked_positions is not None:
+            masked_positions, labels = _checked_slots(HeadInputs(*inputs).shape, masked_positions, labels)
+        return super().__call__(*inputs, labels, masked_positions=masked_positions, **kwargs)
+
+    def _lm_head(self, h):
         cfg = self.config
         table = None
         if cfg.tie_word_embeddings:
             table = self.variables["params"]["longformer"]["embeddings"]["word_embeddings"]["embedding"]
-        return (LongformerLMHead(cfg, name="lm_head")(out.last_hidden_state, table),)
+        return LongformerLMHead(cfg, name="lm_head")(h, table)
+
+    def head(self, out, inputs, deterministic):
+        return (self._lm_head(out.last_hidden_state),)
+
+    def head_at(self, out, inputs, masked_positions, deterministic):
+        index_BxK = jnp.maximum(masked_positions, 0)
+        h_BxKxE = jnp.take_along_axis(out.last_hidden_state, index_BxK[..., None], axis=1)
+        return (self._lm_head(h_BxKxE),)
 
     def loss(self, fields, labels, inputs):
         return cross_entropy(fields[0], labels)
+
+
+def _checked_slots(shape, masked_positions, labels):
+    """``masked_positions`` as int32 (B, K) checked against the input's (B, L) shape, and the labels of
+    its slots (-100 forced in unused slots); errors name the fix (value checks only where concrete)."""
+    positions = jnp.asarray(masked_positions)
+    B, L = shape[0], shape[-1]
+    if positions.ndim != 2 or positions.shape[0] != B or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(
+            f"masked_positions of shape {tuple(positions.shape)} and dtype {positions.dtype} does not fit the "
+            f"input of shape {tuple(shape)}: expected integers of shape ({B}, K), one row of K slots per sequence "
+            "(-1 = unused slot)."
+        )
+    if labels is not None and tuple(jnp.shape(labels)) != tuple(positions.shape):
+        raise ValueError(
+            f"labels of shape {tuple(jnp.shape(labels))} with masked_positions of shape {tuple(positions.shape)}: "
+            "with masked_positions the labels are one per slot, shape (B, K), -100 in unused slots "
+            "(train.masking's masked_labels), not one per token."
+        )
+    p = concrete(positions)
+    if p is not None and (p.min(initial=0) < -1 or p.max(initial=0) >= L):
+        raise ValueError(
+            f"masked_positions holds {int(p.min())}..{int(p.max())} but must lie in 0..{L - 1} (the input's "
+            "positions) or be -1 for an unused slot."
+        )
+    if labels is None:
+        return positions.astype(jnp.int32), None
+    y = concrete(labels)
+    if p is not None and y is not None and np.any((p < 0) & (y != IGNORE_INDEX)):
+        raise ValueError("labels hold a target in an unused slot (masked_positions -1): set those labels to -100.")
+    return positions.astype(jnp.int32), jnp.where(positions >= 0, jnp.asarray(labels), IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------------------------- classification

@@ -4,9 +4,10 @@
 inputs (a ValueError naming the problem and the fix for what would otherwise be an XLA shape error
 or silent garbage), merges the masks into HF's one mask (0 pad, 1 local, 2 global), makes RoBERTa
 position ids, pads everything to a multiple of the largest attention window (HF's
-``_pad_to_window_size``) and chooses the static number of global slots ``G``. It returns a
-:class:`ModelInputs`: a pytree of the padded arrays whose static fields (``num_global_slots``,
-``length``, ``global_columns``) fix every shape that jit sees.
+``_pad_to_window_size``; with dilated windows, of ``config.pad_multiple``: every window times its
+dilations) and chooses the static number of global slots ``G``. It returns a :class:`ModelInputs`: a
+pytree of the padded arrays whose static fields (``num_global_slots``, ``length``, ``global_columns``)
+fix every shape that jit sees.
 
 ``LongformerModel`` calls it on its arguments, so eager use needs nothing else. With concrete
 masks ``G`` is chosen from them, rounded up to a bucket (0, 1, 2, 4, 8, ...), so a handful of
@@ -201,8 +202,8 @@ def prepare_inputs(
         else:
             position_ids = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32) + config.pad_token_id + 1, shape)
 
-    # Pad to a multiple of the largest window (HF's _pad_to_window_size).
-    pad_len = (-L) % config.max_window
+    # Pad to a multiple of the largest window (HF's _pad_to_window_size), times the dilations if any.
+    pad_len = (-L) % config.pad_multiple
     pad = lambda x, value=0: jnp.pad(jnp.asarray(x), ((0, 0), (0, pad_len)), constant_values=value)
     if input_ids is not None:
         input_ids = pad(input_ids, config.pad_token_id)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longformer_jax import attention as attn
-from longformer_jax import kernels
+from longformer_jax import kernels, sequence_parallel
 from longformer_jax.config import LongformerConfig
 from longformer_jax.dropout import Dropout
 from longformer_jax.inputs import ModelInputs, prepare_inputs
@@ -92,16 +92,19 @@ class LongformerEmbeddings(nn.Module):
 
 
 class LayerModule(nn.Module):
-    """The fields shared by the modules of one layer: the config, the layer's window and the call's switches."""
+    """The fields shared by the modules of one layer: the config, the layer's window and dilation (an int,
+    or one per head) and the call's switches."""
 
     config: LongformerConfig
     attention_window: int
     deterministic: bool = True
     output_attentions: bool = False
+    attention_dilation: int | tuple[int, ...] = 1
 
     def part(self, cls: type[LayerModule], name: str) -> LayerModule:
         """The sub-module ``cls`` of this layer, with the same fields (from a compact method)."""
-        return cls(self.config, self.attention_window, self.deterministic, self.output_attentions, name=name)
+        return cls(self.config, self.attention_window, self.deterministic, self.output_attentions,
+                   attention_dilation=self.attention_dilation, name=name)
 
 
 class LongformerSelfAttention(LayerModule):
@@ -123,8 +126,13 @@ class LongformerSelfAttention(LayerModule):
         use_dropout = not self.deterministic and rate > 0.0
         rng_local = self.make_rng("dropout") if use_dropout else None
         band_kw = dict(
-            block_size=cfg.attention_block_size, dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_local
+            block_size=cfg.attention_block_size, dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_local,
+            dilation=self.attention_dilation, causal=cfg.causal_attention,
         )
+        if not self.output_attentions and sequence_parallel.sequence_devices() > 1:
+            # The document's tokens split over the mesh's "sequence" axis: the same numbers, L / n rows per device.
+            out_BxHxLxD = self.split_sequence_attention(h_BxLxE, q, k, v, mask_BxL, slots, heads, scale, band_kw)
+            return out_BxHxLxD.transpose(0, 2, 1, 3).reshape(B, L, H * D), None, None
         if self.output_attentions:
             out_BxHxLxD, probs = attn.sliding_window_attention_heads(
                 q, k, v, mask_BxL, self.attention_window // 2, slots, return_probs=True, **band_kw
@@ -149,7 +157,7 @@ class LongformerSelfAttention(LayerModule):
             h_BxGxE = jnp.take_along_axis(h_BxLxE, slots.index_BxG[:, :, None], axis=1)
             qg = heads(q_glob(h_BxGxE)) * scale
             rng_global = self.make_rng("dropout") if use_dropout else None
-            drop = dict(dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_global)
+            drop = dict(dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_global, causal=cfg.causal_attention)
             x = h_BxLxE.astype(compute_dtype(cfg))
             if attn.reassociate_global(G, H, E):
                 # A few global queries: fold the key/value projections into them (no L x E keys).
@@ -166,6 +174,22 @@ class LongformerSelfAttention(LayerModule):
                 # HF zeroes the local rows of global queries; their probabilities are the global ones.
                 probs = jnp.where((mask_BxL == 2)[:, None, :, None], 0.0, probs)
         return out_BxHxLxD.transpose(0, 2, 1, 3).reshape(B, L, H * D), probs, global_probs
+
+    def split_sequence_attention(self, h_BxLxE, q, k, v, mask_BxL, slots, heads, scale, band_kw):
+        """``__call__``'s attention (B, H, L, D) under a mesh with a "sequence" axis: the same parameters
+        and dropout keys, computed by :func:`longformer_jax.sequence_parallel.self_attention_heads`."""
+        cfg = self.config
+        E = cfg.hidden_size
+        q_glob = dense(cfg, E, "query_global")
+        key_global = DenseParams(cfg, E, name="key_global")(E)
+        value_global = DenseParams(cfg, E, name="value_global")(E)
+        qg = heads(q_glob(sequence_parallel.take_global_rows(h_BxLxE, slots))) * scale
+        use_dropout = band_kw["dropout_rng"] is not None
+        rng_global = self.make_rng("dropout") if use_dropout and qg.shape[2] else None
+        return sequence_parallel.self_attention_heads(
+            q, k, v, mask_BxL, self.attention_window // 2, slots, qg, h_BxLxE.astype(compute_dtype(cfg)), key_global,
+            value_global, implementation=cfg.attention_implementation, global_dropout_rng=rng_global, **band_kw,
+        )
 
 
 class DenseParams(nn.Module):
@@ -277,7 +301,7 @@ class LongformerEncoder(nn.Module):
     @nn.compact
     def __call__(self, h, mask_BxL, slots):
         cfg = self.config
-        windows = cfg.attention_windows
+        windows, dilations = cfg.attention_windows, cfg.attention_dilations
         if cfg.scan_layers:
             scanned = nn.scan(
                 _ScanLayer,
@@ -288,8 +312,8 @@ class LongformerEncoder(nn.Module):
             )
             # Parameters live under encoder/layer/... with a leading layer axis.
             h_out, (hs, probs, gprobs) = scanned(
-                cfg, windows[0], self.deterministic, self.output_attentions, self.output_hidden_states,
-                name="layer",
+                cfg, windows[0], self.deterministic, self.output_attentions, attention_dilation=dilations[0],
+                output_hidden_states=self.output_hidden_states, name="layer",
             )(h, mask_BxL, slots)
             hidden_states = (
                 tuple(hs[i] for i in range(cfg.num_hidden_layers)) + (h_out,) if self.output_hidden_states else None
@@ -307,7 +331,8 @@ class LongformerEncoder(nn.Module):
         for i in range(cfg.num_hidden_layers):
             hidden_states.append(h)
             h, probs, gprobs = layer_cls(
-                cfg, windows[i], self.deterministic, self.output_attentions, name=f"layer_{i}"
+                cfg, windows[i], self.deterministic, self.output_attentions, attention_dilation=dilations[i],
+                name=f"layer_{i}",
             )(h, mask_BxL, slots)
             attentions.append(probs)
             global_attentions.append(gprobs)

@@ -4,7 +4,8 @@
 each ``<mask>`` a list of ``{"score", "token", "token_str", "sequence"}``, best first. Texts may be as
 long as the model allows (``config.max_sequence_length``). Inputs are padded into buckets (a power of
 two times the attention window, capped at the model's limit) so each bucket compiles once; the LM
-head runs only on the masked positions, so a 4096-token text never materialises (L, vocab) logits.
+head runs only on the masked positions (``LongformerForMaskedLM``'s ``masked_positions``), so a
+4096-token text never materialises (L, vocab) logits.
 Global attention: on ``<s>`` by default, or on the positions given.
 
 ``classify(model_dir, texts)`` labels documents (or their blocks, or their words) with a model fine-tuned by
@@ -23,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longformer_jax.heads import LongformerForMaskedLM, LongformerLMHead
+from longformer_jax.heads import LongformerForMaskedLM
 from longformer_jax.inputs import pow2_bucket
-from longformer_jax.modeling import LongformerModel
 from longformer_jax.pretrained import load_pretrained, resolve_source
 
 
@@ -59,17 +59,10 @@ class FillMaskPipeline:
 
     # -------------------------------------------------------------------------- compiled part
     def _top_k(self, params, ids_BxL, attention_BxL, global_BxL, positions_BxM, *, num_global_slots, top_k):
-        cfg = self.config
-        base = LongformerModel(cfg, add_pooling_layer=False)
-        out = base.apply({"params": params["longformer"]}, ids_BxL, attention_mask=attention_BxL,
-                         global_attention_mask=global_BxL, deterministic=True,
-                         num_global_slots=num_global_slots)
-        h_BxMxH = jnp.take_along_axis(out.last_hidden_state, positions_BxM[..., None], axis=1)
-        table = None
-        if cfg.tie_word_embeddings:
-            table = params["longformer"]["embeddings"]["word_embeddings"]["embedding"]
-        logits_BxMxV = LongformerLMHead(cfg).apply({"params": params["lm_head"]}, h_BxMxH, table)
-        probs_BxMxV = jax.nn.softmax(logits_BxMxV.astype(jnp.float32), axis=-1)
+        out = self.model.apply({"params": params}, ids_BxL, attention_mask=attention_BxL,
+                               global_attention_mask=global_BxL, deterministic=True,
+                               num_global_slots=num_global_slots, masked_positions=positions_BxM)
+        probs_BxMxV = jax.nn.softmax(out.logits.astype(jnp.float32), axis=-1)
         return jax.lax.top_k(probs_BxMxV, top_k)
 
     # -------------------------------------------------------------------------- host part
@@ -120,7 +113,7 @@ class FillMaskPipeline:
         ids_BxL = np.full((B, L), pad, np.int32)
         attn_BxL = np.zeros((B, L), np.int32)
         glob_BxL = np.zeros((B, L), np.int32)
-        pos_BxM = np.zeros((B, M), np.int32)
+        pos_BxM = np.full((B, M), -1, np.int32)  # -1: an unused slot
         for b, (ids, masks, globs) in enumerate(encoded):
             ids_BxL[b, : len(ids)] = ids
             attn_BxL[b, : len(ids)] = 1

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 import safetensors.flax
 import safetensors.numpy
 
-from longformer_jax.config import JAX_FIELDS, LongformerConfig
+from longformer_jax.config import JAX_FIELDS, PATTERN_FIELDS, LongformerConfig
 from longformer_jax.state_dict import (
     base_pooler_setting,
     convert_params,
@@ -337,8 +337,13 @@ def is_flax_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def model_settings(config: LongformerConfig) -> dict[str, Any]:
-    """The JAX-side settings a Flax checkpoint keeps beside config.json (the layer layout is the params')."""
-    return {k: getattr(config, k) for k in JAX_FIELDS if k != "scan_layers"}
+    """The JAX-side settings a Flax checkpoint keeps beside config.json (the layer layout is the params').
+
+    Among them the attention patterns (``attention_dilation``, ``causal_attention``), written when the
+    model uses one: config.json cannot hold them, so a dilated or causal model loads back the same only
+    from here (a model without them writes the same file as before they existed)."""
+    fields = [k for k in JAX_FIELDS if k != "scan_layers" and (k not in PATTERN_FIELDS or config.has_attention_pattern)]
+    return {k: getattr(config, k) for k in fields}
 
 
 def write_flax_params(directory: str | os.PathLike, params, task: str,
@@ -370,7 +375,8 @@ def save_flax_checkpoint(dst: str | os.PathLike, config: LongformerConfig, param
     """
     check_task(task)
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        config.save_pretrained(tmp, architectures=[TASKS[task].hf_architecture])
+        # The settings transformers lacks (attention patterns) are kept in longformer_jax.json beside it.
+        config.save_pretrained(tmp, architectures=[TASKS[task].hf_architecture], hf_export=False)
         copied = save_tokenizer(tokenizer, tmp)
         if extra_files is not None:
             extra_files(tmp)
@@ -460,7 +466,11 @@ def load_hf_checkpoint(directory: str | os.PathLike, task: str | None = None, *,
 
 def save_hf_checkpoint(dst: str | os.PathLike, config: LongformerConfig, params, task: str, tokenizer=None, *,
                        overwrite: bool = False) -> list[str]:
-    """Writes an HF directory ``dst`` (atomically) with :func:`save_pretrained`; returns the tokenizer files."""
+    """Writes an HF directory ``dst`` (atomically) with :func:`save_pretrained`; returns the tokenizer files.
+
+    A model with an attention pattern transformers lacks (dilated or causal windows) is refused before
+    anything is written (``LongformerConfig.check_hf_compatible``)."""
+    config.check_hf_compatible()
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         save_pretrained(tmp, build_model(config, task), params)
         return save_tokenizer(tokenizer, tmp)
@@ -508,7 +518,10 @@ def load_pretrained(
 def save_pretrained(directory: str | os.PathLike, model: nn.Module, params, tokenizer=None) -> str:
     """Write an HF directory (config.json, model.safetensors, tokenizer files) that loads in
     ``transformers`` unchanged (tied tensors left out as HF does). ``tokenizer``: a transformers
-    tokenizer or a directory holding tokenizer files."""
+    tokenizer or a directory holding tokenizer files.
+
+    A model with dilated or causal windows (which transformers lacks) is a ValueError, raised before
+    anything is written: save it with :func:`save_flax_checkpoint`."""
     directory = os.fspath(directory)
     config = config_for_model(model)
     task = task_of_model(model)

@@ -3,9 +3,11 @@
 ``roberta_to_longformer`` turns a RoBERTa state dict and config into a Longformer one: keys renamed,
 the position table extended by copying RoBERTa's rows in repeats (``extend_position_embeddings``),
 ``query/key/value_global`` made as copies of ``query/key/value``, the attention window set on every
-layer. ``convert_roberta_to_longformer`` reads a RoBERTa directory (or hub id) and writes the long
-model's directory: HF files, a Flax checkpoint, or both, with the tokenizer's ``model_max_length``
-raised to the new length.
+layer. A Longformer given instead is made longer the same way: its position rows copied in repeats,
+everything else (its global projections, its windows unless others are given) kept.
+``convert_roberta_to_longformer`` reads a RoBERTa directory (or hub id) and writes the long model's
+directory: HF files, a Flax checkpoint, or both, with the tokenizer's ``model_max_length`` raised to
+the new length.
 """
 
 from __future__ import annotations
@@ -66,16 +68,14 @@ def _config_as_dict(config) -> dict[str, Any]:
 
 def _check_roberta_config(cfg: Mapping[str, Any], source: Any) -> None:
     model_type = cfg.get("model_type")
-    if model_type not in ROBERTA_MODEL_TYPES:
+    if model_type not in (*ROBERTA_MODEL_TYPES, "longformer"):
         extra = ""
-        if model_type == "longformer":
-            extra = " It is already a Longformer: use convert.hf_to_flax (or load it directly)."
-        elif model_type == "bert":
+        if model_type == "bert":
             extra = (" BERT differs from RoBERTa (position ids from 0, no padding offset, a [CLS]/[SEP] "
                      "vocabulary), so its weights do not carry over.")
         raise ConversionError(
             f"{source} has model_type {model_type!r} in config.json; expected a RoBERTa checkpoint "
-            f"({' or '.join(repr(t) for t in ROBERTA_MODEL_TYPES)}).{extra}"
+            f"({' or '.join(repr(t) for t in ROBERTA_MODEL_TYPES)}), or a Longformer to make longer.{extra}"
         )
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ConversionError(
@@ -216,7 +216,7 @@ def _longformer_config(cfg: Mapping[str, Any], task: str, windows: list[int], ma
     return lf_cfg
 
 
-def roberta_to_longformer(roberta, max_length: int = 4096, attention_window: int | list[int] = 128, *,
+def roberta_to_longformer(roberta, max_length: int = 4096, attention_window: int | list[int] | None = None, *,
                           config=None, max_position_embeddings: int | None = None,
                           source: Any = None) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """A long Longformer from a RoBERTa checkpoint, made the way the seed model was.
@@ -231,11 +231,17 @@ def roberta_to_longformer(roberta, max_length: int = 4096, attention_window: int
     ``max_length + pad_token_id + 2`` (4099 for 4096 with RoBERTa's pad id 1, as in the seed
     checkpoint): ``max_length + pad_token_id + 1`` rows are needed (a token at position p uses row
     pad + 1 + p), the extra row keeps the seed's shape. ``query_global/key_global/value_global`` are
-    copies of ``query/key/value``.
+    copies of ``query/key/value``. ``attention_window``: one full window or one per layer; None: 128.
+
+    A Longformer (``model_type`` "longformer") is made longer the same way: its position rows
+    (pad+1.., those real tokens use) copied in repeats to the new table, its global projections kept
+    (made as copies only where it has none), its own windows unless ``attention_window`` is given.
 
     Returns ``(longformer_config_dict, longformer_state_dict, task)``.
     """
     cfg, state, source = _read_roberta(roberta, config, source)
+    if attention_window is None:
+        attention_window = cfg["attention_window"] if cfg.get("model_type") == "longformer" else 128
     windows = _windows(attention_window, int(cfg["num_hidden_layers"]))
     pad = int(cfg.get("pad_token_id", 1))
     max_pos = _position_rows(max_length, max_position_embeddings, pad)
@@ -251,7 +257,7 @@ def roberta_to_longformer(roberta, max_length: int = 4096, attention_window: int
         p = f"longformer.encoder.layer.{i}.attention.self."
         for name in ("query", "key", "value"):
             for part in ("weight", "bias"):
-                out[f"{p}{name}_global.{part}"] = renamed[f"{p}{name}.{part}"].copy()
+                out.setdefault(f"{p}{name}_global.{part}", renamed[f"{p}{name}.{part}"].copy())
     if task not in ("base", "multiple-choice"):  # these Longformer heads are built without a pooler
         for k in [k for k in out if k.startswith("longformer.pooler.")]:
             del out[k]  # (roberta-base ships pooler weights that its MLM head never used)
@@ -280,10 +286,11 @@ def _save_long_tokenizer(src_dir: Path | None, dst: Path, max_length: int) -> li
 
 
 def convert_roberta_to_longformer(src: str | os.PathLike, dst: str | os.PathLike, *, max_length: int = 4096,
-                                  attention_window: int | list[int] = 128, output_format: str = "hf",
+                                  attention_window: int | list[int] | None = None, output_format: str = "hf",
                                   max_position_embeddings: int | None = None, overwrite: bool = False,
                                   log: Callable[[str], None] = print) -> dict:
-    """RoBERTa dir/hub id -> long Longformer dir: HF files (``hf``), a Flax checkpoint (``flax``) or both."""
+    """RoBERTa (or Longformer) dir/hub id -> long Longformer dir: HF files (``hf``), a Flax checkpoint
+    (``flax``) or both."""
     if output_format not in ("hf", "flax", "both"):
         raise ConversionError(f"format {output_format!r}: expected 'hf', 'flax' or 'both'.")
     check_destination(dst, overwrite=overwrite)

@@ -6,11 +6,14 @@ Two tables decide how every parameter (and optimizer-state) array is laid out (a
   of the trailing dimensions, e.g. a query kernel is ("embed", "heads");
 * `LOGICAL_RULES`: logical axis name -> mesh axis (or axes, or None = replicated).
 
-The mesh has two axes: "data" (pure data parallelism) and "fsdp" (data parallelism whose
-parameters and optimizer state are sharded). A dimension is sharded only if its size divides by
+The mesh has three axes: "data" (pure data parallelism), "fsdp" (data parallelism whose
+parameters and optimizer state are sharded) and "sequence" (one document's tokens split over
+devices: `longformer_jax.sequence_parallel`). A dimension is sharded only if its size divides by
 the mesh axis size; otherwise it is replicated, so any model runs on any mesh. The same rules
 apply to the optimizer state: its paths end with the parameter paths (".../mu/<param path>").
-Input batches are split over both axes along their batch dimension (`batch_spec`).
+Parameters never split over "sequence": every device of a sequence group holds the same ones.
+Input batches are split over ("data", "fsdp") along their batch dimension and over "sequence"
+along their token dimension (`batch_spec`); the activations follow the inputs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"  # the mesh axis one document's tokens are split over
+MESH_AXES = ("data", "fsdp", SEQUENCE_AXIS)
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch (rows of examples) is split over
 
 # Parameter path regex -> logical axes of the trailing dims (first match wins). Paths are the
@@ -62,20 +66,46 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default: all); data=-1 takes the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "sequence") mesh over `devices` (default: all); data=-1 takes the remaining devices.
+
+    "sequence" is the innermost axis, so the neighbours that exchange a document's halo rows are
+    neighbouring devices."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if fsdp < 1 or n % fsdp:
-        raise ValueError(f"mesh fsdp={fsdp} does not divide the {n} devices; pick --mesh-fsdp among "
-                         f"{[d for d in range(1, n + 1) if n % d == 0]}.")
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    for name, size in (("fsdp", fsdp), ("sequence", sequence)):
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
+            raise ValueError(f"mesh {name}={size!r} must be an integer (pass devices=... by keyword).")
+        if size < 1 or n % size:
+            raise ValueError(f"mesh {name}={size} does not divide the {n} devices; pick {name} among {divisors} "
+                             f"(--mesh {name}=N).")
     if data == -1:
-        data = n // fsdp
-    if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are present; "
-                         f"use --mesh-data -1 (all remaining devices) or make the product {n}.")
-    arr = np.asarray(devices, dtype=object).reshape(data, fsdp)
+        if n % (fsdp * sequence):
+            raise ValueError(f"mesh fsdp={fsdp} x sequence={sequence} = {fsdp * sequence} does not divide the {n} "
+                             "devices; make the product a divisor of the device count.")
+        data = n // (fsdp * sequence)
+    if data < 1 or data * fsdp * sequence != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} = {data * fsdp * sequence} "
+                         f"devices, but {n} are present; use data=-1 (all remaining devices: --mesh data=-1) "
+                         f"or make the product {n}.")
+    arr = np.asarray(devices, dtype=object).reshape(data, fsdp, sequence)
     return Mesh(arr, MESH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"data=2,fsdp=1,sequence=4"` -> {"data": 2, "fsdp": 1, "sequence": 4} (axes left out: data -1, others 1)."""
+    sizes = {"data": -1, "fsdp": 1, SEQUENCE_AXIS: 1}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in sizes or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE items separated by commas, axes among "
+                             f"{', '.join(sizes)} (e.g. --mesh data=2,fsdp=1,sequence=4; data=-1 takes the "
+                             "remaining devices).")
+        sizes[name] = int(value)
+    return sizes
 
 
 def path_str(keypath: Sequence[Any]) -> str:
@@ -147,21 +177,27 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
                                   is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_spec(ndim: int, batch_dim: int = 0) -> P:
-    """Spec of a batch array: dim `batch_dim` over ("data", "fsdp"), the rest replicated."""
+def batch_spec(ndim: int, batch_dim: int = 0, token_dim: int | None = None) -> P:
+    """Spec of a batch array: dim `batch_dim` over ("data", "fsdp"), dim `token_dim` (if any) over
+    "sequence", the rest replicated."""
     spec: list[Any] = [None] * ndim
     spec[batch_dim] = BATCH_AXES
+    if token_dim is not None:
+        spec[token_dim] = SEQUENCE_AXIS
     return P(*spec)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
-    return NamedSharding(mesh, batch_spec(ndim, batch_dim))
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0, token_dim: int | None = None) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(ndim, batch_dim, token_dim))
 
 
-def check_batch_divisible(global_batch: int, num_devices: int, what: str = "batch_size") -> None:
+def check_batch_divisible(global_batch: int, num_devices: int, what: str = "batch_size",
+                          devices: str = "devices") -> None:
+    """A ValueError naming the fix unless `global_batch` rows split evenly over `num_devices` (`devices`
+    names them in the message, e.g. "data x fsdp devices" when a sequence axis splits the tokens)."""
     if global_batch % num_devices:
         ok = [b for b in range(num_devices, 4 * num_devices + 1, num_devices)]
         raise ValueError(
-            f"{what}={global_batch} is not divisible by the {num_devices} devices; each device needs "
+            f"{what}={global_batch} is not divisible by the {num_devices} {devices}; each device needs "
             f"the same number of examples: use a multiple of {num_devices} (e.g. {ok[:3]}) "
             "or run on fewer devices.")

@@ -58,9 +58,35 @@ def test_allenai_one_sided_window_is_doubled():
     }
     cfg = lj.LongformerConfig.from_dict(d)
     assert cfg.attention_windows == (512, 512)
+    assert cfg.attention_dilation == 1 and cfg.causal_attention is False and not cfg.has_attention_pattern
     assert "attention_mode" not in cfg.to_hf_dict()
-    with pytest.raises(ValueError, match="dilated"):
-        lj.LongformerConfig.from_dict({**d, "attention_dilation": [2, 1]})
+
+
+def test_allenai_dilation_and_autoregressive_are_read():
+    d = {"attention_mode": "tvm", "attention_window": [4, 8], "attention_dilation": [2, 1], "autoregressive": True,
+         "num_hidden_layers": 2, "model_type": "roberta"}
+    cfg = lj.LongformerConfig.from_dict(d)
+    assert cfg.attention_windows == (8, 16) and cfg.attention_dilation == (2, 1) and cfg.causal_attention
+    assert cfg.pad_multiple == 16 and cfg.attention_dilations == (2, 1)
+    assert "attention_dilation" not in cfg.extra and "autoregressive" not in cfg.extra
+    with pytest.raises(ValueError, match=r"attention_dilation=\(2, 1\), causal_attention=True has no counterpart"):
+        cfg.to_hf_dict()
+
+
+def test_pattern_settings_survive_to_dict_and_stay_out_of_config_json(tmp_path):
+    cfg = lj.LongformerConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, attention_window=[4, 8],
+                              attention_dilation=[3, [1, 2, 2, 4]], causal_attention=True)
+    assert cfg.attention_dilation == (3, (1, 2, 2, 4))  # lists (as JSON gives them) become tuples
+    assert cfg.attention_dilations == (3, (1, 2, 2, 4)) and cfg.pad_multiple == 96  # lcm(4 * 3, 8 * 4)
+    d = cfg.to_dict()
+    assert d["attention_dilation"] == [3, [1, 2, 2, 4]] and d["causal_attention"] is True
+    back = lj.LongformerConfig.from_dict(json.loads(json.dumps(d)))
+    assert back == cfg and back.attention_windows == (4, 8)  # not mistaken for allenai's one-sided windows
+    cfg.save_pretrained(tmp_path, hf_export=False)  # a Flax checkpoint's config.json: the patterns kept apart
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "attention_dilation" not in written and "causal_attention" not in written
+    plain = lj.LongformerConfig(num_hidden_layers=2, attention_window=8, attention_dilation=(1, 1))
+    assert not plain.has_attention_pattern and plain.pad_multiple == 8 and plain.to_hf_dict()["attention_window"] == 8
 
 
 @pytest.mark.parametrize(
@@ -76,6 +102,18 @@ def test_allenai_one_sided_window_is_doubled():
         ({"dtype": "float64"}, "dtype='float64'"),
         ({"hidden_act": "mish"}, "hidden_act='mish' is not supported"),
         ({"attention_window": 8, "attention_block_size": 3}, "attention_block_size=3 must be a positive divisor"),
+        ({"attention_dilation": 0}, "attention_dilation=0 must be an integer >= 1"),
+        ({"attention_dilation": True}, "attention_dilation=True must be an integer >= 1"),
+        ({"attention_dilation": (1, 2, 2)}, "attention_dilation has 3 entries but num_hidden_layers=2"),
+        ({"attention_dilation": (1, (1, 2))}, r"attention_dilation\[1\] has 2 entries but num_attention_heads=4"),
+        ({"attention_dilation": (1, (1, 2, 0, 1))}, r"attention_dilation\[1\]=\(1, 2, 0, 1\) must hold integers"),
+        ({"attention_dilation": (1, 2), "scan_layers": True}, "scan_layers=True needs the same attention_dilation"),
+        ({"causal_attention": "yes"}, "causal_attention='yes' must be True or False"),
+        ({"attention_dilation": 2, "attention_implementation": "splash"},
+         "attention_implementation='splash' runs only the two-sided, undilated band, but this model sets "
+         "attention_dilation=2; use 'blocked'"),
+        ({"causal_attention": True, "attention_implementation": "pallas-gpu"},
+         "sets causal_attention=True; use 'blocked'"),
     ],
 )
 def test_validation_errors(kwargs, message):

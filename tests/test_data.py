@@ -11,7 +11,8 @@ import pytest
 
 from longformer_jax.losses import IGNORE_INDEX
 from train import corpus, data, layout, prepare_data, records
-from train.masking import MaskingSpec, mask_tokens
+from train.masking import MaskingSpec, mask_tokens, max_masked
+from train.objectives import count_mlm_labels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT_VALID = os.path.join(REPO, "..", "shared", "data", "wikitext-2", "valid.txt")
@@ -424,8 +425,9 @@ def test_train_iterator_batches_and_determinism(tok, rows_prepared):
     it = _iterator(rows_prepared, tok, 8, seed=7)
     batches = [next(it) for _ in range(2 * n // 8 + 1)]  # two epochs and a bit
     b = batches[0]
-    assert set(b) == {"input_ids", "attention_mask", "global_attention_mask", "labels"}
-    assert all(v.shape == (8, 32) and v.dtype == np.int32 for v in b.values())
+    slots, K = {"masked_positions", "masked_labels"}, max_masked(32, 0.15)  # train.masking's slots: (8, K)
+    assert set(b) == {"input_ids", "attention_mask", "global_attention_mask", "labels"} | slots
+    assert all(v.shape == ((8, K) if k in slots else (8, 32)) and v.dtype == np.int32 for k, v in b.items())
     same = data.make_train_iterator(rows_prepared, data.masking_spec(tok), data.Batching(8, seed=7), num_threads=0)
     for x, y in zip(batches, (next(same) for _ in range(len(batches))), strict=True):
         for k in x:
@@ -515,21 +517,34 @@ def test_train_iterator_position_is_checkpointed(tok, rows_prepared, tmp_path):
         np.testing.assert_array_equal(x["labels"], y["labels"])
 
 
-def test_every_field_of_the_masking_reaches_the_batch(tok, rows_prepared, monkeypatch):
-    def mask_with_extra(example, rng, spec):
-        out = mask_tokens(example, rng, spec)
-        out["masked_positions"] = np.flatnonzero(out["labels"] != IGNORE_INDEX)[:2].astype(np.int32)
-        out["masked_positions"] = np.pad(out["masked_positions"], (0, 2 - len(out["masked_positions"])),
-                                         constant_values=-1)
-        out["masked_labels"] = np.full((2,), 7, np.int32)
-        return out
+def _check_slots(batch, K):
+    """train.masking's slots of a batch: every labelled position in a slot, in order, with its label."""
+    labels, positions, slot_labels = batch["labels"], batch["masked_positions"], batch["masked_labels"]
+    assert positions.shape == slot_labels.shape == (len(labels), K)
+    for y, p, s in zip(labels, positions, slot_labels, strict=True):
+        used = p >= 0
+        np.testing.assert_array_equal(p[used], np.flatnonzero(y != IGNORE_INDEX))  # none dropped, increasing
+        np.testing.assert_array_equal(s[used], y[p[used]])
+        assert np.all(s[~used] == IGNORE_INDEX) and np.all(used[: used.sum()])  # unused slots last
 
-    monkeypatch.setattr(data, "mask_tokens", mask_with_extra)
+
+def test_train_and_eval_batches_carry_the_masked_slots(tok, rows_prepared):
+    K = max_masked(32, 0.15)
     batch = next(_iterator(rows_prepared, tok, 4, seed=0))
-    assert batch["masked_positions"].shape == (4, 2) and batch["masked_labels"].shape == (4, 2)
-    evals = data.make_eval_batches(rows_prepared, data.masking_spec(tok), data.Batching(64, seed=0))
-    assert evals[-1]["masked_positions"].shape == (64, 2)
-    assert np.all(evals[-1]["masked_labels"][rows_prepared.num_eval:] == IGNORE_INDEX)  # filler rows: no loss
+    _check_slots(batch, K)
+    n = rows_prepared.num_eval
+    g = next(g for g in (64, 48, 40, 24) if n % g)  # a batch size that leaves filler rows
+    evals = data.make_eval_batches(rows_prepared, data.masking_spec(tok), data.Batching(g, seed=0))
+    assert len(evals) == -(-n // g)
+    last, real_rows = evals[-1], n % g
+    for b in [*evals[:-1], {k: v[:real_rows] for k, v in last.items()}]:
+        _check_slots(b, K)
+    # Filler rows (copies of real ones, filling the last batch) count no label.
+    assert np.all(last["masked_labels"][real_rows:] == IGNORE_INDEX)
+    assert np.all(last["labels"][real_rows:] == IGNORE_INDEX)
+    assert np.any(last["masked_positions"][real_rows:] >= 0)  # the copies keep their positions; their labels say no
+    real = int(np.sum(last["labels"][:real_rows] != IGNORE_INDEX))
+    assert real > 0 and float(count_mlm_labels(last)) == real
 
 
 def test_eval_batches(tok, rows_prepared):

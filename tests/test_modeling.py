@@ -317,6 +317,77 @@ def test_mlm_gradients_match_pytorch(torch):
     assert np.abs(jax_grads["longformer.encoder.layer.0.attention.self.query_global.weight"]).max() > 0
 
 
+def _rel(a, b) -> float:
+    """||a - b|| / ||b|| (the difference itself when b is 0)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / scale) if scale else float(np.linalg.norm(a))
+
+
+def test_masked_positions_loss_and_gradients_equal_full_logits(torch):
+    """The head at the masked slots only: the same loss and the same gradient of every parameter
+    (<= 1e-6 relative) as the full-vocabulary logits at every position with the same labels."""
+    from train.masking import masked_slots
+
+    _, model, params, cfg = make_pair(torch, "masked-lm")
+    ids, am, gm = batch("blocks", np.random.default_rng(20))  # interior padding, 4 or 5 globals per row
+    labels = np.where((np.random.default_rng(21).random(ids.shape) < 0.3) & (am == 1), ids, -100)
+    labels[0, :] = -100  # a row with no label at all
+    positions, slot_labels = masked_slots(labels, 12)  # K = 12 slots: some rows leave slots unused
+    assert (positions == -1).any() and (positions >= 0).sum() == (labels != -100).sum()
+    kw = dict(attention_mask=am, global_attention_mask=gm, num_global_slots=8)
+
+    def full(p):
+        return model.apply({"params": p}, ids, **kw, labels=labels).loss
+
+    def masked(p):
+        return model.apply({"params": p}, ids, **kw, labels=slot_labels, masked_positions=positions).loss
+
+    loss_full, g_full = jax.jit(jax.value_and_grad(full))(params)
+    loss_masked, g_masked = jax.jit(jax.value_and_grad(masked))(params)
+    assert _rel(loss_masked, loss_full) <= 1e-6
+    flat_full = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(g_full)}
+    flat_masked = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(g_masked)}
+    assert flat_full.keys() == flat_masked.keys() and len(flat_full) > 20
+    # The key biases shift every score of a query alike, which the softmax ignores: their gradient is 0
+    # (rounding noise, ~1e-12, on both sides); every other parameter's gradient is compared.
+    zero = [k for k in flat_full if k.endswith("['key']['bias']") or k.endswith("['key_global']['bias']")]
+    assert len(zero) == 4
+    for k in zero:
+        assert max(np.abs(flat_full[k]).max(), np.abs(flat_masked[k]).max()) <= 1e-10, k
+    worst = max((_rel(flat_masked[k], flat_full[k]), k) for k in flat_full if k not in zero)
+    assert worst[0] <= 1e-6, worst
+    # The logits of the used slots are the full logits at those positions (eagerly, checked inputs).
+    full_logits = np.asarray(model.apply({"params": params}, ids, **kw).logits)
+    slot_logits = np.asarray(model.apply({"params": params}, ids, **kw, masked_positions=positions).logits)
+    assert slot_logits.shape == positions.shape + (cfg.vocab_size,)
+    used = positions >= 0
+    rows = np.nonzero(used)[0]
+    assert max_diff(slot_logits[used], full_logits[rows, positions[used]]) <= 1e-6
+
+
+def test_masked_positions_bad_input(torch):
+    _, model, params, cfg = make_pair(torch, "masked-lm")
+    ids = np.full((2, 10), 5)
+    apply = lambda **k: model.apply({"params": params}, ids, **k)  # noqa: E731
+    pos = np.array([[1, 3, -1], [0, -1, -1]])
+    with pytest.raises(ValueError, match=r"masked_positions holds -2..3 but must lie in 0..9"):
+        apply(masked_positions=np.array([[1, 3, -2], [0, -1, -1]]))
+    with pytest.raises(ValueError, match=r"masked_positions holds -1..10 but must lie in 0..9"):
+        apply(masked_positions=np.array([[1, 10, -1], [0, -1, -1]]))
+    with pytest.raises(ValueError, match=r"expected integers of shape \(2, K\)"):
+        apply(masked_positions=np.array([1, 3]))
+    with pytest.raises(ValueError, match=r"labels are one per slot, shape \(B, K\)"):
+        apply(masked_positions=pos, labels=np.full((2, 10), -100))
+    with pytest.raises(ValueError, match="labels hold a target in an unused slot"):
+        apply(masked_positions=pos, labels=np.array([[5, 6, 7], [5, -100, -100]]))
+    out = apply(masked_positions=pos, labels=np.array([[5, 6, -100], [5, -100, -100]]))
+    assert out.logits.shape == (2, 3, cfg.vocab_size) and np.isfinite(float(out.loss))
+    _, tc, tc_params, _ = make_pair(torch, "token-classification")
+    with pytest.raises(ValueError, match="LongformerForTokenClassification takes no masked_positions"):
+        tc.apply({"params": tc_params}, ids, masked_positions=pos)
+
+
 def test_scan_and_remat_match_the_layer_loop(torch):
     tm, model, params, cfg = make_pair(torch, "masked-lm", attention_window=8)
     ids, am, gm = batch("blocks", np.random.default_rng(11))

@@ -150,3 +150,38 @@ def test_extend_position_embeddings_repeats_the_real_rows():
     np.testing.assert_array_equal(new[:, 0] // 2, [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 2])
     with pytest.raises(pretrained.ConversionError, match="needs more than 2"):
         extend_position_embeddings(old[:2], 11, pad_token_id=1)
+
+
+def test_a_longformer_is_made_longer(tmp_path, tokenizer_dir):  # noqa: F811
+    """A Longformer as the source (e.g. to split 64k-token documents over devices): its position rows
+    copied in repeats, its own global projections and windows kept, the same outputs below its old limit."""
+    from tests.hf_fixtures import make_hf_model
+
+    src, dst = tmp_path / "longformer", tmp_path / "longer"
+    source = make_hf_model("masked-lm", src, tokenizer_dir)  # 70 position rows: 67 tokens; windows [4, 8]
+    assert r2l_cmd.main([str(src), str(dst), "--max-length", "256"]) == 0
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["attention_window"] == [4, 8] and cfg["max_position_embeddings"] == 259
+    longer = transformers.AutoModelForMaskedLM.from_pretrained(str(dst)).eval()
+    sd_s, sd_l = source.state_dict(), longer.state_dict()
+    old = sd_s["longformer.embeddings.position_embeddings.weight"].numpy()
+    new = sd_l["longformer.embeddings.position_embeddings.weight"].numpy()
+    assert new.shape == (259, 32)
+    np.testing.assert_array_equal(new[:2], old[:2])
+    np.testing.assert_array_equal(new[2:], old[2 + (np.arange(257) % 68)])
+    for k, v in sd_s.items():
+        if "position" not in k:
+            assert torch.equal(sd_l[k], v), k  # the global projections were not replaced by copies
+    assert not torch.equal(sd_l["longformer.encoder.layer.0.attention.self.query_global.weight"],
+                           sd_l["longformer.encoder.layer.0.attention.self.query.weight"])
+
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(5, VOCAB, size=(2, 60)))
+    glob = torch.zeros_like(ids)
+    glob[:, [0, 17]] = 1
+    with torch.no_grad():
+        want = source(ids, global_attention_mask=glob).logits.numpy()
+        got = longer(ids, global_attention_mask=glob).logits.numpy()
+    assert float(np.abs(want - got).max()) <= 1e-5
+    with pytest.raises(pretrained.ConversionError, match="or a Longformer to make longer"):
+        roberta_to_longformer({}, 64, config={"model_type": "bert"})

@@ -84,6 +84,7 @@ def test_optimizer_state_follows_the_param_rules():
 
 def test_batch_spec_and_divisibility_error():
     assert shd.batch_spec(3, 1) == P(None, ("data", "fsdp"), None)
+    assert shd.batch_spec(3, 1, token_dim=2) == P(None, ("data", "fsdp"), "sequence")
     shd.check_batch_divisible(16, 8)
     with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the 8 devices.*multiple of 8"):
         shd.check_batch_divisible(12, 8)
@@ -91,12 +92,48 @@ def test_batch_spec_and_divisibility_error():
 
 def test_make_mesh_errors_name_the_fix():
     devs = jax.devices()[:1]
-    m = shd.make_mesh(-1, 1, devs)
-    assert dict(m.shape) == {"data": 1, "fsdp": 1}
+    m = shd.make_mesh(-1, 1, devices=devs)
+    assert dict(m.shape) == {"data": 1, "fsdp": 1, "sequence": 1}
+    assert m.axis_names == ("data", "fsdp", "sequence")
     with pytest.raises(ValueError, match="mesh fsdp=2 does not divide the 1 devices"):
-        shd.make_mesh(-1, 2, devs)
-    with pytest.raises(ValueError, match="--mesh-data"):
-        shd.make_mesh(2, 1, devs)
+        shd.make_mesh(-1, 2, devices=devs)
+    with pytest.raises(ValueError, match=r"mesh sequence=2 does not divide the 1 devices.*--mesh sequence=N"):
+        shd.make_mesh(-1, 1, 2, devices=devs)
+    with pytest.raises(ValueError, match=r"data=2 x fsdp=1 x sequence=1 = 2 devices, but 1 are present.*data=-1"):
+        shd.make_mesh(2, 1, devices=devs)
+    with pytest.raises(ValueError, match=r"mesh sequence=.* must be an integer \(pass devices=... by keyword\)"):
+        shd.make_mesh(-1, 1, devs)
+
+
+def test_parse_mesh():
+    assert shd.parse_mesh("data=2,fsdp=1,sequence=4") == {"data": 2, "fsdp": 1, "sequence": 4}
+    assert shd.parse_mesh("sequence=8") == {"data": -1, "fsdp": 1, "sequence": 8}
+    assert shd.parse_mesh(" fsdp=2 , data=-1 ") == {"data": -1, "fsdp": 2, "sequence": 1}
+    for bad in ("seq=2", "data=two", "data", "sequence=2,model=4"):
+        with pytest.raises(ValueError, match=r"expected AXIS=SIZE items.*data=2,fsdp=1,sequence=4"):
+            shd.parse_mesh(bad)
+
+
+def test_mesh_flag_of_the_training_programs():
+    from train import config as config_lib
+
+    c = config_lib.parse_args(["--mesh", "data=1,fsdp=1,sequence=8"])  # demo: 512 tokens, window 64
+    assert (c.mesh_data, c.mesh_fsdp, c.mesh_sequence) == (1, 1, 8)
+    c = config_lib.parse_args(["--mesh-fsdp", "2", "--mesh-sequence", "2"])  # the per-axis flags still work
+    assert (c.mesh_data, c.mesh_fsdp, c.mesh_sequence) == (-1, 2, 2)
+    assert "mesh_sequence" in config_lib.TrainConfig.RESUMABLE_CHANGES
+    with pytest.raises(ValueError, match=r"seq_len=512 does not split .* 16 devices .* multiple of 16 x 64 = 1024"):
+        config_lib.parse_args(["--mesh", "sequence=16"])
+    with pytest.raises(ValueError, match=r"multiple of 8 x 128 = 1024 \(the window times its dilation\)"):
+        config_lib.parse_args(["--mesh", "sequence=8", "--model", "attention_dilation=2"])
+    c = config_lib.parse_args(["--mesh", "sequence=4", "--model", "attention_dilation=2"])
+    assert c.mesh_sequence == 4 and c.model["attention_dilation"] == 2
+    with pytest.raises(ValueError, match="--mesh and --mesh-data both set the mesh"):
+        config_lib.parse_args(["--mesh", "sequence=2", "--mesh-data", "2"])
+    with pytest.raises(ValueError, match="mesh_sequence=2 needs the mesh driver"):
+        config_lib.parse_args(["--mesh", "sequence=2", "--driver", "pmap"])
+    with pytest.raises(ValueError, match="expected AXIS=SIZE"):
+        config_lib.parse_args(["--mesh", "sequence:2"])
 
 
 def test_path_str():

@@ -4,6 +4,7 @@ start within a short budget; the run leaves an HF directory that transformers lo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from tests.test_train_utils import ROOT
 from train import config as config_lib
 from train import pretrain
 
-pytestmark = pytest.mark.slow  # an 80-step demo run on real text
+pytestmark = pytest.mark.slow  # a 200-step demo run on real text (about a minute)
 
 WIKITEXT = (ROOT / ".." / "shared" / "data" / "wikitext-2" / "valid.txt").resolve()
 
@@ -27,9 +28,9 @@ def demo_run(tmp_path_factory):
         "demo",
         data=str(WIKITEXT),
         output_dir=str(out),
-        max_steps=80,
-        save_every=40,
-        eval_every=40,
+        max_steps=200,
+        save_every=100,
+        eval_every=100,
         eval_batches=4,
         progress_bar=False,
         fill_mask_text=None,
@@ -43,8 +44,10 @@ def test_demo_eval_loss_falls_well_below_start(demo_run):
     print(
         f"\nwikitext-2 eval loss {start:.3f} -> {end:.3f} in {cfg.max_steps} steps, {s['tokens_per_s']:,.0f} tokens/s"
     )
-    assert start > 8.0  # about ln(vocab) at initialisation
-    assert end < start - 1.5, (start, end)  # perplexity / 4.5 or better
+    assert start > math.log(cfg.tokenizer_vocab_size) - 0.5  # about ln(vocab) at initialisation
+    # Perplexity / 2.7 or better: from about ln(2048) = 7.6 (the demo's vocabulary) to the
+    # frequent-token level in this short budget; the full demo goes on past it (README).
+    assert end < start - 1.0, (start, end)
     assert s["final_eval"]["accuracy"] > s["first_eval"]["accuracy"]
 
 
@@ -60,7 +63,7 @@ def test_demo_run_leaves_files_and_an_hf_model(demo_run):
         "hf/tokenizer.json",
     ):
         assert (out / name).exists(), name
-    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [40, 80]
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [100, 200]
     assert json.loads((out / "config.json").read_text())["fingerprint"] == cfg.fingerprint()
     splits = [json.loads(x)["split"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert splits.count("eval") == 3 and splits.count("train") == cfg.max_steps // cfg.log_every

@@ -106,7 +106,7 @@ def test_output_dir_of_another_run_and_overwrite(tmp_path, capsys, corpus):
     assert rc == 0, err
     rc, err = cli(capsys, *base, "--max-steps", "1", "--learning-rate", "0.5")
     assert rc == 1
-    assert str(out) in err and "learning_rate: saved 0.001, now 0.5" in err and "--overwrite" in err
+    assert str(out) in err and "learning_rate: saved 0.003, now 0.5" in err and "--overwrite" in err
     assert "--output-dir" in err
     # Same settings: resumes (nothing left to do); --overwrite: starts over with the new settings.
     rc, err = cli(capsys, *base, "--max-steps", "1")

@@ -1,5 +1,7 @@
-"""The same training run on 1 device, on 8 CPU devices (mesh and pmap drivers), and on 2 processes
-(which read disjoint rows of every global batch, and resume a 1-process checkpoint at the same example).
+"""The same training run on 1 device, on 8 CPU devices (mesh and pmap drivers, the tokens of every
+row split over a "sequence" axis), and on 2 processes (which read disjoint rows of every global batch,
+and resume a 1-process checkpoint at the same example); one step of the pretraining program on a
+65,536-token document split over 8 devices.
 
 Multi-device runs happen in subprocesses: XLA_FLAGS must be set before JAX starts.
 """
@@ -51,10 +53,10 @@ SCRIPT = textwrap.dedent(r"""
         batches.append({"input_ids": np.where(labels >= 0, 4, ids).astype(np.int32), "attention_mask": am,
                         "global_attention_mask": gm, "labels": labels})
 
-    def run(kind, n_dev, data=-1, fsdp=1, accum=1, dropout=False):
+    def run(kind, n_dev, data=-1, fsdp=1, accum=1, dropout=False, seq=1):
         cfg = config_lib.preset("demo", max_steps=STEPS, batch_size=B // accum, grad_accum_steps=accum,
                                 seq_len=L, block_size=BLOCK, model={"attention_window": 8}, learning_rate=3e-3,
-                                dropout=dropout, driver=kind, mesh_data=data, mesh_fsdp=fsdp)
+                                dropout=dropout, driver=kind, mesh_data=data, mesh_fsdp=fsdp, mesh_sequence=seq)
         model = lj.LongformerForMaskedLM(mcfg if dropout else mcfg.replace(hidden_dropout_prob=0.0,
                                                                              attention_probs_dropout_prob=0.0))
         params = lj.init_params(model, 0)
@@ -70,12 +72,14 @@ SCRIPT = textwrap.dedent(r"""
         ev = trainer.finish_eval([jax.device_get(drv.evaluate(state, batches[0]))], drv.objective)
         final = drv.host_params(state)
         emb = final["longformer"]["embeddings"]["word_embeddings"]["embedding"]
-        spec = None
+        spec = batch_spec = None
         if kind == "mesh":
             table = state.params["longformer"]["embeddings"]["word_embeddings"]["embedding"]
             spec = list(table.sharding.spec)
+            batch_spec = [list(a) if isinstance(a, tuple) else a
+                          for a in drv.put_batch({"x": np.zeros((1, B, L), np.int32)}, batch_dim=1)["x"].sharding.spec]
         return {"losses": losses, "eval_loss": ev["loss"], "emb_sum": float(np.abs(emb).sum()),
-                "emb_00": float(emb[5, 0]), "spec": spec}
+                "emb_00": float(emb[5, 0]), "spec": spec, "batch_spec": batch_spec}
 
     out = {
         "mesh1": run("mesh", 1),
@@ -85,6 +89,10 @@ SCRIPT = textwrap.dedent(r"""
         "mesh4_accum2": run("mesh", 4, accum=2),
         "drop1": run("mesh", 1, dropout=True),
         "drop2x4": run("mesh", 8, data=2, fsdp=4, dropout=True),
+        "seq8": run("mesh", 8, data=1, seq=8),
+        "seq2x1x4": run("mesh", 8, data=2, seq=4),
+        "fsdp2_seq4": run("mesh", 8, data=1, fsdp=2, seq=4),
+        "drop_seq8": run("mesh", 8, data=1, seq=8, dropout=True),
     }
     try:
         cfg = config_lib.preset("demo", batch_size=6, seq_len=L, block_size=BLOCK, model={"attention_window": 8})
@@ -92,6 +100,13 @@ SCRIPT = textwrap.dedent(r"""
         out["error"] = None
     except ValueError as e:
         out["error"] = str(e)
+    try:
+        cfg = config_lib.preset("demo", batch_size=3, seq_len=L, block_size=BLOCK, model={"attention_window": 8},
+                                mesh_data=-1, mesh_sequence=4)
+        trainer.make_driver(cfg, lj.LongformerForMaskedLM(mcfg), trainer.make_optimizer(cfg)[0], mlm_objective(4))
+        out["seq_error"] = None
+    except ValueError as e:
+        out["seq_error"] = str(e)
     import time; out["seconds"] = time.time() - T0
     print("RESULT " + json.dumps(out))
 """)
@@ -111,7 +126,7 @@ def eight_device_results():
     return json.loads(line[len("RESULT ") :])
 
 
-@pytest.mark.parametrize("other", ["mesh8", "mesh2x4", "pmap8", "mesh4_accum2"])
+@pytest.mark.parametrize("other", ["mesh8", "mesh2x4", "pmap8", "mesh4_accum2", "seq8", "seq2x1x4", "fsdp2_seq4"])
 def test_same_losses_on_1_and_8_devices(eight_device_results, other):
     r = eight_device_results
     ref = r["mesh1"]
@@ -136,6 +151,18 @@ def test_dropout_is_the_same_on_any_mesh(eight_device_results):
 def test_batch_not_divisible_by_devices_is_a_clear_error(eight_device_results):
     err = eight_device_results["error"]
     assert err and "batch_size=6 is not divisible by the 8 devices" in err and "multiple of 8" in err
+    err = eight_device_results["seq_error"]
+    assert err and "batch_size=3 is not divisible by the 2 data x fsdp devices" in err and "multiple of 2" in err
+
+
+def test_sequence_axis_splits_the_tokens_of_every_row(eight_device_results):
+    r = eight_device_results
+    assert r["seq8"]["batch_spec"] == [None, ["data", "fsdp"], "sequence"]
+    assert r["mesh8"]["batch_spec"] == [None, ["data", "fsdp"], None]
+    assert r["fsdp2_seq4"]["spec"] == [None, "fsdp"]  # parameters stay fsdp-sharded, never split over sequence
+    # With dropout each device draws its own attention masks: a run, not one device's numbers.
+    drop = r["drop_seq8"]["losses"]
+    assert all(np.isfinite(drop)) and drop != r["seq8"]["losses"]
 
 
 def _free_port() -> int:
@@ -229,3 +256,27 @@ def test_resume_from_one_process_into_two(tmp_path, single_process_run):
         losses[name] = {r["step"]: r["loss"] for r in recs if r["split"] == "train"}
     for step in range(3, MULTI_STEPS + 1):
         np.testing.assert_allclose(losses["resumed"][step], losses["single"][step], rtol=1e-4)
+
+
+def test_one_step_on_a_65536_token_document_over_8_devices(tmp_path):
+    """The pretraining program with --mesh data=1,fsdp=1,sequence=8: one document of 65,536 tokens (blocks
+    of 512 with a global token each, so global tokens on every device) split over 8 CPU devices."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=2, words=40_000)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.pretrain", "--preset", "demo", "--data", str(corpus), "--output-dir", str(out),
+           "--max-steps", "1", "--save-every", "1", "--eval-every", "1", "--batch-size", "1",
+           "--model", "hidden_size=32", "num_hidden_layers=2", "num_attention_heads=4", "intermediate_size=64",
+           "attention_window=64", "--seq-len", "65536", "--block-size", "512", "--tokenizer-vocab-size", "300",
+           "--min-doc-tokens", "50", "--eval-docs", "1", "--eval-batches", "1", "--no-progress-bar",
+           "--mesh", "data=1,fsdp=1,sequence=8"]
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "examples of 65536 tokens, 8 device(s) (mesh), batch 1" in p.stderr + p.stdout
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1] and np.isfinite(train[0]["loss"]) and train[0]["grad_norm"] > 0
+    evals = [r for r in recs if r["split"] == "eval"]
+    assert evals and all(np.isfinite(r["loss"]) and r["count"] > 5000 for r in evals), evals  # ~15% of 65k
+    assert json.loads((out / "config.json").read_text())["mesh_sequence"] == 8
+    assert (out / "hf" / "model.safetensors").exists()

@@ -1,9 +1,10 @@
 """Training parity with PyTorch: 20 AdamW steps of our train_step vs a plain torch loop.
 
 Same initial weights (a random transformers LongformerForMaskedLM converted to Flax), the same
-masked batches, dropout off, the seed recipe's optimizer (lr 1e-4, betas (0.9, 0.999), eps 1e-8,
-weight decay 0.01 off biases and LayerNorm, 10% warmup then linear decay, clipping at 1.0)
-scaled to 20 steps. Per-step losses agree to 1e-4 relative.
+masked batches (our LM head at the masked slots only, PyTorch's at every position), dropout
+off, the seed recipe's optimizer (lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 off
+biases and LayerNorm, 10% warmup then linear decay, clipping at 1.0) scaled to 20 steps.
+Per-step losses agree to 1e-4 relative.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ transformers = pytest.importorskip("transformers")
 import longformer_jax as lj  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import trainer  # noqa: E402
+from train.masking import MaskingSpec, mask_tokens  # noqa: E402
 from train.objectives import mlm_objective  # noqa: E402
 
 L, B, BLOCK, STEPS, VOCAB = 64, 4, 16, 20, 96
+SPEC = MaskingSpec(mask_id=4, special_ids=np.arange(5), random_ids=np.arange(5, VOCAB))
 
 
 def tiny_hf_config():
@@ -46,7 +49,8 @@ def tiny_hf_config():
 
 
 def masked_batches(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Blocks-layout-like batches: block starts global, some interior/trailing padding, 15% MLM."""
+    """Blocks-layout-like batches: block starts global, some interior/trailing padding, 15% MLM
+    (``train.masking``: per-token ``labels`` and the slots ``masked_positions`` / ``masked_labels``)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -64,12 +68,9 @@ def masked_batches(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
         ids[1, L - 16] = 1
         am = (ids != 1).astype(np.int32)
         gm = gm * am
-        labels = np.full((B, L), -100, np.int32)
-        pick = (rng.random((B, L)) < 0.15) & (gm == 0) & (am == 1)
-        labels[pick] = ids[pick]
-        ids = ids.copy()
-        ids[pick & (rng.random((B, L)) < 0.8)] = 4  # <mask>
-        out.append({"input_ids": ids, "attention_mask": am, "global_attention_mask": gm, "labels": labels})
+        # fairseq's RoBERTa masking with its slots: our LM head runs at the masked slots only, PyTorch's
+        # at every position over the per-token labels (the same math).
+        out.append(mask_tokens({"input_ids": ids, "attention_mask": am, "global_attention_mask": gm}, rng, SPEC))
     return out
 
 
@@ -109,7 +110,8 @@ def torch_losses(hf_model, batches) -> list[float]:
     hf_model.train()  # dropout probabilities are 0
     losses = []
     for b in batches:
-        t = {k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()}
+        t = {k: torch.from_numpy(b[k].astype(np.int64)) for k in ("input_ids", "attention_mask",
+                                                                  "global_attention_mask", "labels")}
         out = hf_model(**t)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf_model.parameters(), cfg.clip_norm)

@@ -142,7 +142,7 @@ def test_cli_flags_set_and_presets(capsys):
     with pytest.raises(SystemExit):
         config_lib.parse_args(["--max-steps", "many"])
     assert "--max-steps 'many': expected a value of type int" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="seq_len=500 is not a multiple of block_size=128"):
+    with pytest.raises(ValueError, match="seq_len=500 is not a multiple of block_size=32"):
         config_lib.parse_args(["--seq-len", "500"])
     with pytest.raises(ValueError, match="preset='nope' is unknown"):
         config_lib.preset("nope")
@@ -238,6 +238,39 @@ def test_mlm_sums_and_finish_eval_are_exact_over_batches():
     )
     assert res == {"loss": 0.5, "accuracy": 0.25, "bpc": 0.5 / np.log(2), "count": 8.0}
     assert trainer.finish_eval([]) == {}
+
+
+def test_mlm_objective_uses_the_masked_slots():
+    """With masked_positions in the batch, the model is asked for the slots only and the loss, accuracy and
+    count are over masked_labels; the numbers equal those of the same labels per token."""
+    from train.masking import masked_slots
+
+    rng = np.random.default_rng(1)
+    logits_full = jnp.asarray(rng.normal(size=(2, 6, 7)), jnp.float32)
+    labels = np.asarray([[1, -100, 3, -100, 0, -100], [-100, -100, -100, -100, 6, -100]])
+    positions, slot_labels = masked_slots(labels, 4)
+    obj = mlm_objective(2)
+
+    class Slots:  # returns the full logits gathered at the slots it is asked for
+        def apply(self, variables, input_ids, **kw):
+            pos = np.asarray(kw["masked_positions"])
+            assert kw["num_global_slots"] == 2 and pos.shape == (2, 4)
+            return type("Out", (), {"logits": jnp.take_along_axis(logits_full, jnp.maximum(pos, 0)[..., None], 1)})
+
+    class Full:
+        def apply(self, variables, input_ids, **kw):
+            assert "masked_positions" not in kw
+            return type("Out", (), {"logits": logits_full})
+
+    common = {"input_ids": None, "attention_mask": None, "global_attention_mask": None, "labels": labels}
+    sliced = {**common, "masked_positions": positions, "masked_labels": slot_labels}
+    loss_s, sums_s = obj.sums(Slots(), {}, sliced, None, True)
+    loss_f, sums_f = obj.sums(Full(), {}, common, None, True)
+    np.testing.assert_allclose(loss_s, loss_f, rtol=1e-6)
+    assert float(sums_s["accuracy"]) == float(sums_f["accuracy"])
+    assert float(obj.count(sliced)) == float(obj.count(common)) == 4.0
+    # The count is the masked labels' (an evaluation filler row has -100 in every slot).
+    assert float(obj.count({**sliced, "masked_labels": np.full_like(slot_labels, -100)})) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `TrainConfig` holds every option; `PRESETS` names complete recipes; `parse_args` builds an
 argparse parser from the dataclass fields (one `--flag-name` per field, `--model KEY=VALUE` for
 the model, plus `--set key=value` / `--set model.key=value`) so the command line and the saved
-`config.json` always carry the same names.
+`config.json` always carry the same names. `--mesh data=..,fsdp=..,sequence=..` sets the three
+mesh settings at once (the same as `--mesh-data`, `--mesh-fsdp`, `--mesh-sequence`).
 
 The model is described once, by `longformer_jax.LongformerConfig`: `TrainConfig.model` is a
 mapping of its config.json fields (`{"hidden_size": 128, "attention_window": 64, ...}`) applied
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from longformer_jax.config import LongformerConfig
+from longformer_jax.sharding import parse_mesh
 
 # JAX-side options of LongformerConfig that are settings of their own here (--dtype, --remat, ...).
 _RUN_OPTIONS = ("dtype", "remat", "scan_layers")
@@ -38,10 +40,11 @@ MODEL_FIELDS = tuple(
     if f.name not in (*_RUN_OPTIONS, *_TOKENIZER_FIELDS, "extra")
 )
 
-# The demo's model: a small RoBERTa-style Longformer (one type id, RoBERTa's LayerNorm epsilon).
+# The demo's model: a small RoBERTa-style Longformer (one type id, RoBERTa's LayerNorm epsilon); its
+# window of 32 tokens is a quarter of the demo's 128-token sequences.
 DEMO_MODEL: dict[str, Any] = {
     "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
-    "attention_window": 64, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+    "attention_window": 32, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
 }
 # The seed checkpoint's architecture (SPEC.md): what its own init holds, and a fresh model with --init none.
 SEED_MODEL: dict[str, Any] = {
@@ -101,8 +104,9 @@ class TrainConfig:
     async_checkpointing: bool = True
     overwrite: bool = False  # start over in an output dir that holds another run's checkpoints
     driver: str = "mesh"  # mesh (jax.jit over a Mesh) | pmap
-    mesh_data: int = -1  # devices on the data axis; -1: all devices not on fsdp
+    mesh_data: int = -1  # devices on the data axis; -1: all devices not on fsdp or sequence
     mesh_fsdp: int = 1  # devices on the fsdp axis (parameters sharded where divisible)
+    mesh_sequence: int = 1  # devices one document's tokens are split over (longformer_jax.sequence_parallel)
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     coordinator_address: str | None = None
     num_processes: int | None = None
@@ -151,7 +155,7 @@ class TrainConfig:
     # Settings a run may change when it resumes; every other one (new ones included) must match.
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
         "preset", "output_dir", "overwrite", "save_every", "eval_every", "log_every", "eval_batches",
-        "keep_checkpoints", "async_checkpointing", "driver", "mesh_data", "mesh_fsdp", "distributed",
+        "keep_checkpoints", "async_checkpointing", "driver", "mesh_data", "mesh_fsdp", "mesh_sequence", "distributed",
         "coordinator_address", "num_processes", "process_id", "fill_mask_text", "progress_bar",
         "log_batch_fingerprints", "dtype", "remat",
     )
@@ -199,9 +203,13 @@ class TrainConfig:
         for name in ("min_doc_tokens", "eval_docs"):
             if getattr(self, name) < 0:
                 fail(f"{name}={getattr(self, name)}; expected an integer >= 0 (--{_flag(name)}).")
-        if self.mesh_fsdp < 1 or (self.mesh_data < 1 and self.mesh_data != -1):
-            fail(f"mesh shape (data={self.mesh_data}, fsdp={self.mesh_fsdp}) is invalid; use "
-                 "--mesh-data N (or -1 for all remaining devices) and --mesh-fsdp M >= 1.")
+        if self.mesh_fsdp < 1 or self.mesh_sequence < 1 or (self.mesh_data < 1 and self.mesh_data != -1):
+            fail(f"mesh shape (data={self.mesh_data}, fsdp={self.mesh_fsdp}, sequence={self.mesh_sequence}) is "
+                 "invalid; use --mesh data=N,fsdp=M,sequence=S with N >= 1 (or -1 for all remaining devices) "
+                 "and M, S >= 1.")
+        if self.mesh_sequence > 1 and self.driver != "mesh":
+            fail(f"mesh_sequence={self.mesh_sequence} needs the mesh driver (--driver mesh); the pmap driver "
+                 "only splits the batch.")
 
     def _validate_model(self) -> None:
         for key in self.model:
@@ -215,6 +223,11 @@ class TrainConfig:
         if self.seq_len % probe.max_window:
             raise ValueError(f"seq_len={self.seq_len} is not a multiple of the model's attention window "
                              f"{probe.max_window}; pick --seq-len as a multiple of the window.")
+        step = self.mesh_sequence * probe.pad_multiple  # the window, times the dilation where one is set
+        if self.mesh_sequence > 1 and self.seq_len % step:
+            raise ValueError(f"seq_len={self.seq_len} does not split into whole attention windows over the "
+                             f"{self.mesh_sequence} devices of the sequence axis; pick --seq-len as a multiple of "
+                             f"{self.mesh_sequence} x {probe.pad_multiple} = {step} (the window times its dilation).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,16 +252,22 @@ _SEED_RECIPE = dict(
 )
 
 _DEMO = dict(
-    # A small model that learns visibly in a few minutes on 2 CPU cores, offline.
+    # A small model that gets past the frequent-token stage (its fill-mask answers are words that fit,
+    # not newlines and punctuation) in a few minutes on 2 CPU cores, offline. What gets it there in
+    # that budget: a small vocabulary (each token seen often), short sequences (4 sentence blocks of
+    # 32 tokens: few position embeddings to learn, many updates per second), 30% of the tokens masked
+    # (the LM head runs only at the masked slots, so more labels per step cost little), a high
+    # learning rate without dropout, and enough steps: its eval loss falls steeply between about
+    # steps 750 and 1,250, when it starts to use its neighbours (README, docs/demo_curves.png).
     preset="demo",
-    init=None, tokenizer=None, tokenizer_vocab_size=8192,
+    init=None, tokenizer=None, tokenizer_vocab_size=2048,
     model=DEMO_MODEL,
     data="builtin:python-docs",
-    layout="blocks", seq_len=512, block_size=128, min_doc_tokens=400,
-    eval_docs=12, eval_batches=8, mlm_probability=0.15,
-    batch_size=8, grad_accum_steps=1,
-    learning_rate=1e-3, weight_decay=0.01, warmup_fraction=0.1, max_steps=300, clip_norm=1.0,
-    seed=42, dropout=True, dtype="float32",
+    layout="blocks", seq_len=128, block_size=32, min_doc_tokens=400,
+    eval_docs=12, eval_batches=8, mlm_probability=0.3,
+    batch_size=16, grad_accum_steps=1,
+    learning_rate=3e-3, weight_decay=0.01, warmup_fraction=0.1, max_steps=3000, clip_norm=1.0,
+    seed=42, dropout=False, dtype="float32",
     output_dir="runs/demo", save_every=100, eval_every=100, log_every=10, keep_checkpoints=3,
     fill_mask_text="The function returns a new <mask> object.",
 )
@@ -376,6 +395,10 @@ def build_parser(config_class: type = TrainConfig, presets: dict[str, dict[str, 
     p = parser_class(prog=prog, description=description)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting by its config.json name, model fields as model.KEY (repeatable)")
+    p.add_argument("--mesh", default=None, metavar="data=N,fsdp=M,sequence=S",
+                   help="the device mesh: batch rows over data x fsdp (parameters sharded over fsdp), each "
+                        "row's tokens over sequence; data=-1 takes the remaining devices (default data=-1,fsdp=1,"
+                        "sequence=1; the same as --mesh-data, --mesh-fsdp, --mesh-sequence)")
     p.add_argument("--model", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a LongformerConfig field of the model (repeatable; values in JSON, e.g. "
                         f"attention_window=[4,8]); {default_preset} preset: "
@@ -398,6 +421,14 @@ def build_parser(config_class: type = TrainConfig, presets: dict[str, dict[str, 
     return p
 
 
+def _mesh_settings(ns: argparse.Namespace) -> dict[str, int]:
+    """`--mesh data=N,fsdp=M,sequence=S` as the settings mesh_data, mesh_fsdp, mesh_sequence."""
+    given = [f"--{_flag(k)}" for k in ("mesh_data", "mesh_fsdp", "mesh_sequence") if hasattr(ns, k)]
+    if given:
+        raise ValueError(f"--mesh and {', '.join(given)} both set the mesh; give the whole mesh with --mesh only.")
+    return {f"mesh_{axis}": size for axis, size in parse_mesh(ns.mesh).items()}
+
+
 def parse_args(argv: list[str] | None = None, config_class: type = TrainConfig,
                presets: dict[str, dict[str, Any]] | None = None, parser: argparse.ArgumentParser | None = None):
     """Preset values, then `--set key=value`, then `--model` and the per-field flags; validated.
@@ -415,6 +446,8 @@ def parse_args(argv: list[str] | None = None, config_class: type = TrainConfig,
     for item in ns.model:
         k, v = _split_item("--model", item)
         model[k] = parse_model_value(k, v)
+    if ns.mesh is not None:
+        overrides.update(_mesh_settings(ns))
     for f in dataclasses.fields(config_class):
         if f.name not in ("preset", "model") and hasattr(ns, f.name):
             overrides[f.name] = getattr(ns, f.name)

@@ -4,7 +4,8 @@
 prepared = data.open_prepared("data/c4", tok)          # manifest read, shard sizes and tokenizer checked
 spec = data.masking_spec(tok, 0.15)
 it = data.make_train_iterator(prepared, spec, data.Batching(batch_size=16, seed=42))
-batch = next(it)        # input_ids, attention_mask, global_attention_mask, labels, ...: (16, L)
+batch = next(it)        # input_ids, attention_mask, global_attention_mask, labels: (16, L);
+                        # masked_positions, masked_labels: (16, K), the LM head's slots (train.masking)
 state = it.get_state()  # {"examples_seen": N}: it.set_state(state) continues at global example N
 evals = data.make_eval_batches(prepared, spec, data.Batching(16, seed=42), max_batches=8)
 ```
@@ -22,7 +23,9 @@ do not depend on the number of hosts. Nothing proportional to the corpus is held
 The position is one integer, the examples consumed globally (``get_state()``), so a run resumed
 with another number of processes continues at the same global example. The trainer's
 checkpoints store it beside the train state (``train.checkpoint``). Every field that masking
-returns is batched and passed on.
+returns is batched and passed on: with ``train.masking``'s static slots (``masked_positions`` /
+``masked_labels``, K per row) the MLM objective runs the LM head only at the masked positions.
+Evaluation filler rows carry -100 in every label field, so they count nothing.
 
 Tokenizers (``load_tokenizer``, ``token_ids``, ``train_demo_tokenizer``) are ``train.tokenizer``'s
 and corpora (``read_documents``) ``train.corpus``'s; both are importable from here.

@@ -51,12 +51,14 @@ class Objective:
     predict: Callable[..., tuple[dict[str, jax.Array], dict[str, jax.Array]]] | None = None
 
 
-def forward(model, params, batch: Batch, rng: jax.Array | None, deterministic: bool, *, num_global_slots: int):
-    """`model.apply` on a batch's ``input_ids``, ``attention_mask`` and ``global_attention_mask``."""
+def forward(model, params, batch: Batch, rng: jax.Array | None, deterministic: bool, *, num_global_slots: int,
+            **head_args):
+    """`model.apply` on a batch's ``input_ids``, ``attention_mask`` and ``global_attention_mask``
+    (``head_args``: further keywords of the head, e.g. ``masked_positions``)."""
     masks = {k: batch[k] for k in ("attention_mask", "global_attention_mask")}
     rngs = None if deterministic else {"dropout": rng}
     return model.apply({"params": params}, batch["input_ids"], **masks, deterministic=deterministic,
-                       num_global_slots=num_global_slots, rngs=rngs)
+                       num_global_slots=num_global_slots, rngs=rngs, **head_args)
 
 
 def count_labels(batch: Batch) -> jax.Array:
@@ -69,17 +71,33 @@ def bits_per_token(means: dict[str, float]) -> dict[str, float]:
     return {"bpc": means["loss"] / LN2}
 
 
+def _mlm_labels(batch: Batch) -> jax.Array:
+    """The labels the MLM loss is over: ``masked_labels`` (one per slot) when the batch has slots."""
+    return batch["masked_labels"] if "masked_positions" in batch else batch["labels"]
+
+
+def count_mlm_labels(batch: Batch) -> jax.Array:
+    """The MLM labels that count a loss (not ``IGNORE_INDEX``), as float32."""
+    return jnp.sum(_mlm_labels(batch) != IGNORE_INDEX).astype(jnp.float32)
+
+
 def mlm_objective(num_global_slots: int) -> Objective:
     """Masked-LM cross-entropy over the labels that are not -100; metric: accuracy of the argmax.
+
+    A batch made by ``train.masking.mask_tokens`` carries ``masked_positions`` / ``masked_labels``
+    (B, K): the LM head then runs only at those K slots (``LongformerForMaskedLM``'s
+    ``masked_positions``), the same loss as full logits over ``labels`` (B, L) at K/L of the head's
+    cost. A batch with only ``labels`` gets the full-vocabulary logits at every position.
 
     ``num_global_slots``: the static bound of global tokens per row (see ``LongformerModel``).
     """
     def sums(model, params, batch: Batch, rng, deterministic: bool):
-        out = forward(model, params, batch, rng, deterministic, num_global_slots=num_global_slots)
-        loss_sum, correct, _ = cross_entropy_sums(out.logits, batch["labels"])
+        head_args = {"masked_positions": batch["masked_positions"]} if "masked_positions" in batch else {}
+        out = forward(model, params, batch, rng, deterministic, num_global_slots=num_global_slots, **head_args)
+        loss_sum, correct, _ = cross_entropy_sums(out.logits, _mlm_labels(batch))
         return loss_sum, {"accuracy": correct}
 
-    return Objective(sums=sums, count=count_labels, metrics=("accuracy",), derived=bits_per_token)
+    return Objective(sums=sums, count=count_mlm_labels, metrics=("accuracy",), derived=bits_per_token)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import jax
 import numpy as np
 
 import longformer_jax as lj
-from longformer_jax import sharding as shd
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import data, export, prepare_data, trainer
@@ -175,7 +174,7 @@ def setup(cfg: config_lib.TrainConfig) -> Setup:
     """Output directory, tokenizer, examples, model, driver and checkpointer of a run."""
     maybe_initialize_distributed(cfg)
     # Fail before any data work when the batch cannot be split over the devices or processes.
-    shd.check_batch_divisible(cfg.batch_size, jax.device_count(), "batch_size")
+    trainer.check_batch_split(cfg, jax.device_count())
     pi, pc = jax.process_index(), jax.process_count()
     if cfg.batch_size % pc:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {pc} processes; "

@@ -15,9 +15,11 @@ resumed run draws the same masks.
 
 Drivers share one way to build a state (`Driver.init_state`, also the restore target of
 `abstract_state`) and differ in where it lives:
-  * `MeshDriver` (default): `jax.jit` over a ("data", "fsdp") mesh; parameters and optimizer
-    state laid out by `longformer_jax.sharding`'s rules; each host feeds its share of the global
-    batch (`jax.make_array_from_process_local_data`);
+  * `MeshDriver` (default): `jax.jit` over a ("data", "fsdp", "sequence") mesh; parameters and
+    optimizer state laid out by `longformer_jax.sharding`'s rules; batch rows split over data x
+    fsdp and, with a "sequence" axis, every row's tokens over it (one document over several devices:
+    `longformer_jax.sequence_parallel`; the loss stays the exact mean over the step); each host
+    feeds its share of the global batch (`jax.make_array_from_process_local_data`);
   * `PmapDriver`: `jax.pmap` over the local devices, replicated state, `lax.psum` of gradients
     and token counts (a mean over tokens, not over devices).
 """
@@ -36,6 +38,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from longformer_jax import sequence_parallel
 from longformer_jax import sharding as shd
 from train.objectives import Objective
 
@@ -252,18 +255,26 @@ class Driver:
 
 
 class MeshDriver(Driver):
-    """`jax.jit` over a ("data", "fsdp") mesh with the partition rules of longformer_jax.sharding.
+    """`jax.jit` over a ("data", "fsdp", "sequence") mesh with the partition rules of longformer_jax.sharding.
 
     The steps are traced and run under `jax.set_mesh(mesh)`, so that an attention kernel (one custom
-    call XLA cannot split) runs on each device's rows of the batch (`longformer_jax.kernels`)."""
+    call XLA cannot split) runs on each device's rows of the batch (`longformer_jax.kernels`), and a
+    "sequence" axis of more than one device splits every row's tokens (`longformer_jax.sequence_parallel`):
+    batch arrays are laid out with their token dimension (the one after the rows) over it."""
 
     name = "mesh"
 
     def __init__(self, model, tx, objective: Objective, *, dropout: bool, schedule=None,
-                 mesh_data: int = -1, mesh_fsdp: int = 1, devices=None):
+                 mesh_data: int = -1, mesh_fsdp: int = 1, mesh_sequence: int = 1, devices=None):
         super().__init__(model, tx, objective, dropout=dropout, schedule=schedule)
-        self.mesh = shd.make_mesh(mesh_data, mesh_fsdp, devices)
+        self.mesh = shd.make_mesh(mesh_data, mesh_fsdp, mesh_sequence, devices=devices)
         self.num_devices = self.mesh.size
+        self.sequence_devices = self.mesh.shape[shd.SEQUENCE_AXIS]
+        self.batch_devices = self.num_devices // self.sequence_devices  # data x fsdp: the rows split over them
+        if jax.process_count() > 1 and jax.local_device_count() % self.sequence_devices:
+            raise ValueError(f"mesh sequence={self.sequence_devices} spans several hosts ({jax.local_device_count()} "
+                             "devices each); every host feeds whole rows, so the sequence axis must divide a host's "
+                             "devices: use a smaller --mesh sequence=N.")
         self.replicated = NamedSharding(self.mesh, P())
         self._train_step = make_train_step(model, tx, objective, **self._step_kw)
         self._eval_step = make_eval_step(model, objective)
@@ -295,14 +306,19 @@ class MeshDriver(Driver):
 
     # --- steps ---
     def put_batch(self, host_batch: Batch, batch_dim: int) -> Batch:
-        """Host-local rows -> global arrays; dim `batch_dim` is the per-process share of the batch."""
+        """Host-local rows -> global arrays; dim `batch_dim` is the per-process share of the batch.
+
+        With a "sequence" axis, the dimension after the rows (the tokens) is split over it where it
+        divides; the rest of an array is replicated (the jitted step lays it out as it needs)."""
         out = {}
         for k, v in host_batch.items():
             v = np.asarray(v)
             global_shape = list(v.shape)
             global_shape[batch_dim] *= jax.process_count()
-            out[k] = jax.make_array_from_process_local_data(
-                shd.batch_sharding(self.mesh, v.ndim, batch_dim), v, tuple(global_shape))
+            split = (self.sequence_devices > 1 and v.ndim > batch_dim + 1
+                     and v.shape[batch_dim + 1] % self.sequence_devices == 0)
+            sharding = shd.batch_sharding(self.mesh, v.ndim, batch_dim, batch_dim + 1 if split else None)
+            out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(global_shape))
         return out
 
     def train(self, state: TrainState, host_batch_AxBxL: Batch, rng: jax.Array):
@@ -354,7 +370,7 @@ class PmapDriver(Driver):
         super().__init__(model, tx, objective, dropout=dropout, schedule=schedule)
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.num_local = len(self.devices)
-        self.num_devices = self.num_local * jax.process_count()
+        self.num_devices = self.batch_devices = self.num_local * jax.process_count()
         step = make_train_step(model, tx, objective, axis_name=self.axis, **self._step_kw)
         ev = make_eval_step(model, objective, axis_name=self.axis)
         self._p_train = jax.pmap(step, axis_name=self.axis, in_axes=(0, 0, None),
@@ -415,18 +431,36 @@ class PmapDriver(Driver):
         return jax.tree.map(lambda x: x[0], sums), jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
 
 
+def check_batch_split(cfg, num_devices: int) -> None:
+    """A ValueError naming the fix unless `cfg.batch_size` rows split evenly over the devices that hold
+    rows: all `num_devices`, or with a "sequence" axis of n devices the num_devices / n groups."""
+    n = cfg.mesh_sequence if cfg.driver == "mesh" else 1
+    if n == 1:
+        shd.check_batch_divisible(cfg.batch_size, num_devices, "batch_size")
+    else:
+        shd.check_batch_divisible(cfg.batch_size, max(1, num_devices // n), "batch_size",
+                                  f"data x fsdp devices (the {n} devices of the sequence axis share each row)")
+
+
 def make_driver(cfg, model, tx, objective: Objective, schedule=None, devices=None) -> Driver:
-    """The driver `cfg.driver` names, checked against the batch size."""
+    """The driver `cfg.driver` names, checked against the batch size (and the sequence length, with a
+    sequence axis: every layer's window, times its dilation, times the axis must divide it)."""
     kw = dict(dropout=cfg.dropout, schedule=schedule, devices=devices)
     if cfg.driver == "pmap":
         drv = PmapDriver(model, tx, objective, **kw)
     else:
-        drv = MeshDriver(model, tx, objective, mesh_data=cfg.mesh_data, mesh_fsdp=cfg.mesh_fsdp, **kw)
-    shd.check_batch_divisible(cfg.batch_size, drv.num_devices, "batch_size")
+        drv = MeshDriver(model, tx, objective, mesh_data=cfg.mesh_data, mesh_fsdp=cfg.mesh_fsdp,
+                         mesh_sequence=cfg.mesh_sequence, **kw)
+        if drv.sequence_devices > 1:
+            mc = model.config
+            for window, dilation in dict.fromkeys(zip(mc.attention_windows, mc.attention_dilations, strict=True)):
+                sequence_parallel.check_sequence_split(cfg.seq_len, window, drv.sequence_devices,
+                                                       mc.attention_implementation, dilation)
+    check_batch_split(cfg, drv.num_devices)
     return drv
 
 
 __all__ = [
-    "Driver", "MeshDriver", "PmapDriver", "TrainState", "decay_mask", "finish_eval", "lr_schedule",
+    "Driver", "MeshDriver", "PmapDriver", "TrainState", "check_batch_split", "decay_mask", "finish_eval", "lr_schedule",
     "make_driver", "make_eval_step", "make_optimizer", "make_predict_step", "make_train_step", "stack_micro_batches",
 ]

@@ -15,8 +15,13 @@ name           runs on  what it is
 ``pallas-gpu`` GPU      ``kernels.pallas_gpu``: Pallas (Triton) band kernels, forward and backward,
                         attention dropout inside the kernels
 ``auto``       any      the kernel of the backend (``splash`` on TPU, ``pallas-gpu`` on GPU), else
-                        ``blocked``; ``blocked`` also where the kernel would refuse the dropout
+                        ``blocked``; ``blocked`` also where the kernel would refuse the dropout, and
+                        for dilated or causal windows
 =============  =======  ==========================================================================
+
+The kernels implement the two-sided, undilated band only: dilated (``dilation``) and causal
+(``causal``) windows are computed by ``blocked`` (``attention.band_pattern``), and asking a kernel for
+them is a ValueError naming the setting.
 
 On a backend a kernel is not made for it runs only in Pallas interpret mode (slow; what the tests
 on a CPU use): pass ``interpret=True``, or wrap the call (or a whole model's ``apply``) in
@@ -90,24 +95,43 @@ def available_implementations(backend: str | None = None) -> tuple[str, ...]:
     return tuple(n for n in IMPLEMENTATIONS[:-1] if b in NATIVE_BACKENDS[n])
 
 
-def resolve_implementation(name: str, backend: str | None = None, *, dropout: bool = False) -> str:
+def resolve_implementation(name: str, backend: str | None = None, *, dropout: bool = False,
+                           pattern: bool = False) -> str:
     """``name`` itself, or for ``"auto"`` the implementation it stands for on ``backend``.
 
-    ``dropout``: whether attention dropout is applied (then ``auto`` never picks a kernel without it)."""
+    ``dropout``: whether attention dropout is applied (then ``auto`` never picks a kernel without it);
+    ``pattern``: whether the band is dilated or causal (then ``auto`` is ``blocked``)."""
     _check_name(name)
     if name != "auto":
         return name
     kernel = AUTO.get(_backend(backend))
-    if kernel is None or (dropout and kernel not in WITH_DROPOUT):
+    if kernel is None or (dropout and kernel not in WITH_DROPOUT) or pattern:
         return "blocked"
     return kernel
 
 
+def _check_pattern(impl: str, dilation, causal: bool) -> None:
+    """A ValueError when a kernel is asked for a dilated or causal band (they implement neither)."""
+    if impl == "blocked" or attention.is_plain_band(dilation, causal):
+        return
+    settings = ([] if attention.is_plain_band(dilation) else [f"attention_dilation={dilation!r}"]) + (
+        ["causal_attention=True"] if causal else [])
+    raise ValueError(
+        f"attention_implementation={impl!r} implements only the two-sided, undilated band, but "
+        f"{' and '.join(settings)} asked for another. Use attention_implementation='blocked' (or 'auto', "
+        "which takes 'blocked' for dilated and causal windows)."
+    )
+
+
 def check_implementation(name: str, backend: str | None = None, *, dropout: bool = False,
-                         interpret: bool | None = None) -> tuple[str, bool]:
-    """(resolved name, interpret) for a request, or a ValueError that says what to change."""
+                         interpret: bool | None = None, dilation=1, causal: bool = False) -> tuple[str, bool]:
+    """(resolved name, interpret) for a request, or a ValueError that says what to change.
+
+    ``dilation`` (an int or one per head) and ``causal``: the band's pattern; kernels refuse any but the
+    two-sided, undilated band."""
     b = _backend(backend)
-    impl = resolve_implementation(name, b, dropout=dropout)
+    impl = resolve_implementation(name, b, dropout=dropout, pattern=not attention.is_plain_band(dilation, causal))
+    _check_pattern(impl, dilation, causal)
     if dropout and impl not in WITH_DROPOUT:
         raise ValueError(
             f"attention_implementation={impl!r} cannot apply attention dropout (its kernel has none), and "
@@ -156,6 +180,8 @@ def band_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     interpret: bool | None = None,
+    dilation: int | tuple[int, ...] = 1,
+    causal: bool = False,
 ) -> Array:
     """The band plus global columns, (B, H, L, D), by ``implementation`` (see the module docstring).
 
@@ -163,16 +189,19 @@ def band_attention(
     path's query block) is used by ``blocked`` only, the kernels choose their own tiles. Dropout is
     on when ``dropout_rng`` is given and ``dropout_rate > 0``. ``interpret``: run a kernel in Pallas
     interpret mode (None: only inside :func:`interpret_mode`, on a backend it is not made for).
+    ``dilation`` and ``causal``: a dilated or causal band, ``blocked`` only (a kernel refuses them).
 
     A kernel is one custom call that XLA cannot split over devices: under an ambient mesh
     (``jax.set_mesh``) whose batch axes divide the batch (:func:`batch_shard_axes`), it runs on each
     device's rows in a ``shard_map``, and a row's dropout mask stays the one it draws on one device."""
     dropout = dropout_rng is not None and float(dropout_rate) > 0.0
-    impl, interpret = check_implementation(implementation, dropout=dropout, interpret=interpret)
+    impl, interpret = check_implementation(implementation, dropout=dropout, interpret=interpret, dilation=dilation,
+                                           causal=causal)
     args = (q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, slots)
     if impl == "blocked":
         return attention.lean_band_attention_heads(
-            *args, block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+            *args, block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng, dilation=dilation,
+            causal=causal,
         )
     B, H = q_BxHxLxD.shape[:2]
     streams = common.dropout_streams(dropout_rng, B, H) if dropout else None
