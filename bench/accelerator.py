@@ -44,15 +44,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FULL = dict(batch=8, length=4096, block=128, window=128, layers=12, steps=5, warmup=2, dtype="bfloat16")
 SMOKE = dict(
-    batch=2, length=128, block=32, window=16, layers=1, steps=1, warmup=1, dtype="float32",
-    hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=120,
+    batch=2,
+    length=128,
+    block=32,
+    window=16,
+    layers=1,
+    steps=1,
+    warmup=1,
+    dtype="float32",
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    vocab_size=120,
 )
 DROPOUT = 0.1
 MLM_PROBABILITY = 0.15
 # Nominal dense bfloat16 peaks (vendor datasheets), by a piece of the device's name.
 PEAK_TFLOPS = {
-    "H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L4": 121.0,
-    "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0,
+    "H200": 989.4,
+    "H100": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v6": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v4": 275.0,
 }
 GOAL_MFU = 0.40
 GOAL_SPEEDUP = 2.0
@@ -63,8 +81,13 @@ def sizes(spec: dict) -> dict:
     """The model's sizes (base unless the spec says otherwise) and the FLOP-count case."""
     base = {k: spec.get(k, common.BASE[k]) for k in common.BASE}
     G = spec["length"] // spec["block"]
-    return dict(base, num_hidden_layers=spec["layers"], attention_window=spec["window"],
-                max_position_embeddings=spec["length"] + base["pad_token_id"] + 2, globals=G)
+    return dict(
+        base,
+        num_hidden_layers=spec["layers"],
+        attention_window=spec["window"],
+        max_position_embeddings=spec["length"] + base["pad_token_id"] + 2,
+        globals=G,
+    )
 
 
 def seed_layout_batch(spec: dict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -143,8 +166,9 @@ def jax_config(spec: dict):
 
     s = sizes(spec)
     kw = {k: v for k, v in s.items() if k != "globals"}
-    cfg = lj.LongformerConfig(**kw, dtype=spec["dtype"], hidden_dropout_prob=DROPOUT,
-                              attention_probs_dropout_prob=spec["attention_dropout"])
+    cfg = lj.LongformerConfig(
+        **kw, dtype=spec["dtype"], hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=spec["attention_dropout"]
+    )
     return cfg.replace(attention_implementation=spec["impl"])
 
 
@@ -242,8 +266,11 @@ def torch_worker(spec: dict) -> dict:
     transformers.logging.set_verbosity_error()
     dev = "cuda" if spec["device"] == "gpu" and torch.cuda.is_available() else "cpu"
     s = sizes(spec)
-    cfg = transformers.LongformerConfig(**{k: v for k, v in s.items() if k != "globals"},
-                                        hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT)
+    cfg = transformers.LongformerConfig(
+        **{k: v for k, v in s.items() if k != "globals"},
+        hidden_dropout_prob=DROPOUT,
+        attention_probs_dropout_prob=DROPOUT,
+    )
     torch.manual_seed(0)
     batch = {k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in seed_layout_batch(spec).items()}
     dtype = getattr(torch, spec["dtype"])
@@ -271,15 +298,23 @@ def torch_worker(spec: dict) -> dict:
 
     if dtype == torch.float32:
         train = measure("float32")
-        return {"device": _torch_device_name(torch, dev), "torch": torch.__version__,
-                "transformers": transformers.__version__, "train": train}
+        return {
+            "device": _torch_device_name(torch, dev),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "train": train,
+        }
     try:
         train = measure("autocast")
     except Exception as e:  # noqa: BLE001 - fall back to what surely runs, and say so
         train = measure("pure")
         train["autocast_error"] = f"{type(e).__name__}: {e}"[:300]
-    return {"device": _torch_device_name(torch, dev), "torch": torch.__version__,
-            "transformers": transformers.__version__, "train": train}
+    return {
+        "device": _torch_device_name(torch, dev),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "train": train,
+    }
 
 
 def _torch_device_name(torch, dev: str) -> str:
@@ -332,9 +367,15 @@ def summarise(raw: dict) -> list[dict]:
             rows.append(dict(row, error=res["error"]))
             continue
         t = median(res["train"]["times_s"])
-        row.update(step_s=t, tokens_per_s=tokens / t, model_tflops_per_s=flops / t / 1e12,
-                   mfu=(flops / t / peak) if peak else None, compile_s=res["train"].get("compile_s"),
-                   interpret=res.get("interpret", False), precision=res["train"].get("precision"))
+        row.update(
+            step_s=t,
+            tokens_per_s=tokens / t,
+            model_tflops_per_s=flops / t / 1e12,
+            mfu=(flops / t / peak) if peak else None,
+            compile_s=res["train"].get("compile_s"),
+            interpret=res.get("interpret", False),
+            precision=res["train"].get("precision"),
+        )
         if "attention" in res:
             row["attention_tflops_per_s"] = attention_flops(spec) / median(res["attention"]["times_s"]) / 1e12
         rows.append(row)
@@ -407,8 +448,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("gpu", "tpu", "cpu"), default=None, help="default: JAX's backend")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds; kernels interpreted on a CPU)")
-    p.add_argument("--implementations", default=None,
-                   help="comma-separated (default: those the backend runs compiled; with --smoke all)")
+    p.add_argument(
+        "--implementations",
+        default=None,
+        help="comma-separated (default: those the backend runs compiled; with --smoke all)",
+    )
     p.add_argument("--no-torch", action="store_true", help="leave out transformers")
     p.add_argument("--peak-tflops", type=float, default=None, help="nominal dense bf16 peak for MFU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; smoke 1)")
@@ -451,9 +495,15 @@ def machine(backend: str) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": jax.devices()[0].device_kind, "backend": backend, "jax": ver("jax"),
-            "torch": ver("torch"), "transformers": ver("transformers"), "python": platform.python_version()}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": jax.devices()[0].device_kind,
+        "backend": backend,
+        "jax": ver("jax"),
+        "torch": ver("torch"),
+        "transformers": ver("transformers"),
+        "python": platform.python_version(),
+    }
 
 
 def main(argv=None) -> int:
@@ -469,14 +519,20 @@ def main(argv=None) -> int:
     backend = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
     try:
         if args.device and args.device != backend:
-            raise ValueError(f"--device {args.device} asked for, but JAX's backend is {backend!r}: install a JAX "
-                             f"for that accelerator (bash bench/accelerator.sh does), or leave --device out.")
+            raise ValueError(
+                f"--device {args.device} asked for, but JAX's backend is {backend!r}: install a JAX "
+                f"for that accelerator (bash bench/accelerator.sh does), or leave --device out."
+            )
         spec, impls = plan(args, backend)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    raw = {"command": "python -m bench.accelerator " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "spec": spec, "machine": machine(backend), "results": []}
+    raw = {
+        "command": "python -m bench.accelerator " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "spec": spec,
+        "machine": machine(backend),
+        "results": [],
+    }
     raw["peak_flops"] = peak_flops(raw["machine"]["device"], args.peak_tflops)
     deadline = time.perf_counter() + args.budget
     for impl in impls:
@@ -487,8 +543,11 @@ def main(argv=None) -> int:
             res = {"error": f"not run: the time budget (--budget {args.budget:.0f} s) was spent"}
         else:
             res = run_worker(dict(spec, impl=impl, attention_dropout=dropout), args.in_process, min(args.timeout, left))
-        print(f"[{time.strftime('%H:%M:%S')}] {impl}: {res.get('error') or 'done'} "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {impl}: {res.get('error') or 'done'} ({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         raw["results"].append({"impl": impl, "attention_dropout": dropout, "result": res})
         if impl == "transformers" and "error" not in res:
             raw["machine"].update(torch=res["torch"], transformers=res["transformers"])

@@ -137,8 +137,14 @@ def model_table(reps: int) -> list[str]:
     original = A.lean_band_attention_heads
     for window, G in ((512, 0), (128, 32)):
         case = dict(
-            framework="jax", length=4096, window=window, globals=G, layers=2, batch=1,
-            modes=["fwd", "train"], reps={"fwd": reps, "train": max(2, reps // 2)},
+            framework="jax",
+            length=4096,
+            window=window,
+            globals=G,
+            layers=2,
+            batch=1,
+            modes=["fwd", "train"],
+            reps={"fwd": reps, "train": max(2, reps // 2)},
         )
         arrays = {k: jnp.asarray(v, jnp.int32) for k, v in common.inputs(case).items()}
         times = {}

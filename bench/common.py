@@ -112,8 +112,12 @@ def mlm_inputs(case: dict) -> dict[str, np.ndarray]:
     am = (ids != pad).astype(np.int64)
     gm = np.zeros((B, L), np.int64)
     gm[:, ::blk] = 1
-    spec = MaskingSpec(mask_id=mask_id, special_ids=np.array([bos, pad, eos, 3, mask_id]),
-                       random_ids=np.arange(4, mask_id), mlm_probability=MLM_PROBABILITY)
+    spec = MaskingSpec(
+        mask_id=mask_id,
+        special_ids=np.array([bos, pad, eos, 3, mask_id]),
+        random_ids=np.arange(4, mask_id),
+        mlm_probability=MLM_PROBABILITY,
+    )
     out = mask_tokens({"input_ids": ids, "attention_mask": am, "global_attention_mask": gm}, rng, spec)
     return {k: np.asarray(v, np.int64) for k, v in out.items()}
 

@@ -83,8 +83,16 @@ def write_synthetic(directory: Path, n_examples: int, *, seq_len: int, block_siz
         for row in range(count):
             blocks = [tokens[row, j * block_size : j * block_size + lengths[row, j]].tolist() for j in range(n_blocks)]
             sink.add([layout.encode_blocks(blocks)])
-        infos.append({"settings_hash": records.canonical_hash(content), "unit": i, "source": units[i].name,
-                      "documents_read": count, "longest_document_tokens": seq_len, "train": sink.commit()})
+        infos.append(
+            {
+                "settings_hash": records.canonical_hash(content),
+                "unit": i,
+                "source": units[i].name,
+                "documents_read": count,
+                "longest_document_tokens": seq_len,
+                "train": sink.commit(),
+            }
+        )
     prepare_data.write_manifest(directory, tok, "synthetic", settings, content, infos)
 
 
@@ -104,15 +112,32 @@ def measure(directory: Path, batches: int, batch_size: int, one_core: bool) -> d
     for _ in range(batches):
         batch = next(it)
     seconds = time.perf_counter() - t0
-    return {"examples": prepared.num_train, "shards": len(prepared.train_files()),
-            "mib_on_disk": prepared.content["totals"]["bytes"] / 2**20, "rss_before": rss_before,
-            "rss_first": rss_first, "rss_last": _status_mib("VmRSS"), "peak": _status_mib("VmHWM"),
-            "examples_per_s": batches * batch_size / seconds, "seq_len": int(batch["input_ids"].shape[1])}
+    return {
+        "examples": prepared.num_train,
+        "shards": len(prepared.train_files()),
+        "mib_on_disk": prepared.content["totals"]["bytes"] / 2**20,
+        "rss_before": rss_before,
+        "rss_first": rss_first,
+        "rss_last": _status_mib("VmRSS"),
+        "peak": _status_mib("VmHWM"),
+        "examples_per_s": batches * batch_size / seconds,
+        "seq_len": int(batch["input_ids"].shape[1]),
+    }
 
 
 def _child(directory: Path, batches: int, batch_size: int, one_core: bool) -> dict:
-    cmd = [sys.executable, "-m", "bench.data_loader", "--measure", str(directory), "--batches", str(batches),
-           "--batch-size", str(batch_size), *(["--one-core"] if one_core else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.data_loader",
+        "--measure",
+        str(directory),
+        "--batches",
+        str(batches),
+        "--batch-size",
+        str(batch_size),
+        *(["--one-core"] if one_core else []),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1])
     if p.returncode != 0:
         raise RuntimeError(f"measuring {directory} failed: {p.stderr[-3000:]}")
@@ -149,31 +174,51 @@ def sample_table(root: Path, workers: list[int]) -> None:
     if not data.has_tokenizer_files(tok_dir):
         data.train_demo_tokenizer(corpus.read_documents(str(sample)), str(tok_dir), vocab_size=8192)
     in_mib = sum(f.stat().st_size for f in sample.iterdir()) / 2**20
-    print(f"\nSample: {n_docs} documents in 4 json.gz files ({in_mib:.1f} MiB compressed), tokenizer {tok_dir}\n"
-          "| workers | documents kept / read | tokens read | examples | seconds | documents/s | tokens/s "
-          "| s per 1M documents | shard bytes per kept token | MiB per 1M kept tokens |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"\nSample: {n_docs} documents in 4 json.gz files ({in_mib:.1f} MiB compressed), tokenizer {tok_dir}\n"
+        "| workers | documents kept / read | tokens read | examples | seconds | documents/s | tokens/s "
+        "| s per 1M documents | shard bytes per kept token | MiB per 1M kept tokens |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for w in workers:
         out = root / f"c4-sample-prepared-{w}"
         if out.exists():
             import shutil
 
             shutil.rmtree(out)
-        cmd = [sys.executable, "-m", "train.prepare_data", "--data", str(sample), "--tokenizer", str(tok_dir),
-               "--output", str(out), "--seq-len", "4096", "--block-size", "128", "--min-doc-tokens", "1024",
-               "--workers", str(w), "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "train.prepare_data",
+            "--data",
+            str(sample),
+            "--tokenizer",
+            str(tok_dir),
+            "--output",
+            str(out),
+            "--seq-len",
+            "4096",
+            "--block-size",
+            "128",
+            "--min-doc-tokens",
+            "1024",
+            "--workers",
+            str(w),
+            "--no-progress",
+        ]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                           cwd=Path(__file__).resolve().parents[1])
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1])
         seconds = time.perf_counter() - t0
         if p.returncode != 0:
             raise RuntimeError(p.stderr[-3000:])
         t = data.open_prepared(out).content["totals"]
         per_token = t["bytes"] / t["train_tokens"]
-        print(f"| {w} | {t['train_documents']:,} / {t['documents_read']:,} | {t['tokens_read']:,} | "
-              f"{t['train_examples']:,} | {seconds:,.1f} | {t['documents_read'] / seconds:,.1f} | "
-              f"{t['tokens_read'] / seconds:,.0f} | {1e6 * seconds / t['documents_read']:,.0f} | {per_token:.2f} | "
-              f"{per_token * 1e6 / 2**20:,.2f} |")
+        print(
+            f"| {w} | {t['train_documents']:,} / {t['documents_read']:,} | {t['tokens_read']:,} | "
+            f"{t['train_examples']:,} | {seconds:,.1f} | {t['documents_read'] / seconds:,.1f} | "
+            f"{t['tokens_read'] / seconds:,.0f} | {1e6 * seconds / t['documents_read']:,.0f} | {per_token:.2f} | "
+            f"{per_token * 1e6 / 2**20:,.2f} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-examples", type=int, default=2000, help="examples of the seed-layout corpus")
     p.add_argument("--speed-batches", type=int, default=40)
     p.add_argument("--step-ms", type=float, default=3058.0, help="one train step of one 4,096-token example, in ms")
-    p.add_argument("--sample-workers", type=int, nargs="*", default=[1, 2],
-                   help="--workers of the preparation runs on the C4-format sample (none: skip table 3)")
+    p.add_argument(
+        "--sample-workers",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="--workers of the preparation runs on the C4-format sample (none: skip table 3)",
+    )
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -197,23 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     root = Path(args.dir)
     tok = _tokenizer(root / "tokenizer")
-    print(f"| examples | tokens each | shards | on disk MiB | RSS before MiB | after 1 batch MiB | after "
-          f"{args.batches} batches MiB | peak MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| examples | tokens each | shards | on disk MiB | RSS before MiB | after 1 batch MiB | after "
+        f"{args.batches} batches MiB | peak MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for n in args.sizes:
         d = root / f"short-{n}"
         t0 = time.perf_counter()
         write_synthetic(d, n, seq_len=args.short_len, block_size=16, shards=args.shards, tok=tok)
         print(f"(wrote or found {d} in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         r = _child(d, args.batches, args.batch_size, one_core=False)
-        print(f"| {r['examples']:,} | {r['seq_len']} | {r['shards']} | {r['mib_on_disk']:,.1f} "
-              f"| {r['rss_before']:,.0f} | {r['rss_first']:,.0f} | {r['rss_last']:,.0f} | {r['peak']:,.0f} |")
+        print(
+            f"| {r['examples']:,} | {r['seq_len']} | {r['shards']} | {r['mib_on_disk']:,.1f} "
+            f"| {r['rss_before']:,.0f} | {r['rss_first']:,.0f} | {r['rss_last']:,.0f} | {r['peak']:,.0f} |"
+        )
     d = root / "seed-layout"
     write_synthetic(d, args.seed_examples, seq_len=4096, block_size=128, shards=4, tok=tok)
     r = _child(d, args.speed_batches, args.batch_size, one_core=True)
     step = 1000.0 / args.step_ms
-    print(f"\n| layout | loader examples/s (1 core) | loader tokens/s | train step examples/s | loader / step |\n"
-          f"|---|---:|---:|---:|---:|\n| 4,096 tokens, 32 blocks of 128 | {r['examples_per_s']:,.1f} | "
-          f"{r['examples_per_s'] * 4096:,.0f} | {step:.3f} | **{r['examples_per_s'] / step:,.0f}x** |")
+    print(
+        f"\n| layout | loader examples/s (1 core) | loader tokens/s | train step examples/s | loader / step |\n"
+        f"|---|---:|---:|---:|---:|\n| 4,096 tokens, 32 blocks of 128 | {r['examples_per_s']:,.1f} | "
+        f"{r['examples_per_s'] * 4096:,.0f} | {step:.3f} | **{r['examples_per_s'] / step:,.0f}x** |"
+    )
     if args.sample_workers:
         sample_table(root, args.sample_workers)
     return 0

@@ -181,8 +181,10 @@ def sequence_rows(splits: dict[str, list[dict]], labels: list[str]) -> list[tupl
     vec = _vectorizer().fit(blocks["train"])
     x_text = {s: vec.transform(blocks[s]) for s in SPLITS}
     x_pos = {s: sparse.hstack([x_text[s], _position_features(splits[s])]).tocsr() for s in SPLITS}
-    models = {"bag-of-words": (_fit_best(x_text, y, _logistic), x_text),
-              "bag-of-words + position": (_fit_best(x_pos, y, _logistic), x_pos)}
+    models = {
+        "bag-of-words": (_fit_best(x_text, y, _logistic), x_text),
+        "bag-of-words + position": (_fit_best(x_pos, y, _logistic), x_pos),
+    }
     rows = []
     for split in EVAL_SPLITS:
         for name, sc in chance(y["train"], y[split], labels).items():
@@ -289,8 +291,10 @@ def _unit(task_dir: str) -> str:
 
 def render(results: dict[str, list[tuple]], units: dict[str, str]) -> str:
     """The markdown table of every task's rows."""
-    lines = ["| task | split | examples | method | accuracy | micro-F1 | macro-F1 |",
-             "|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| task | split | examples | method | accuracy | micro-F1 | macro-F1 |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     for task, rows in results.items():
         for split, n, method, sc in rows:
             cells = [f"{sc[k]:.3f}" if k in sc else "" for k in ("accuracy", "micro_f1", "macro_f1")]
@@ -300,19 +304,26 @@ def render(results: dict[str, list[tuple]], units: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m bench.finetune_baselines", description=__doc__,
+        prog="python -m bench.finetune_baselines",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dir", help="directory of task folders (python -m train.demo_tasks --output DIR)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.dir):
-        print(f"error: {args.dir!r} is not a directory; build the tasks first: "
-              f"python -m train.demo_tasks --output {args.dir}", file=sys.stderr)
+        print(
+            f"error: {args.dir!r} is not a directory; build the tasks first: "
+            f"python -m train.demo_tasks --output {args.dir}",
+            file=sys.stderr,
+        )
         return 2
     tasks = sorted(d for d in os.listdir(args.dir) if os.path.isfile(os.path.join(args.dir, d, "train.jsonl")))
     if not tasks:
-        print(f"error: {args.dir!r} holds no task folder (DIR/<task>/train.jsonl); build the tasks first: "
-              f"python -m train.demo_tasks --output {args.dir}", file=sys.stderr)
+        print(
+            f"error: {args.dir!r} holds no task folder (DIR/<task>/train.jsonl); build the tasks first: "
+            f"python -m train.demo_tasks --output {args.dir}",
+            file=sys.stderr,
+        )
         return 2
     try:
         results = {t: task_rows(os.path.join(args.dir, t)) for t in tasks}

@@ -47,8 +47,11 @@ MLM_SPEED_GOAL, MLM_MEMORY_GOAL = 1.5, 0.5
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small subset (1024 and 4096 tokens, one layer)")
-    p.add_argument("--cases", default=None, help=f"comma-separated case groups out of {', '.join(CASE_GROUPS)} "
-                   "(default: all; main with --quick)")
+    p.add_argument(
+        "--cases",
+        default=None,
+        help=f"comma-separated case groups out of {', '.join(CASE_GROUPS)} (default: all; main with --quick)",
+    )
     p.add_argument("--layers", type=int, default=None, help="encoder layers (default 2 on CPU, 12 on GPU)")
     p.add_argument("--lengths", type=str, default=None, help="comma-separated sequence lengths")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -113,8 +116,14 @@ def plan(args) -> dict:
     if "main" in groups:
         cases += main_cases(args, base, lengths, configs, gpu)
         compile_cases = _compile_cases(args, base)
-    return {"layers": layers, "lengths": lengths, "cases": cases, "compile_cases": compile_cases,
-            "groups": groups, **base}
+    return {
+        "layers": layers,
+        "lengths": lengths,
+        "cases": cases,
+        "compile_cases": compile_cases,
+        "groups": groups,
+        **base,
+    }
 
 
 def mlm_cases(base: dict, args) -> list[dict]:
@@ -146,8 +155,16 @@ def main_cases(args, base: dict, lengths: list[int], configs: list, gpu: bool) -
             if L * L * 12 * 4 * batch > 2**31 * (8 if gpu else 1):
                 continue
             cases.append(
-                dict(base, length=L, window=512, globals=0, reps=_reps(L, args.quick), modes=["fwd", "train"],
-                     framework="dense", batch=batch)
+                dict(
+                    base,
+                    length=L,
+                    window=512,
+                    globals=0,
+                    reps=_reps(L, args.quick),
+                    modes=["fwd", "train"],
+                    framework="dense",
+                    batch=batch,
+                )
             )
     return cases
 
@@ -157,8 +174,10 @@ def _compile_cases(args, base: dict) -> list[dict]:
         args.compile_layers = 0 if args.quick else 12
     if not args.compile_layers:
         return []
-    return [dict(base, layers=args.compile_layers, length=4096, window=window, globals=G, framework="jax", batch=1)
-            for window, G in MAIN_CONFIGS]
+    return [
+        dict(base, layers=args.compile_layers, length=4096, window=window, globals=G, framework="jax", batch=1)
+        for window, G in MAIN_CONFIGS
+    ]
 
 
 # ---------------------------------------------------------------------------------------- workers
@@ -238,7 +257,8 @@ def summarise(raw: dict, p: dict) -> list[dict]:
         c = r["spec"]
         for mode in c["modes"]:
             by_key[(c["framework"], c["window"], c["globals"], c["length"], mode)] = _entry(
-                c, mode, r["result"], peak, gpu)
+                c, mode, r["result"], peak, gpu
+            )
     rows = []
     seen = set()
     for r in main:
@@ -327,7 +347,7 @@ def targets(rows, raw) -> list[dict]:
         r = get.get((w, g, L, mode))
         return None if r is None else _ratio(r["jax"], r["torch"])
 
-    for (w, g, mode, goal, label) in [
+    for w, g, mode, goal, label in [
         (512, 0, "fwd", 1.5, "Forward, 4096 tokens, window 512: JAX/PyTorch tokens/s"),
         (128, 32, "fwd", 1.1, "Forward, 4096 tokens, window 128 + 32 globals: JAX/PyTorch tokens/s"),
         (512, 0, "train", 1.5, "Train step, 4096 tokens, window 512: JAX/PyTorch tokens/s"),
@@ -340,30 +360,50 @@ def targets(rows, raw) -> list[dict]:
         r = get.get((w, g, 4096, "fwd"))
         if r and r["jax"] and "error" not in r["jax"]:
             e = r["jax"]["efficiency"]
-            add(f"Forward compute efficiency, 4096 tokens, window {w} + {g} globals", e, 0.85, e >= 0.85,
-                f"{100 * e:.0f}% (goal >= 85%)")
+            add(
+                f"Forward compute efficiency, 4096 tokens, window {w} + {g} globals",
+                e,
+                0.85,
+                e >= 0.85,
+                f"{100 * e:.0f}% (goal >= 85%)",
+            )
     for w, g in MAIN_CONFIGS:
         for mode in ("fwd", "train"):
             a, b = get.get((w, g, 4096, mode)), get.get((w, g, 16384, mode))
             if a and b and a["jax"] and b["jax"] and "error" not in a["jax"] and "error" not in b["jax"]:
                 v = b["jax"]["time_s"] / a["jax"]["time_s"]
-                add(f"Time at 16384 / time at 4096 ({mode}, window {w} + {g} globals)", v, 4.4, v <= 4.4,
-                    f"{v:.2f}x (goal <= 4.4x)")
+                add(
+                    f"Time at 16384 / time at 4096 ({mode}, window {w} + {g} globals)",
+                    v,
+                    4.4,
+                    v <= 4.4,
+                    f"{v:.2f}x (goal <= 4.4x)",
+                )
     for w, g in MAIN_CONFIGS:
         r = get.get((w, g, 16384, "train"))
         if r and r["jax"] and r["torch"] and "error" not in r["jax"] and "error" not in r["torch"]:
             a, b = r["jax"]["peak_rss_bytes"], r["torch"]["peak_rss_bytes"]
             if a and b:
                 v = a / b
-                add(f"Train-step peak memory at 16384, window {w} + {g} globals: JAX/PyTorch", v, 0.5, v <= 0.5,
-                    f"{_mb(a)} MiB vs {_mb(b)} MiB = {v:.2f} (goal <= 0.5)")
+                add(
+                    f"Train-step peak memory at 16384, window {w} + {g} globals: JAX/PyTorch",
+                    v,
+                    0.5,
+                    v <= 0.5,
+                    f"{_mb(a)} MiB vs {_mb(b)} MiB = {v:.2f} (goal <= 0.5)",
+                )
     for c in raw.get("compile", []):
         if "error" in c:
             continue
         s = c["total_s"]
         cc = c["case"]
-        add(f"Compile, {cc['layers']}-layer forward, 4096 tokens, window {cc['window']} + {cc['globals']} globals",
-            s, 30.0, s < 30.0, f"{s:.1f} s (goal < 30 s)")
+        add(
+            f"Compile, {cc['layers']}-layer forward, 4096 tokens, window {cc['window']} + {cc['globals']} globals",
+            s,
+            30.0,
+            s < 30.0,
+            f"{s:.1f} s (goal < 30 s)",
+        )
     return out
 
 
@@ -375,15 +415,27 @@ def mlm_targets(mlm: dict | None) -> list[dict]:
     out = []
     speed = _ratio(j, t)
     if speed is not None:
-        out.append({"target": "MLM train step, 4096 tokens in the seed's layout: JAX/PyTorch tokens/s",
-                    "measured": speed, "goal": MLM_SPEED_GOAL, "met": speed >= MLM_SPEED_GOAL,
-                    "text": f"{speed:.2f}x (goal >= {MLM_SPEED_GOAL}x)"})
+        out.append(
+            {
+                "target": "MLM train step, 4096 tokens in the seed's layout: JAX/PyTorch tokens/s",
+                "measured": speed,
+                "goal": MLM_SPEED_GOAL,
+                "met": speed >= MLM_SPEED_GOAL,
+                "text": f"{speed:.2f}x (goal >= {MLM_SPEED_GOAL}x)",
+            }
+        )
     a, b = j.get("peak_rss_bytes"), t.get("peak_rss_bytes")
     if a and b:
         v = a / b
-        out.append({"target": "MLM train step, 4096 tokens in the seed's layout: peak memory JAX/PyTorch",
-                    "measured": v, "goal": MLM_MEMORY_GOAL, "met": v <= MLM_MEMORY_GOAL,
-                    "text": f"{_mb(a)} MiB vs {_mb(b)} MiB = {v:.2f} (goal <= {MLM_MEMORY_GOAL})"})
+        out.append(
+            {
+                "target": "MLM train step, 4096 tokens in the seed's layout: peak memory JAX/PyTorch",
+                "measured": v,
+                "goal": MLM_MEMORY_GOAL,
+                "met": v <= MLM_MEMORY_GOAL,
+                "text": f"{_mb(a)} MiB vs {_mb(b)} MiB = {v:.2f} (goal <= {MLM_MEMORY_GOAL})",
+            }
+        )
     return out
 
 
@@ -394,9 +446,18 @@ def mlm_markdown(mlm: dict) -> list[str]:
     ratio = _ratio(j, t)
     mem = j["peak_rss_bytes"] / t["peak_rss_bytes"] if ok_j and ok_t and t["peak_rss_bytes"] else None
     cells = [
-        _ms(j), _ms(t), _tps(j), _tps(t), "-" if ratio is None else f"**{ratio:.2f}x**", _eff(j), _eff(t),
-        _mb(j["peak_rss_bytes"]) if ok_j else "-", _mb(t["peak_rss_bytes"]) if ok_t else "-",
-        "-" if mem is None else f"**{mem:.2f}**", _xla_mb(j), f"{j['compile_s']:.1f}" if ok_j else "-",
+        _ms(j),
+        _ms(t),
+        _tps(j),
+        _tps(t),
+        "-" if ratio is None else f"**{ratio:.2f}x**",
+        _eff(j),
+        _eff(t),
+        _mb(j["peak_rss_bytes"]) if ok_j else "-",
+        _mb(t["peak_rss_bytes"]) if ok_t else "-",
+        "-" if mem is None else f"**{mem:.2f}**",
+        _xla_mb(j),
+        f"{j['compile_s']:.1f}" if ok_j else "-",
     ]
     return [
         f"MLM train step (`LongformerForMaskedLM`, AdamW) at {c['length']} tokens in the seed's layout: "
@@ -496,8 +557,10 @@ def markdown(raw, rows, p) -> str:
         lines.append("")
         for spec, err in errors:
             what = " masked-LM step" if spec.get("task") == "mlm" else ""
-            lines.append(f"- not measured: {spec['framework']}{what} L={spec['length']} window={spec['window']} "
-                         f"globals={spec['globals']}: {err}")
+            lines.append(
+                f"- not measured: {spec['framework']}{what} L={spec['length']} window={spec['window']} "
+                f"globals={spec['globals']}: {err}"
+            )
     lines.append("")
     lines.append("Targets:")
     lines.append("")
@@ -568,13 +631,16 @@ def notes(raw, p) -> list[str]:
         "band's unused corners, HF's 2x overlapping chunks) is not counted.",
         memory,
     ] + (
-        ["masked-LM step: `LongformerForMaskedLM` in train mode, dropout 0.1, AdamW (lr 1e-4, weight decay 0.01); "
-         "token ids drawn at random (fixed seed) into the seed's sentence-block layout, each block of 64-127 tokens "
-         "padded inside the sequence, masked by `train.masking` (fairseq's RoBERTa masking, 15%); JAX takes the "
-         "masked slots (`masked_positions`, `masked_labels`), PyTorch the per-token labels of the same masking. "
-         "Model FLOPs count the LM head at the masked tokens only (the loss needs no more); tok/s counts every "
-         "position, padding included, on both sides."]
-        if raw.get("mlm") else []
+        [
+            "masked-LM step: `LongformerForMaskedLM` in train mode, dropout 0.1, AdamW (lr 1e-4, weight decay 0.01); "
+            "token ids drawn at random (fixed seed) into the seed's sentence-block layout, each block of 64-127 tokens "
+            "padded inside the sequence, masked by `train.masking` (fairseq's RoBERTa masking, 15%); JAX takes the "
+            "masked slots (`masked_positions`, `masked_labels`), PyTorch the per-token labels of the same masking. "
+            "Model FLOPs count the LM head at the masked tokens only (the loss needs no more); tok/s counts every "
+            "position, padding included, on both sides."
+        ]
+        if raw.get("mlm")
+        else []
     )
 
 
@@ -698,8 +764,10 @@ def main(argv=None) -> None:
             "bench.torch_case", {"kind": "matmul", "dtype": p["dtype"], "device": p["device"]}, args
         )
     for spec in p["cases"]:
-        log(f"{spec['framework']:5s} {spec.get('task', '')} L={spec['length']:5d} window={spec['window']} "
-            f"globals={spec['globals']} {'+'.join(spec['modes'])}")
+        log(
+            f"{spec['framework']:5s} {spec.get('task', '')} L={spec['length']:5d} window={spec['window']} "
+            f"globals={spec['globals']} {'+'.join(spec['modes'])}"
+        )
         module = "bench.torch_case" if spec["framework"] == "torch" else "bench.jax_case"
         res = run_worker(module, {"case": spec}, args)
         if "error" in res:

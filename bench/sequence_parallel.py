@@ -34,18 +34,36 @@ def _reexec_with_devices(count: int) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "bench.sequence_parallel", *sys.argv[1:]], env)
 
 
-def build_case(length: int, hidden: int, layers: int, window: int, globals_per_row: int, dropout: float = 0.0,
-               seed: int = 0, causal: bool = False, dilation: int = 1):
+def build_case(
+    length: int,
+    hidden: int,
+    layers: int,
+    window: int,
+    globals_per_row: int,
+    dropout: float = 0.0,
+    seed: int = 0,
+    causal: bool = False,
+    dilation: int = 1,
+):
     """(model, params, batch) of one document: pads at the end, global tokens spread over the whole length."""
     import numpy as np
 
     import longformer_jax as lj
 
     cfg = lj.LongformerConfig(
-        vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 16),
-        intermediate_size=4 * hidden, attention_window=window, max_position_embeddings=length + 2,
-        type_vocab_size=1, layer_norm_eps=1e-5, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-        causal_attention=causal, attention_dilation=dilation,
+        vocab_size=128,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 16),
+        intermediate_size=4 * hidden,
+        attention_window=window,
+        max_position_embeddings=length + 2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        causal_attention=causal,
+        attention_dilation=dilation,
     )
     model = lj.LongformerForMaskedLM(cfg)
     rng = np.random.default_rng(seed)
@@ -55,8 +73,12 @@ def build_case(length: int, hidden: int, layers: int, window: int, globals_per_r
     gm = np.zeros((1, length), np.int32)
     gm[:, np.linspace(0, length - length // 64 - 1, globals_per_row).astype(int)] = 1
     labels = np.where((rng.random((1, length)) < 0.15) & (am == 1) & (gm == 0), ids, -100).astype(np.int32)
-    batch = dict(input_ids=np.where(am == 1, ids, cfg.pad_token_id).astype(np.int32), attention_mask=am,
-                 global_attention_mask=gm, labels=labels)
+    batch = dict(
+        input_ids=np.where(am == 1, ids, cfg.pad_token_id).astype(np.int32),
+        attention_mask=am,
+        global_attention_mask=gm,
+        labels=labels,
+    )
     return model, lj.init_params(model, 0), batch
 
 
@@ -73,8 +95,14 @@ def programs(model, num_global_slots: int):
     def forward(params, batch):
         masks = {k: batch[k] for k in ("attention_mask", "global_attention_mask")}
         rngs = {"dropout": jax.random.PRNGKey(0)} if dropout else None
-        return model.apply({"params": params}, batch["input_ids"], **masks, num_global_slots=num_global_slots,
-                           deterministic=not dropout, rngs=rngs).logits
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            **masks,
+            num_global_slots=num_global_slots,
+            deterministic=not dropout,
+            rngs=rngs,
+        ).logits
 
     def loss(params, batch):
         return cross_entropy(forward(params, batch), batch["labels"])
@@ -120,8 +148,10 @@ def errors(got, want) -> tuple[float, float]:
     import jax
     import numpy as np
 
-    diffs = [float(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)).max())
-             for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
+    diffs = [
+        float(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)).max())
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    ]
     scale = max(float(np.abs(np.asarray(w)).max()) for w in jax.tree.leaves(want))
     return max(diffs), max(diffs) / scale
 
@@ -139,19 +169,31 @@ def table(rows: list[dict], check: bool) -> list[str]:
         cells = [str(r["n"])]
         for name in ("forward", "grad"):
             m = r[name]
-            cells += [f"{m['args']:.1f}", f"{m['out']:.1f}", f"{m['temp']:.1f}", f"{m['total']:.1f}",
-                      f"{m['temp'] / base[name]['temp']:.3f}", f"{m['total'] / base[name]['total']:.3f}"]
+            cells += [
+                f"{m['args']:.1f}",
+                f"{m['out']:.1f}",
+                f"{m['temp']:.1f}",
+                f"{m['total']:.1f}",
+                f"{m['temp'] / base[name]['temp']:.3f}",
+                f"{m['total'] / base[name]['total']:.3f}",
+            ]
         if check:
             (loss, grads), (base_loss, base_grads) = r["grad_result"], base["grad_result"]
-            cells += [f"{errors(r['forward_result'], base['forward_result'])[0]:.1e}",
-                      f"{errors(loss, base_loss)[0]:.1e}", *(f"{e:.1e}" for e in errors(grads, base_grads))]
+            cells += [
+                f"{errors(r['forward_result'], base['forward_result'])[0]:.1e}",
+                f"{errors(loss, base_loss)[0]:.1e}",
+                *(f"{e:.1e}" for e in errors(grads, base_grads)),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.sequence_parallel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.sequence_parallel",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--length", type=int, default=32768, help="tokens of the document (default 32768)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size (heads of 16) (default 64)")
     p.add_argument("--layers", type=int, default=2, help="layers (default 2)")
@@ -170,14 +212,24 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     from longformer_jax.inputs import global_slot_bucket
 
-    case = build_case(args.length, args.hidden, args.layers, args.window, args.globals_per_row, args.dropout,
-                      causal=args.causal, dilation=args.dilation)
+    case = build_case(
+        args.length,
+        args.hidden,
+        args.layers,
+        args.window,
+        args.globals_per_row,
+        args.dropout,
+        causal=args.causal,
+        dilation=args.dilation,
+    )
     slots = global_slot_bucket(args.globals_per_row)
     rows = [measure(n, case, slots, args.check) for n in sizes]
-    print(f"{args.length} tokens, hidden {args.hidden}, {args.layers} layers, window {args.window}, "
-          f"{args.globals_per_row} global tokens, dropout {args.dropout}{', causal' if args.causal else ''}"
-          f"{f', dilation {args.dilation}' if args.dilation > 1 else ''}; MB per device "
-          f"({jax.devices()[0].platform}, JAX {jax.__version__})")
+    print(
+        f"{args.length} tokens, hidden {args.hidden}, {args.layers} layers, window {args.window}, "
+        f"{args.globals_per_row} global tokens, dropout {args.dropout}{', causal' if args.causal else ''}"
+        f"{f', dilation {args.dilation}' if args.dilation > 1 else ''}; MB per device "
+        f"({jax.devices()[0].platform}, JAX {jax.__version__})"
+    )
     print("\n".join(table(rows, args.check)))
     return 0
 

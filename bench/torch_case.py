@@ -78,8 +78,11 @@ def _measure(case: dict, mode: str, arrays: dict, rss: common.PeakRSS) -> dict:
             hidden_dropout_prob=common.DROPOUT,
             attention_probs_dropout_prob=common.DROPOUT,
         )
-        head = transformers.LongformerForMaskedLM if case.get("task") == "mlm" else \
-            transformers.LongformerForTokenClassification
+        head = (
+            transformers.LongformerForMaskedLM
+            if case.get("task") == "mlm"
+            else transformers.LongformerForTokenClassification
+        )
         model = head(cfg).to(dev, dtype).train()
         opt = torch.optim.AdamW(model.parameters(), lr=common.LEARNING_RATE, weight_decay=common.WEIGHT_DECAY)
 

@@ -6,7 +6,7 @@ COMMANDS = {
     "hf_to_flax": "Hugging Face (PyTorch) Longformer -> Flax checkpoint (Orbax params + config + tokenizer)",
     "flax_to_hf": "Flax checkpoint / HF dir / pretraining run -> HF dir (config.json, model.safetensors)",
     "roberta_to_longformer": "RoBERTa -> long Longformer (positions copied in repeats, global q/k/v copied); "
-                             "a Longformer -> a longer one",
+    "a Longformer -> a longer one",
     "fill_mask": "top-k fillers of <mask> tokens with a masked-LM model",
 }
 

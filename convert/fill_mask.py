@@ -22,20 +22,24 @@ def _positions(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected comma-separated token positions or 'none'") from e
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated token positions or 'none'") from e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert.fill_mask", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m convert.fill_mask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", help="model directory or hub id")
     p.add_argument("texts", nargs="+", help="text(s) with one or more <mask> tokens")
     p.add_argument("--top-k", type=int, default=5, help="candidates per mask (default 5)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    p.add_argument("--global", dest="global_attention", type=_positions, default=None,
-                   help="token positions with global attention, comma-separated, or 'none' "
-                        "(default: every <s>)")
+    p.add_argument(
+        "--global",
+        dest="global_attention",
+        type=_positions,
+        default=None,
+        help="token positions with global attention, comma-separated, or 'none' (default: every <s>)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
@@ -55,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        results = fill_mask(args.model, args.texts, top_k=args.top_k, tokenizer=args.tokenizer,
-                            global_attention=args.global_attention, dtype=args.dtype)
+        results = fill_mask(
+            args.model,
+            args.texts,
+            top_k=args.top_k,
+            tokenizer=args.tokenizer,
+            global_attention=args.global_attention,
+            dtype=args.dtype,
+        )
         if args.json:
             print(json.dumps(results[0] if len(args.texts) == 1 else results, indent=2))
             return

@@ -44,21 +44,33 @@ def run_directory(path: str | os.PathLike) -> tuple[Path, int | None] | None:
     return None
 
 
-def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, task: str | None = None,
-               step: int | None = None, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+def flax_to_hf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    task: str | None = None,
+    step: int | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """A Flax checkpoint, HF directory / hub id or pretraining run -> an HF directory. Returns a summary."""
     run = run_directory(src)
     if run is not None:
         if task is not None:
-            raise ValueError(f"--task does not apply to the run directory {run[0]} (its model is a masked LM); "
-                             "export it first, then convert the export with --task.")
+            raise ValueError(
+                f"--task does not apply to the run directory {run[0]} (its model is a masked LM); "
+                "export it first, then convert the export with --task."
+            )
         from train.export import export_run  # the trainer's side: it knows the run directory's layout
 
-        return export_run(run[0], dst, step=step if step is not None else run[1], output_format="hf",
-                          overwrite=overwrite, log=log)
+        return export_run(
+            run[0], dst, step=step if step is not None else run[1], output_format="hf", overwrite=overwrite, log=log
+        )
     if step is not None:
-        raise ValueError(f"--step applies to pretraining run directories; {src} is not one "
-                         "(no checkpoints/ and model/config.json in it).")
+        raise ValueError(
+            f"--step applies to pretraining run directories; {src} is not one "
+            "(no checkpoints/ and model/config.json in it)."
+        )
     check_destination(dst, overwrite=overwrite)
     config, task, params, directory = load_checkpoint(src, task)
     copied = save_hf_checkpoint(dst, config, params, task, tokenizer=directory, overwrite=overwrite)
@@ -68,22 +80,30 @@ def flax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, task: str | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert.flax_to_hf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m convert.flax_to_hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("src", help="Flax checkpoint dir, HF dir / hub id, or pretraining run dir")
     p.add_argument("dst", help="output HF directory (must not exist or be empty)")
-    p.add_argument("--task", choices=list(TASKS), default=None,
-                   help="model head (default: the checkpoint's own); another task keeps the encoder")
-    p.add_argument("--step", type=int, default=None,
-                   help="for a pretraining run directory: the checkpoint step to export (default: the latest)")
+    p.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=None,
+        help="model head (default: the checkpoint's own); another task keeps the encoder",
+    )
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="for a pretraining run directory: the checkpoint step to export (default: the latest)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: flax_to_hf(args.src, args.dst, task=args.task, step=args.step,
-                                          overwrite=args.overwrite))
+    return run_command(lambda: flax_to_hf(args.src, args.dst, task=args.task, step=args.step, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

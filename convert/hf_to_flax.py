@@ -31,9 +31,16 @@ from longformer_jax.pretrained import (
 from longformer_jax.tasks import TASKS
 
 
-def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, task: str | None = None, *,
-               verify: bool = False, tolerance: float | None = None, overwrite: bool = False,
-               log: Callable[[str], None] = print) -> dict:
+def hf_to_flax(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    task: str | None = None,
+    *,
+    verify: bool = False,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """HF directory or hub id -> Flax checkpoint directory. Returns a summary dict.
 
     ``verify``: compare against the PyTorch model first (``summary["max_abs_diff"]``); with ``tolerance``,
@@ -49,7 +56,8 @@ def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, task: str | None 
         if tolerance is not None and not diff <= tolerance:
             raise ConversionError(
                 f"verification failed: max abs diff {diff:.3e} between PyTorch and Flax exceeds {tolerance:g}; "
-                f"nothing written to {dst}.")
+                f"nothing written to {dst}."
+            )
     copied = save_flax_checkpoint(dst, config, params, task, tokenizer=src_dir, overwrite=overwrite)
     summary["tokenizer_files"] = copied
     n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
@@ -59,17 +67,29 @@ def hf_to_flax(src: str | os.PathLike, dst: str | os.PathLike, task: str | None 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert.hf_to_flax", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m convert.hf_to_flax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("src", help="HF checkpoint directory or hub id (e.g. kiddothe2b/longformer-base-4096)")
     p.add_argument("dst", help="output directory (must not exist or be empty)")
-    p.add_argument("--task", choices=list(TASKS), default=None,
-                   help="model head; default: from config.json's `architectures` / the weight names")
-    p.add_argument("--verify", action="store_true",
-                   help="run the PyTorch and the Flax model on one random input (padding, a few global "
-                        "tokens) and print the max abs difference")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="with --verify: fail (exit 1, nothing written) above this max abs diff")
+    p.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=None,
+        help="model head; default: from config.json's `architectures` / the weight names",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the PyTorch and the Flax model on one random input (padding, a few global "
+        "tokens) and print the max abs difference",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="with --verify: fail (exit 1, nothing written) above this max abs diff",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
@@ -78,8 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body():
-        summary = hf_to_flax(args.src, args.dst, args.task, verify=args.verify, overwrite=args.overwrite,
-                             tolerance=args.tolerance if args.verify else None)
+        summary = hf_to_flax(
+            args.src,
+            args.dst,
+            args.task,
+            verify=args.verify,
+            overwrite=args.overwrite,
+            tolerance=args.tolerance if args.verify else None,
+        )
         if args.verify:
             print(f"max abs diff PyTorch vs Flax: {summary['max_abs_diff']:.3e}")
 

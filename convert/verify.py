@@ -34,8 +34,8 @@ def _verify_inputs(config_dict: Mapping, task: str, seed: int, seq_len: int | No
     batch = 2
     ids = rng.integers(lo, vocab, size=(batch, seq_len)).astype(np.int64)
     attn = np.ones_like(ids)
-    ids[1, -max(1, seq_len // 5):] = pad  # second row padded at the end
-    attn[1, -max(1, seq_len // 5):] = 0
+    ids[1, -max(1, seq_len // 5) :] = pad  # second row padded at the end
+    attn[1, -max(1, seq_len // 5) :] = 0
     glob = np.zeros_like(ids)
     glob[:, 0] = 1
     for row in range(batch):  # a different number of global tokens per row
@@ -47,9 +47,17 @@ def _verify_inputs(config_dict: Mapping, task: str, seed: int, seq_len: int | No
     return ids, attn, glob
 
 
-def verify_against_pytorch(hf_dir: str | os.PathLike, config: LongformerConfig, params, task: str, *,
-                           seed: int = 0, seq_len: int | None = None, num_global: int = 3,
-                           log: Callable[[str], None] = print) -> float:
+def verify_against_pytorch(
+    hf_dir: str | os.PathLike,
+    config: LongformerConfig,
+    params,
+    task: str,
+    *,
+    seed: int = 0,
+    seq_len: int | None = None,
+    num_global: int = 3,
+    log: Callable[[str], None] = print,
+) -> float:
     """Runs the PyTorch model of ``hf_dir`` and the Flax model on the same random input; max abs diff.
 
     The input has padding and a few global tokens (a different number per row). Heads without a
@@ -65,8 +73,11 @@ def verify_against_pytorch(hf_dir: str | os.PathLike, config: LongformerConfig, 
     auto = getattr(transformers, TASKS[compare_task].auto_class)
     pt_model = auto.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():
-        pt_out = pt_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(attn),
-                          global_attention_mask=torch.from_numpy(glob))
+        pt_out = pt_model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(attn),
+            global_attention_mask=torch.from_numpy(glob),
+        )
     cfg32 = config.replace(dtype="float32")
     if compare_task == task:
         module, fparams = build_model(cfg32, task), params
@@ -74,8 +85,13 @@ def verify_against_pytorch(hf_dir: str | os.PathLike, config: LongformerConfig, 
         fparams = params["longformer"]
         module = LongformerModel(cfg32, add_pooling_layer="pooler" in fparams)
     with jax.default_matmul_precision("highest"):
-        fx_out = module.apply({"params": fparams}, ids.astype(np.int32), attention_mask=attn.astype(np.int32),
-                              global_attention_mask=glob.astype(np.int32), deterministic=True)
+        fx_out = module.apply(
+            {"params": fparams},
+            ids.astype(np.int32),
+            attention_mask=attn.astype(np.int32),
+            global_attention_mask=glob.astype(np.int32),
+            deterministic=True,
+        )
     worst = 0.0
     for name in ("logits", "start_logits", "end_logits", "last_hidden_state"):
         a = getattr(pt_out, name, None)

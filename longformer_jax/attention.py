@@ -130,9 +130,7 @@ def _window_bias(state_Bx___xK: Array, w: int, C: int, right: int | None = None)
     kk = jnp.arange(K)[None, :]
     in_band_CxK = (kk >= r) & (kk <= r + span)
     state = state_Bx___xK[..., None, :]
-    return jnp.where(
-        in_band_CxK & (state > 0), jnp.where(state == 2, 0.0, _MASKED), _OUTSIDE
-    ).astype(jnp.float32)
+    return jnp.where(in_band_CxK & (state > 0), jnp.where(state == 2, 0.0, _MASKED), _OUTSIDE).astype(jnp.float32)
 
 
 def band_to_hf_layout(p_BxHxNxCxK: Array, w: int, right: int | None = None) -> Array:
@@ -391,8 +389,9 @@ def _lean_band_bwd(b, res, do_BxHxLxD):
         if G:
             pg = jnp.exp(sg - m[..., None]) * inv
             pgd = jnp.where(keep_g, pg * scale, 0.0) if dropout else pg
-            dvg = dvg + jnp.einsum("bhncg,bhncd->bhgd", pgd.astype(b.dtype), do.astype(b.dtype),
-                                   preferred_element_type=jnp.float32)
+            dvg = dvg + jnp.einsum(
+                "bhncg,bhncd->bhgd", pgd.astype(b.dtype), do.astype(b.dtype), preferred_element_type=jnp.float32
+            )
             dpg = jnp.einsum("bhncd,bhgd->bhncg", do.astype(b.dtype), vg, preferred_element_type=jnp.float32)
             if dropout:
                 dpg = jnp.where(keep_g, dpg * scale, 0.0)
@@ -422,9 +421,18 @@ _lean_band.defvjp(_lean_band_fwd, _lean_band_bwd)
 
 
 def lean_band_attention_heads(
-    q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, one_sided_window: int,
-    slots: GlobalSlots | None = None, *, block_size: int | None = None, dropout_rate: float = 0.0,
-    dropout_rng: Array | None = None, chunk_tokens: int | None = None, dilation: int | Sequence[int] = 1,
+    q_BxHxLxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    one_sided_window: int,
+    slots: GlobalSlots | None = None,
+    *,
+    block_size: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    chunk_tokens: int | None = None,
+    dilation: int | Sequence[int] = 1,
     causal: bool = False,
 ) -> Array:
     """The band plus global columns (head-major), in chunks, with a recomputing backward pass.
@@ -435,17 +443,35 @@ def lean_band_attention_heads(
     kg, vg = _global_keys(k_BxHxLxD, v_BxHxLxD, slots)
     global_kv = None if kg is None else (kg, vg, global_visibility(slots, q_BxHxLxD.shape[2], causal))
     return lean_band_with_global_keys_heads(
-        q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, global_kv, block_size=block_size,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng, chunk_tokens=chunk_tokens, dilation=dilation,
+        q_BxHxLxD,
+        k_BxHxLxD,
+        v_BxHxLxD,
+        mask_BxL,
+        one_sided_window,
+        global_kv,
+        block_size=block_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        chunk_tokens=chunk_tokens,
+        dilation=dilation,
         causal=causal,
     )
 
 
 def lean_band_with_global_keys_heads(
-    q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, one_sided_window: int,
-    global_kv: tuple[Array, Array, Array] | None = None, *, block_size: int | None = None,
-    dropout_rate: float = 0.0, dropout_rng: Array | None = None, chunk_tokens: int | None = None,
-    dilation: int | Sequence[int] = 1, causal: bool = False,
+    q_BxHxLxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    one_sided_window: int,
+    global_kv: tuple[Array, Array, Array] | None = None,
+    *,
+    block_size: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    chunk_tokens: int | None = None,
+    dilation: int | Sequence[int] = 1,
+    causal: bool = False,
 ) -> Array:
     """``lean_band_attention_heads`` with the global columns given instead of gathered from ``k`` and ``v``.
 
@@ -456,16 +482,19 @@ def lean_band_with_global_keys_heads(
     those of ``lean_band_attention_heads`` for the same columns. The two-sided undilated band runs the
     chunked band directly, the other patterns through ``band_pattern_on``."""
     kg, vg, visible = global_kv if global_kv is not None else (None, None, None)
-    run = functools.partial(_lean_band_on, block_size=block_size, dropout_rate=dropout_rate,
-                            chunk_tokens=chunk_tokens, causal=causal)
+    run = functools.partial(
+        _lean_band_on, block_size=block_size, dropout_rate=dropout_rate, chunk_tokens=chunk_tokens, causal=causal
+    )
     if is_plain_band(dilation, causal):
         return run(q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, visible, dropout_rng)[0]
-    return band_pattern_on(run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, visible,
-                           dilation, causal, dropout_rng)[0]
+    return band_pattern_on(
+        run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, visible, dilation, causal, dropout_rng
+    )[0]
 
 
-def _lean_band_on(q, k, v, mask_BxL, w, kg, vg, gvalid, dropout_rng, *, block_size, dropout_rate, chunk_tokens,
-                  causal, rows_per_row=1) -> tuple[Array, None]:
+def _lean_band_on(
+    q, k, v, mask_BxL, w, kg, vg, gvalid, dropout_rng, *, block_size, dropout_rate, chunk_tokens, causal, rows_per_row=1
+) -> tuple[Array, None]:
     """``lean_band_attention_heads`` on given global keys/values and their visibility (``_global_bias``).
 
     ``rows_per_row``: the subsequence rows each input row was cut into (the dilation); the chunks then
@@ -497,9 +526,7 @@ def dilation_groups(dilation: int | Sequence[int], num_heads: int) -> list[tuple
     ``dilation`` is one int for every head or a sequence of one int (>= 1) per head; a ValueError otherwise."""
     per_head = [dilation] * num_heads if isinstance(dilation, (int, np.integer)) else list(dilation)
     if len(per_head) != num_heads or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in per_head):
-        raise ValueError(
-            f"dilation={dilation!r}: give an int >= 1, or one int >= 1 per head ({num_heads} heads)."
-        )
+        raise ValueError(f"dilation={dilation!r}: give an int >= 1, or one int >= 1 per head ({num_heads} heads).")
     groups: dict[int, list[int]] = {}
     for h, d in enumerate(per_head):
         groups.setdefault(int(d), []).append(h)
@@ -540,9 +567,16 @@ def global_visibility(slots: GlobalSlots, length: int, causal: bool) -> Array:
 
 
 def band_pattern(
-    run: Callable[..., tuple[Array, Array | None]], q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array,
-    mask_BxL: Array, one_sided_window: int, slots: GlobalSlots | None, dilation: int | Sequence[int],
-    causal: bool, dropout_rng: Array | None,
+    run: Callable[..., tuple[Array, Array | None]],
+    q_BxHxLxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    one_sided_window: int,
+    slots: GlobalSlots | None,
+    dilation: int | Sequence[int],
+    causal: bool,
+    dropout_rng: Array | None,
 ) -> tuple[Array, Array | None]:
     """A dilated and/or causal band: ``run`` on each dilation group of heads, on its residue subsequences.
 
@@ -555,14 +589,24 @@ def band_pattern(
     or None."""
     kg, vg = _global_keys(k_BxHxLxD, v_BxHxLxD, slots)
     gvalid = None if kg is None else global_visibility(slots, q_BxHxLxD.shape[2], causal)
-    return band_pattern_on(run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, gvalid,
-                           dilation, causal, dropout_rng)
+    return band_pattern_on(
+        run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, kg, vg, gvalid, dilation, causal, dropout_rng
+    )
 
 
 def band_pattern_on(
-    run: Callable[..., tuple[Array, Array | None]], q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array,
-    mask_BxL: Array, one_sided_window: int, kg_BxHxGxD: Array | None, vg_BxHxGxD: Array | None,
-    gvalid: Array | None, dilation: int | Sequence[int], causal: bool, dropout_rng: Array | None,
+    run: Callable[..., tuple[Array, Array | None]],
+    q_BxHxLxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    one_sided_window: int,
+    kg_BxHxGxD: Array | None,
+    vg_BxHxGxD: Array | None,
+    gvalid: Array | None,
+    dilation: int | Sequence[int],
+    causal: bool,
+    dropout_rng: Array | None,
 ) -> tuple[Array, Array | None]:
     """``band_pattern`` on given global keys/values (B, H, G, D) and their visibility ``gvalid`` ((B, G), or
     (B, L, G) per query when ``causal``), e.g. those of global tokens held by other devices."""
@@ -579,8 +623,20 @@ def band_pattern_on(
     for n, (d, heads) in enumerate(groups):
         pick = lambda x, heads=heads: _take_heads(x, heads, H)
         rng = dropout_rng if dropout_rng is None or len(groups) == 1 else jax.random.fold_in(dropout_rng, n)
-        out, p = _on_residues(run, d, pick(q_BxHxLxD), pick(k_BxHxLxD), pick(v_BxHxLxD), mask_BxL, w,
-                              pick(kg_BxHxGxD), pick(vg_BxHxGxD), gvalid, rng, causal)
+        out, p = _on_residues(
+            run,
+            d,
+            pick(q_BxHxLxD),
+            pick(k_BxHxLxD),
+            pick(v_BxHxLxD),
+            mask_BxL,
+            w,
+            pick(kg_BxHxGxD),
+            pick(vg_BxHxGxD),
+            gvalid,
+            rng,
+            causal,
+        )
         outs.append(out)
         probs.append(p)
         order.extend(heads)
@@ -645,19 +701,50 @@ def sliding_window_attention_heads(
     ``e = exp(s - max)``, so the (B, H, N, C, K) score tensor is written once and read twice,
     and the masks are one additive bias shared by the heads."""
     if not is_plain_band(dilation, causal):
-        run = functools.partial(_materialised_band, block_size=block_size, dropout_rate=dropout_rate,
-                                return_probs=return_probs, causal=causal)
-        return band_pattern(run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, slots, dilation,
-                            causal, dropout_rng)
+        run = functools.partial(
+            _materialised_band,
+            block_size=block_size,
+            dropout_rate=dropout_rate,
+            return_probs=return_probs,
+            causal=causal,
+        )
+        return band_pattern(
+            run, q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, slots, dilation, causal, dropout_rng
+        )
     return _materialised_band(
-        q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, None, None, None, dropout_rng,
-        block_size=block_size, dropout_rate=dropout_rate, return_probs=return_probs, slots=slots,
+        q_BxHxLxD,
+        k_BxHxLxD,
+        v_BxHxLxD,
+        mask_BxL,
+        one_sided_window,
+        None,
+        None,
+        None,
+        dropout_rng,
+        block_size=block_size,
+        dropout_rate=dropout_rate,
+        return_probs=return_probs,
+        slots=slots,
     )
 
 
 def _materialised_band(
-    q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, w, kg_BxHxGxD, vg_BxHxGxD, gvalid, dropout_rng, *,
-    block_size, dropout_rate, return_probs, causal=False, rows_per_row=1, slots: GlobalSlots | None = None,
+    q_BxHxLxD,
+    k_BxHxLxD,
+    v_BxHxLxD,
+    mask_BxL,
+    w,
+    kg_BxHxGxD,
+    vg_BxHxGxD,
+    gvalid,
+    dropout_rng,
+    *,
+    block_size,
+    dropout_rate,
+    return_probs,
+    causal=False,
+    rows_per_row=1,
+    slots: GlobalSlots | None = None,
 ) -> tuple[Array, Array | None]:
     """``sliding_window_attention_heads`` on given global keys/values (B, H, G, D) and their visibility
     ``gvalid`` ((B, G), or (B, L, G) per query when ``causal``; see ``_global_bias``), or on those of
@@ -740,8 +827,15 @@ def _global_query_keys(mask_BxL: Array, slots: GlobalSlots, causal: bool) -> Arr
 
 
 def global_query_attention_heads(
-    qg_BxHxGxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, slots: GlobalSlots, *,
-    dropout_rate: float = 0.0, dropout_rng: Array | None = None, causal: bool = False,
+    qg_BxHxGxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    slots: GlobalSlots,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    causal: bool = False,
 ) -> tuple[Array, Array]:
     """Global queries (``G`` slots, global projections, scaled) over every non-pad key, head-major.
 
@@ -809,9 +903,10 @@ def global_query_attention_from_hidden_heads(
     ph_BxHxGxE = jnp.einsum("bhgl,ble->bhge", p_drop.astype(dtype), h_BxLxE, preferred_element_type=jnp.float32)
     out_BxHxGxD = jnp.einsum("bhge,ehd->bhgd", ph_BxHxGxE.astype(dtype), wv_ExHxD, preferred_element_type=jnp.float32)
     # sum_l p_l is 1 without dropout; with it, the bias is weighted by what the mask kept.
-    out_BxHxGxD = out_BxHxGxD + jnp.sum(p_drop, axis=-1)[..., None] * value_bias_E.astype(jnp.float32).reshape(H, D)[
-        None, :, None, :
-    ]
+    out_BxHxGxD = (
+        out_BxHxGxD
+        + jnp.sum(p_drop, axis=-1)[..., None] * value_bias_E.astype(jnp.float32).reshape(H, D)[None, :, None, :]
+    )
     return out_BxHxGxD.astype(dtype), p_BxHxGxL
 
 
@@ -825,7 +920,11 @@ def scatter_global_rows_heads(out_BxHxLxD: Array, rows_BxHxGxD: Array, slots: Gl
 
 
 def dense_attention_mask(
-    mask_BxL: Array, one_sided_window: int, num_heads: int, *, dilation: int | Sequence[int] = 1,
+    mask_BxL: Array,
+    one_sided_window: int,
+    num_heads: int,
+    *,
+    dilation: int | Sequence[int] = 1,
     causal: bool = False,
 ) -> tuple[Array, Array]:
     """The keys each query may attend, as dense (B, H, L, L) bool arrays: (local rows, global rows).
@@ -856,12 +955,15 @@ def dense_attention_mask(
 
 
 def attention_pattern_mask(
-    mask_BxL: Array, one_sided_window: int, num_heads: int, *, dilation: int | Sequence[int] = 1,
+    mask_BxL: Array,
+    one_sided_window: int,
+    num_heads: int,
+    *,
+    dilation: int | Sequence[int] = 1,
     causal: bool = False,
 ) -> Array:
     """(B, H, L, L) bool: query ``i`` attends key ``j`` (``dense_attention_mask``, rows by the query's kind)."""
-    local, global_rows = dense_attention_mask(mask_BxL, one_sided_window, num_heads, dilation=dilation,
-                                              causal=causal)
+    local, global_rows = dense_attention_mask(mask_BxL, one_sided_window, num_heads, dilation=dilation, causal=causal)
     row_Bx1xLx1 = mask_BxL[:, None, :, None]
     return jnp.where(row_Bx1xLx1 == 2, global_rows, local) & (row_Bx1xLx1 != 0)
 

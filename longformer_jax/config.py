@@ -220,8 +220,10 @@ class LongformerConfig:
         """The dilation (per layer, per head) and the causal switch: types, lengths, and what needs them."""
         dil, layers, heads = self.attention_dilation, self.num_hidden_layers, self.num_attention_heads
         positive = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1
-        hint = (f"give an int >= 1 (every layer), or {layers} entries (one per layer), each an int or a tuple of "
-                f"{heads} ints (one per head)")
+        hint = (
+            f"give an int >= 1 (every layer), or {layers} entries (one per layer), each an int or a tuple of "
+            f"{heads} ints (one per head)"
+        )
         if isinstance(dil, tuple):
             if len(dil) != layers:
                 fail(f"attention_dilation has {len(dil)} entries but num_hidden_layers={layers}; {hint}.")
@@ -236,12 +238,16 @@ class LongformerConfig:
         if not isinstance(self.causal_attention, bool):
             fail(f"causal_attention={self.causal_attention!r} must be True or False.")
         if self.scan_layers and len(set(self.attention_dilations)) > 1:
-            fail(f"scan_layers=True needs the same attention_dilation on every layer, got {dil!r}; "
-                 "set scan_layers=False for per-layer dilations.")
+            fail(
+                f"scan_layers=True needs the same attention_dilation on every layer, got {dil!r}; "
+                "set scan_layers=False for per-layer dilations."
+            )
         if self.has_attention_pattern and self.attention_implementation not in ("blocked", "auto"):
-            fail(f"attention_implementation={self.attention_implementation!r} runs only the two-sided, undilated "
-                 f"band, but this model sets {self.pattern_description()}; use 'blocked' (or 'auto', which takes "
-                 "'blocked' for them).")
+            fail(
+                f"attention_implementation={self.attention_implementation!r} runs only the two-sided, undilated "
+                f"band, but this model sets {self.pattern_description()}; use 'blocked' (or 'auto', which takes "
+                "'blocked' for them)."
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -396,8 +402,9 @@ class LongformerConfig:
             d[k] = json.loads(json.dumps(v)) if isinstance(v, tuple) else v
         return d
 
-    def save_pretrained(self, directory: str | os.PathLike, architectures: list[str] | None = None, *,
-                        hf_export: bool = True) -> str:
+    def save_pretrained(
+        self, directory: str | os.PathLike, architectures: list[str] | None = None, *, hf_export: bool = True
+    ) -> str:
         """Writes ``directory/config.json`` (HF fields only); returns its path.
 
         ``hf_export=False``: the config.json of a Flax checkpoint, which keeps the JAX-side settings (the

@@ -183,8 +183,9 @@ class LongformerTaskModel(nn.Module):
     def head(self, out: LongformerBaseModelOutput, inputs: HeadInputs, deterministic: bool) -> tuple[Array, ...]:
         raise NotImplementedError
 
-    def head_at(self, out: LongformerBaseModelOutput, inputs: HeadInputs, masked_positions,
-                deterministic: bool) -> tuple[Array, ...]:
+    def head_at(
+        self, out: LongformerBaseModelOutput, inputs: HeadInputs, masked_positions, deterministic: bool
+    ) -> tuple[Array, ...]:
         raise ValueError(
             f"{type(self).__name__} takes no masked_positions: only LongformerForMaskedLM computes its head at "
             "chosen positions; leave masked_positions out."
@@ -209,8 +210,16 @@ class LongformerForMaskedLM(LongformerTaskModel):
     output_class = LongformerMaskedLMOutput
 
     def __call__(
-        self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None, position_ids=None,
-        inputs_embeds=None, labels=None, masked_positions=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        global_attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        masked_positions=None,
+        **kwargs,
     ) -> LongformerMaskedLMOutput:
         """``LongformerTaskModel.__call__`` with ``masked_positions`` (B, K): logits and loss at those slots."""
         inputs = (input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds)
@@ -354,8 +363,16 @@ class LongformerForQuestionAnswering(LongformerTaskModel):
     output_class = LongformerQuestionAnsweringModelOutput
 
     def __call__(
-        self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None, position_ids=None,
-        inputs_embeds=None, start_positions=None, end_positions=None, **kwargs,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        global_attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        **kwargs,
     ) -> LongformerQuestionAnsweringModelOutput:
         """``LongformerTaskModel.__call__`` with the targets ``start_positions`` and ``end_positions``."""
         labels = None if start_positions is None or end_positions is None else (start_positions, end_positions)
@@ -513,4 +530,3 @@ class LongformerForSequentialSentenceClassification(LongformerTaskModel):
     def loss(self, fields, labels, inputs):
         valid = _nonempty_blocks(inputs.attention_mask, self.sentence_block_size)
         return cross_entropy(fields[0], jnp.where(valid, jnp.asarray(labels), IGNORE_INDEX))
-

@@ -156,8 +156,15 @@ def _already_prepared(inputs: ModelInputs, others: dict[str, Any], num_global_sl
 
 
 def prepare_inputs(
-    config: LongformerConfig, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None,
-    position_ids=None, inputs_embeds=None, *, num_global_slots: int | None = None,
+    config: LongformerConfig,
+    input_ids=None,
+    attention_mask=None,
+    global_attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    inputs_embeds=None,
+    *,
+    num_global_slots: int | None = None,
 ) -> ModelInputs:
     """Check, merge, pad and count the inputs of ``LongformerModel`` (HF's arguments).
 
@@ -180,8 +187,12 @@ def prepare_inputs(
         ValueError: for inputs of the wrong shape, token ids outside the vocabulary, rows longer
             than the position embeddings or with more global tokens than ``num_global_slots``.
     """
-    inputs = dict(attention_mask=attention_mask, global_attention_mask=global_attention_mask,
-                  token_type_ids=token_type_ids, position_ids=position_ids)
+    inputs = dict(
+        attention_mask=attention_mask,
+        global_attention_mask=global_attention_mask,
+        token_type_ids=token_type_ids,
+        position_ids=position_ids,
+    )
     if isinstance(input_ids, ModelInputs):
         return _already_prepared(input_ids, dict(inputs, inputs_embeds=inputs_embeds), num_global_slots)
     if (input_ids is None) == (inputs_embeds is None):

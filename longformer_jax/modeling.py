@@ -103,12 +103,17 @@ class LayerModule(nn.Module):
 
     def part(self, cls: type[LayerModule], name: str) -> LayerModule:
         """The sub-module ``cls`` of this layer, with the same fields (from a compact method)."""
-        return cls(self.config, self.attention_window, self.deterministic, self.output_attentions,
-                   attention_dilation=self.attention_dilation, name=name)
+        return cls(
+            self.config,
+            self.attention_window,
+            self.deterministic,
+            self.output_attentions,
+            attention_dilation=self.attention_dilation,
+            name=name,
+        )
 
 
 class LongformerSelfAttention(LayerModule):
-
     @nn.compact
     def __call__(self, h_BxLxE, mask_BxL, slots: attn.GlobalSlots):
         cfg = self.config
@@ -126,8 +131,11 @@ class LongformerSelfAttention(LayerModule):
         use_dropout = not self.deterministic and rate > 0.0
         rng_local = self.make_rng("dropout") if use_dropout else None
         band_kw = dict(
-            block_size=cfg.attention_block_size, dropout_rate=rate if use_dropout else 0.0, dropout_rng=rng_local,
-            dilation=self.attention_dilation, causal=cfg.causal_attention,
+            block_size=cfg.attention_block_size,
+            dropout_rate=rate if use_dropout else 0.0,
+            dropout_rng=rng_local,
+            dilation=self.attention_dilation,
+            causal=cfg.causal_attention,
         )
         if not self.output_attentions and sequence_parallel.sequence_devices() > 1:
             # The document's tokens split over the mesh's "sequence" axis: the same numbers, L / n rows per device.
@@ -187,8 +195,19 @@ class LongformerSelfAttention(LayerModule):
         use_dropout = band_kw["dropout_rng"] is not None
         rng_global = self.make_rng("dropout") if use_dropout and qg.shape[2] else None
         return sequence_parallel.self_attention_heads(
-            q, k, v, mask_BxL, self.attention_window // 2, slots, qg, h_BxLxE.astype(compute_dtype(cfg)), key_global,
-            value_global, implementation=cfg.attention_implementation, global_dropout_rng=rng_global, **band_kw,
+            q,
+            k,
+            v,
+            mask_BxL,
+            self.attention_window // 2,
+            slots,
+            qg,
+            h_BxLxE.astype(compute_dtype(cfg)),
+            key_global,
+            value_global,
+            implementation=cfg.attention_implementation,
+            global_dropout_rng=rng_global,
+            **band_kw,
         )
 
 
@@ -312,8 +331,13 @@ class LongformerEncoder(nn.Module):
             )
             # Parameters live under encoder/layer/... with a leading layer axis.
             h_out, (hs, probs, gprobs) = scanned(
-                cfg, windows[0], self.deterministic, self.output_attentions, attention_dilation=dilations[0],
-                output_hidden_states=self.output_hidden_states, name="layer",
+                cfg,
+                windows[0],
+                self.deterministic,
+                self.output_attentions,
+                attention_dilation=dilations[0],
+                output_hidden_states=self.output_hidden_states,
+                name="layer",
             )(h, mask_BxL, slots)
             hidden_states = (
                 tuple(hs[i] for i in range(cfg.num_hidden_layers)) + (h_out,) if self.output_hidden_states else None
@@ -331,7 +355,11 @@ class LongformerEncoder(nn.Module):
         for i in range(cfg.num_hidden_layers):
             hidden_states.append(h)
             h, probs, gprobs = layer_cls(
-                cfg, windows[i], self.deterministic, self.output_attentions, attention_dilation=dilations[i],
+                cfg,
+                windows[i],
+                self.deterministic,
+                self.output_attentions,
+                attention_dilation=dilations[i],
                 name=f"layer_{i}",
             )(h, mask_BxL, slots)
             attentions.append(probs)
@@ -369,13 +397,27 @@ class LongformerModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids=None, attention_mask=None, global_attention_mask=None, token_type_ids=None, position_ids=None,
-        inputs_embeds=None, deterministic: bool = True, output_attentions: bool = False,
-        output_hidden_states: bool = False, num_global_slots: int | None = None,
+        self,
+        input_ids=None,
+        attention_mask=None,
+        global_attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_global_slots: int | None = None,
     ) -> LongformerBaseModelOutput:
         cfg = self.config
         x = prepare_inputs(
-            cfg, input_ids, attention_mask, global_attention_mask, token_type_ids, position_ids, inputs_embeds,
+            cfg,
+            input_ids,
+            attention_mask,
+            global_attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
             num_global_slots=num_global_slots,
         )
         slots = attn.global_slots(x.mask == 2, x.num_global_slots)

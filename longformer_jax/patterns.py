@@ -38,12 +38,17 @@ def _probe_params(E: int) -> dict[str, Any]:
     """Self-attention parameters of the probe: zero queries, one-hot values (identity projections)."""
     zero = {"kernel": jnp.zeros((E, E)), "bias": jnp.zeros((E,))}
     ident = {"kernel": jnp.eye(E), "bias": jnp.zeros((E,))}
-    return {"query": zero, "key": zero, "value": ident, "query_global": zero, "key_global": zero,
-            "value_global": ident}
+    return {"query": zero, "key": zero, "value": ident, "query_global": zero, "key_global": zero, "value_global": ident}
 
 
-def attention_pattern(config: LongformerConfig, attention_mask=None, global_attention_mask=None, *,
-                      length: int | None = None, layer: int = 0) -> np.ndarray:
+def attention_pattern(
+    config: LongformerConfig,
+    attention_mask=None,
+    global_attention_mask=None,
+    *,
+    length: int | None = None,
+    layer: int = 0,
+) -> np.ndarray:
     """(B, H, L, L) bool: whether query ``i`` of head ``h`` attends key ``j`` in ``layer`` of ``config``.
 
     Args:
@@ -68,10 +73,12 @@ def attention_pattern(config: LongformerConfig, attention_mask=None, global_atte
     B, Lp = x.mask.shape
     H = config.num_attention_heads
     # A model whose head width is the padded length: the values of token j are the one-hot vector e_j.
-    probe = dataclasses.replace(config, hidden_size=H * Lp, dtype="float32", attention_implementation="blocked",
-                                scan_layers=False)
-    module = LongformerSelfAttention(probe, config.attention_windows[layer],
-                                     attention_dilation=config.attention_dilations[layer])
+    probe = dataclasses.replace(
+        config, hidden_size=H * Lp, dtype="float32", attention_implementation="blocked", scan_layers=False
+    )
+    module = LongformerSelfAttention(
+        probe, config.attention_windows[layer], attention_dilation=config.attention_dilations[layer]
+    )
     h_BxLxE = jnp.tile(jnp.eye(Lp, dtype=jnp.float32)[None], (B, 1, H))
     slots = attn.global_slots(x.mask == 2, x.num_global_slots)
     out, _, _ = jax.jit(module.apply)({"params": _probe_params(H * Lp)}, h_BxLxE, x.mask, slots)
@@ -105,16 +112,28 @@ def pictures(length: int) -> list[Picture]:
         Picture("causal", "causal band (keys i - 4 .. i)", causal=True),
         Picture("global", f"band + global tokens {g[0]} and {g[1]} (rows and columns)", global_tokens=g),
         Picture("causal_global", f"causal band + global tokens {g[0]} and {g[1]}", causal=True, global_tokens=g),
-        Picture("padding", f"band + global token 4, padding from {length - length // 4}", global_tokens=(4,),
-                pad_from=length - length // 4),
+        Picture(
+            "padding",
+            f"band + global token 4, padding from {length - length // 4}",
+            global_tokens=(4,),
+            pad_from=length - length // 4,
+        ),
     ]
 
 
 def picture_pattern(p: Picture, length: int) -> tuple[np.ndarray, np.ndarray]:
     """(pattern (H, L, L) bool from :func:`attention_pattern`, merged mask (L,): 0 pad, 1 local, 2 global)."""
-    config = LongformerConfig(vocab_size=8, hidden_size=p.heads, num_hidden_layers=1, num_attention_heads=p.heads,
-                              intermediate_size=1, attention_window=p.window, max_position_embeddings=length + 2,
-                              attention_dilation=p.dilation, causal_attention=p.causal)
+    config = LongformerConfig(
+        vocab_size=8,
+        hidden_size=p.heads,
+        num_hidden_layers=1,
+        num_attention_heads=p.heads,
+        intermediate_size=1,
+        attention_window=p.window,
+        max_position_embeddings=length + 2,
+        attention_dilation=p.dilation,
+        causal_attention=p.causal,
+    )
     am = np.ones((1, length), np.int32)
     if p.pad_from is not None:
         am[0, p.pad_from :] = 0
@@ -155,8 +174,9 @@ def draw(p: Picture, pattern_HxLxL: np.ndarray, mask_L: np.ndarray, path: Path) 
 def write_pictures(out: str | Path, length: int = 64) -> list[Path]:
     """Draws every picture of :func:`pictures` into ``out`` (created); returns the files written."""
     if length <= 0 or length % 64:
-        raise ValueError(f"--length {length}: give a positive multiple of 64 (the widest pattern: window 8 x "
-                         "dilation 8).")
+        raise ValueError(
+            f"--length {length}: give a positive multiple of 64 (the widest pattern: window 8 x dilation 8)."
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -168,8 +188,11 @@ def write_pictures(out: str | Path, length: int = 64) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m longformer_jax.patterns", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m longformer_jax.patterns",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="directory for the PNG files (created)")
     parser.add_argument("--length", type=int, default=64, help="sequence length of the pictures (a multiple of 64)")
     args = parser.parse_args(argv)

@@ -40,10 +40,13 @@ class FillMaskPipeline:
         if not isinstance(model, LongformerForMaskedLM):
             raise ValueError(
                 f"fill-mask needs a LongformerForMaskedLM, got {type(model).__name__}; load the model with "
-                "task='masked-lm'.")
+                "task='masked-lm'."
+            )
         if tokenizer is None:
-            raise ValueError("fill-mask needs a tokenizer: pass tokenizer= (a transformers tokenizer or a "
-                             "directory holding tokenizer files).")
+            raise ValueError(
+                "fill-mask needs a tokenizer: pass tokenizer= (a transformers tokenizer or a "
+                "directory holding tokenizer files)."
+            )
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
@@ -58,9 +61,15 @@ class FillMaskPipeline:
 
     # -------------------------------------------------------------------------- compiled part
     def _top_k(self, params, ids_BxL, attention_BxL, global_BxL, positions_BxM, *, num_global_slots, top_k):
-        out = self.model.apply({"params": params}, ids_BxL, attention_mask=attention_BxL,
-                               global_attention_mask=global_BxL, deterministic=True,
-                               num_global_slots=num_global_slots, masked_positions=positions_BxM)
+        out = self.model.apply(
+            {"params": params},
+            ids_BxL,
+            attention_mask=attention_BxL,
+            global_attention_mask=global_BxL,
+            deterministic=True,
+            num_global_slots=num_global_slots,
+            masked_positions=positions_BxM,
+        )
         probs_BxMxV = jax.nn.softmax(out.logits.astype(jnp.float32), axis=-1)
         return jax.lax.top_k(probs_BxMxV, top_k)
 
@@ -76,8 +85,10 @@ class FillMaskPipeline:
             p = int(p)
             q = p + len(ids) if p < 0 else p
             if not 0 <= q < len(ids):
-                raise ValueError(f"global attention position {p} is outside the input of {len(ids)} tokens "
-                                 "(positions count the tokens of the encoded text, <s> included).")
+                raise ValueError(
+                    f"global attention position {p} is outside the input of {len(ids)} tokens "
+                    "(positions count the tokens of the encoded text, <s> included)."
+                )
             out.append(q)
         return sorted(set(out))
 
@@ -97,7 +108,8 @@ class FillMaskPipeline:
             if len(ids) > limit:
                 raise ValueError(
                     f"text {i} is {len(ids)} tokens long; this model takes at most {limit} "
-                    f"(max_position_embeddings {self.config.max_position_embeddings}). Shorten the text.")
+                    f"(max_position_embeddings {self.config.max_position_embeddings}). Shorten the text."
+                )
             masks = [j for j, t in enumerate(ids) if t == tok.mask_token_id]
             if not masks:
                 raise ValueError(f"no mask token ({tok.mask_token}) in text {i}: {text[:80]!r}")
@@ -118,8 +130,9 @@ class FillMaskPipeline:
             attn_BxL[b, : len(ids)] = 1
             glob_BxL[b, globs] = 1
             pos_BxM[b, : len(masks)] = masks
-        values, indices = self._fn(self.params, ids_BxL, attn_BxL, glob_BxL, pos_BxM, num_global_slots=G,
-                                   top_k=int(top_k))
+        values, indices = self._fn(
+            self.params, ids_BxL, attn_BxL, glob_BxL, pos_BxM, num_global_slots=G, top_k=int(top_k)
+        )
         values, indices = np.asarray(values), np.asarray(indices)
 
         results = []
@@ -132,12 +145,14 @@ class FillMaskPipeline:
                     filled = np.asarray(ids).copy()
                     filled[position] = token
                     filled = filled[filled != tok.pad_token_id]
-                    row.append({
-                        "score": float(score),
-                        "token": int(token),
-                        "token_str": tok.decode([int(token)]),
-                        "sequence": tok.decode(filled.tolist(), skip_special_tokens=single_mask),
-                    })
+                    row.append(
+                        {
+                            "score": float(score),
+                            "token": int(token),
+                            "token_str": tok.decode([int(token)]),
+                            "sequence": tok.decode(filled.tolist(), skip_special_tokens=single_mask),
+                        }
+                    )
                 per_mask.append(row)
             results.append(per_mask[0] if single_mask else per_mask)
         return results[0] if single else results
@@ -163,8 +178,16 @@ def _pipeline_for_directory(directory: str, dtype: str) -> FillMaskPipeline:
     return FillMaskPipeline(model, params, local)
 
 
-def fill_mask(model_or_dir, text_or_texts: str | Sequence[str], top_k: int = 5, tokenizer=None,
-              global_attention=None, *, params=None, dtype: str = "float32"):
+def fill_mask(
+    model_or_dir,
+    text_or_texts: str | Sequence[str],
+    top_k: int = 5,
+    tokenizer=None,
+    global_attention=None,
+    *,
+    params=None,
+    dtype: str = "float32",
+):
     """Top-k fillers of every ``<mask>`` in `text_or_texts`, as HF's fill-mask pipeline.
 
     `model_or_dir`: a model directory (HF or Flax checkpoint) or hub id, a `FillMaskPipeline`, or a

@@ -93,10 +93,7 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 def _looks_like_hub_id(src: str) -> bool:
     return (
-        bool(_HUB_ID_RE.match(src))
-        and not src.startswith((".", "/", "~"))
-        and ".." not in src
-        and src.count("/") == 1
+        bool(_HUB_ID_RE.match(src)) and not src.startswith((".", "/", "~")) and ".." not in src and src.count("/") == 1
     )
 
 
@@ -254,7 +251,8 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> Pat
     dst = Path(dst).expanduser().absolute()
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ConversionError(
-            f"destination {dst} already exists and is not empty; choose a new path or pass --overwrite.")
+            f"destination {dst} already exists and is not empty; choose a new path or pass --overwrite."
+        )
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"destination {dst} is a file; give a directory path.")
     return dst
@@ -346,8 +344,9 @@ def model_settings(config: LongformerConfig) -> dict[str, Any]:
     return {k: getattr(config, k) for k in fields}
 
 
-def write_flax_params(directory: str | os.PathLike, params, task: str,
-                      settings: Mapping[str, Any] | None = None) -> None:
+def write_flax_params(
+    directory: str | os.PathLike, params, task: str, settings: Mapping[str, Any] | None = None
+) -> None:
     """The Flax part of a checkpoint directory: ``flax_params/`` (Orbax) and ``longformer_jax.json``
     (format, task, and the model's JAX-side ``settings``, see :func:`model_settings`).
 
@@ -358,15 +357,27 @@ def write_flax_params(directory: str | os.PathLike, params, task: str,
     ckptr.save(directory / PARAMS_DIR, params)
     ckptr.wait_until_finished()
     ckptr.close()
-    meta = {"format": FORMAT_NAME, "task": check_task(task), "version": FORMAT_VERSION,
-            "settings": dict(settings or {})}
+    meta = {
+        "format": FORMAT_NAME,
+        "task": check_task(task),
+        "version": FORMAT_VERSION,
+        "settings": dict(settings or {}),
+    }
     with open(directory / FORMAT_FILE, "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
 
 
-def save_flax_checkpoint(dst: str | os.PathLike, config: LongformerConfig, params, task: str, tokenizer=None, *,
-                         overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> list[str]:
+def save_flax_checkpoint(
+    dst: str | os.PathLike,
+    config: LongformerConfig,
+    params,
+    task: str,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    extra_files: Callable[[Path], None] | None = None,
+) -> list[str]:
     """Writes a Flax checkpoint directory ``dst`` (atomically); returns the tokenizer files written.
 
     ``params``: the Flax params pytree (host or sharded arrays; a scanned-layer tree is stored as given);
@@ -391,7 +402,8 @@ def _restore_target(metadata_tree, sharding):
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata_tree)
     if callable(sharding):
         return jax.tree_util.tree_map_with_path(
-            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding(path, m.shape)), metadata_tree)
+            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding(path, m.shape)), metadata_tree
+        )
     return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), metadata_tree, sharding)
 
 
@@ -429,24 +441,33 @@ def load_flax_checkpoint(path: str | os.PathLike, sharding=None, **config_option
         meta = json.load(f)
     if meta.get("version") != FORMAT_VERSION:
         raise ConversionError(
-            f"{p / FORMAT_FILE}: format version {meta.get('version')}; this library reads {FORMAT_VERSION}.")
+            f"{p / FORMAT_FILE}: format version {meta.get('version')}; this library reads {FORMAT_VERSION}."
+        )
     task = check_task(meta.get("task", "masked-lm"))
     params = restore_orbax_tree(p / PARAMS_DIR, sharding)
     scanned = is_scanned(params)
     want_scanned = bool(config_options.pop("scan_layers", scanned))
     # The settings saved with the model, unless the caller gives others (the layer layout is the params').
     settings = {k: v for k, v in meta.get("settings", {}).items() if k in JAX_FIELDS and k != "scan_layers"}
-    config = config_from_dict(read_config_dict(p), p / CONFIG_FILE, scan_layers=scanned,
-                              **{**settings, **config_options})
+    config = config_from_dict(
+        read_config_dict(p), p / CONFIG_FILE, scan_layers=scanned, **{**settings, **config_options}
+    )
     if want_scanned != scanned:
-        config, params = convert_params(params, config, task, scan_layers=want_scanned, allow_new_head=False,
-                                        source=str(p))
+        config, params = convert_params(
+            params, config, task, scan_layers=want_scanned, allow_new_head=False, source=str(p)
+        )
     return config, task, params
 
 
 # ---------------------------------------------------------------------------------------- HF directories
-def load_hf_checkpoint(directory: str | os.PathLike, task: str | None = None, *, allow_new_head: bool = False,
-                       rng: jax.Array | int = 0, **config_options):
+def load_hf_checkpoint(
+    directory: str | os.PathLike,
+    task: str | None = None,
+    *,
+    allow_new_head: bool = False,
+    rng: jax.Array | int = 0,
+    **config_options,
+):
     """Reads an HF Longformer directory; returns ``(config, task, params)``.
 
     ``task`` None: from config.json's ``architectures``, else the weight names. With
@@ -464,8 +485,9 @@ def load_hf_checkpoint(directory: str | os.PathLike, task: str | None = None, *,
     return config, task, params
 
 
-def save_hf_checkpoint(dst: str | os.PathLike, config: LongformerConfig, params, task: str, tokenizer=None, *,
-                       overwrite: bool = False) -> list[str]:
+def save_hf_checkpoint(
+    dst: str | os.PathLike, config: LongformerConfig, params, task: str, tokenizer=None, *, overwrite: bool = False
+) -> list[str]:
     """Writes an HF directory ``dst`` (atomically) with :func:`save_pretrained`; returns the tokenizer files.
 
     A model with an attention pattern transformers lacks (dilated or causal windows) is refused before
@@ -476,8 +498,14 @@ def save_hf_checkpoint(dst: str | os.PathLike, config: LongformerConfig, params,
         return save_tokenizer(tokenizer, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, task: str | None = None, *, allow_new_head: bool = False,
-                    rng: jax.Array | int = 0, **config_options):
+def load_checkpoint(
+    path: str | os.PathLike,
+    task: str | None = None,
+    *,
+    allow_new_head: bool = False,
+    rng: jax.Array | int = 0,
+    **config_options,
+):
     """Reads any checkpoint this library writes or reads: a Flax checkpoint directory, an HF directory or
     a hub id. Returns ``(config, task, params, directory)``.
 
@@ -486,13 +514,15 @@ def load_checkpoint(path: str | os.PathLike, task: str | None = None, *, allow_n
     """
     directory = resolve_source(path)
     if not is_flax_checkpoint(directory):
-        config, task, params = load_hf_checkpoint(directory, task, allow_new_head=allow_new_head, rng=rng,
-                                                  **config_options)
+        config, task, params = load_hf_checkpoint(
+            directory, task, allow_new_head=allow_new_head, rng=rng, **config_options
+        )
         return config, task, params, directory
     config, stored, params = load_flax_checkpoint(directory, **config_options)
     if task is not None and check_task(task) != stored:
-        config, params = convert_params(params, config, stored, task, allow_new_head=allow_new_head, rng=rng,
-                                        source=f"{directory} ({stored})")
+        config, params = convert_params(
+            params, config, stored, task, allow_new_head=allow_new_head, rng=rng, source=f"{directory} ({stored})"
+        )
     return config, task or stored, params, directory
 
 
@@ -510,8 +540,7 @@ def load_pretrained(
     ``remat=True``, ``scan_layers=True``, ``num_labels=3``).
     """
     check_task(task)
-    config, task, params, _ = load_checkpoint(path, task, allow_new_head=allow_new_head, rng=rng,
-                                              **config_overrides)
+    config, task, params, _ = load_checkpoint(path, task, allow_new_head=allow_new_head, rng=rng, **config_overrides)
     return build_model(config, task), params
 
 

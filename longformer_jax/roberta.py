@@ -42,13 +42,29 @@ from longformer_jax.tasks import TASKS, infer_task
 
 # RoBERTa config.json keys a Longformer config does not carry over.
 _ROBERTA_DROP_CONFIG = (
-    "position_embedding_type", "use_cache", "is_decoder", "add_cross_attention", "architectures",
-    "model_type", "_name_or_path", "transformers_version", "max_position_embeddings",
+    "position_embedding_type",
+    "use_cache",
+    "is_decoder",
+    "add_cross_attention",
+    "architectures",
+    "model_type",
+    "_name_or_path",
+    "transformers_version",
+    "max_position_embeddings",
     "cross_attention_hidden_size",
-    "is_encoder_decoder", "chunk_size_feed_forward", "_attn_implementation", "auto_map",
+    "is_encoder_decoder",
+    "chunk_size_feed_forward",
+    "_attn_implementation",
+    "auto_map",
 )
-_REQUIRED_CONFIG = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                    "max_position_embeddings")
+_REQUIRED_CONFIG = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
 _HEADS = ("lm_head.", "classifier.", "qa_outputs.")
 
 
@@ -71,8 +87,10 @@ def _check_roberta_config(cfg: Mapping[str, Any], source: Any) -> None:
     if model_type not in (*ROBERTA_MODEL_TYPES, "longformer"):
         extra = ""
         if model_type == "bert":
-            extra = (" BERT differs from RoBERTa (position ids from 0, no padding offset, a [CLS]/[SEP] "
-                     "vocabulary), so its weights do not carry over.")
+            extra = (
+                " BERT differs from RoBERTa (position ids from 0, no padding offset, a [CLS]/[SEP] "
+                "vocabulary), so its weights do not carry over."
+            )
         raise ConversionError(
             f"{source} has model_type {model_type!r} in config.json; expected a RoBERTa checkpoint "
             f"({' or '.join(repr(t) for t in ROBERTA_MODEL_TYPES)}), or a Longformer to make longer.{extra}"
@@ -105,7 +123,7 @@ def _rename_roberta_key(key: str) -> str | None:
     if key.endswith("position_ids") or key.endswith("embeddings.token_type_ids"):
         return None  # buffers
     if key.startswith("roberta."):
-        return "longformer." + key[len("roberta."):]
+        return "longformer." + key[len("roberta.") :]
     if key.startswith(("embeddings.", "encoder.", "pooler.")):
         return "longformer." + key
     return key  # heads: lm_head.*, classifier.*, qa_outputs.*
@@ -115,8 +133,10 @@ def _renamed(state: Mapping[str, Any], source: Any) -> dict[str, np.ndarray]:
     out = {new: np.asarray(v) for k, v in state.items() if (new := _rename_roberta_key(k)) is not None}
     unknown = sorted(k for k in out if not k.startswith(("longformer.", *_HEADS)))
     if unknown:
-        raise ConversionError(f"{source}: unexpected keys for a RoBERTa checkpoint: {', '.join(unknown[:8])}"
-                              + (" ..." if len(unknown) > 8 else ""))
+        raise ConversionError(
+            f"{source}: unexpected keys for a RoBERTa checkpoint: {', '.join(unknown[:8])}"
+            + (" ..." if len(unknown) > 8 else "")
+        )
     return out
 
 
@@ -125,11 +145,13 @@ def _windows(attention_window: int | list[int], n_layers: int) -> list[int]:
     windows = [attention_window] * n_layers if isinstance(attention_window, int) else list(attention_window)
     if len(windows) != n_layers:
         raise ConversionError(
-            f"attention_window has {len(windows)} entries for {n_layers} layers; give one int or one per layer.")
+            f"attention_window has {len(windows)} entries for {n_layers} layers; give one int or one per layer."
+        )
     for w in windows:
         if not isinstance(w, (int, np.integer)) or w <= 0 or w % 2:
             raise ConversionError(
-                f"attention_window {w} must be a positive even integer (the full window: 2 x one side).")
+                f"attention_window {w} must be a positive even integer (the full window: 2 x one side)."
+            )
     return [int(w) for w in windows]
 
 
@@ -141,19 +163,24 @@ def _position_rows(max_length: int, max_position_embeddings: int | None, pad: in
     if max_position_embeddings < max_length + pad + 1:
         raise ConversionError(
             f"max_position_embeddings {max_position_embeddings} is too small for max_length {max_length}: "
-            f"needs at least max_length + pad_token_id + 1 = {max_length + pad + 1}.")
+            f"needs at least max_length + pad_token_id + 1 = {max_length + pad + 1}."
+        )
     return int(max_position_embeddings)
 
 
-def _check_shapes(renamed: Mapping[str, np.ndarray], cfg: Mapping[str, Any], lf_cfg: Mapping[str, Any],
-                  source: Any) -> None:
+def _check_shapes(
+    renamed: Mapping[str, np.ndarray], cfg: Mapping[str, Any], lf_cfg: Mapping[str, Any], source: Any
+) -> None:
     """Every encoder tensor present with the shape the model itself has for RoBERTa's config (its
     abstract init); the global projections, which RoBERTa lacks, are made later."""
     old_max = int(cfg["max_position_embeddings"])
     # The smallest window: shapes do not depend on it, and the init's input must fit RoBERTa's positions.
     config = config_from_dict({**lf_cfg, "max_position_embeddings": old_max, "attention_window": 2}, source)
-    expected = {k: s for k, s in state_dict_shapes(config, "masked-lm").items()
-                if k.startswith("longformer.") and "_global." not in k}
+    expected = {
+        k: s
+        for k, s in state_dict_shapes(config, "masked-lm").items()
+        if k.startswith("longformer.") and "_global." not in k
+    }
     missing = [k for k in expected if k not in renamed]
     if missing:
         shown = ", ".join(k.replace("longformer.", "roberta.", 1) for k in missing[:6])
@@ -176,7 +203,8 @@ def _tie_lm_head(out: dict[str, np.ndarray], source: Any) -> None:
     if dec is not None and (dec.shape != emb.shape or not np.array_equal(dec, emb)):
         raise ConversionError(
             f"{source}: lm_head.decoder.weight differs from the word embeddings; a Longformer masked-LM "
-            "ties them, so an untied RoBERTa LM head cannot be carried over.")
+            "ties them, so an untied RoBERTa LM head cannot be carried over."
+        )
     bias = out.get("lm_head.bias", out.get("lm_head.decoder.bias"))
     if bias is None:
         raise ConversionError(f"{source}: missing lm_head.bias for the masked-LM head.")
@@ -202,23 +230,31 @@ def extend_position_embeddings(old_PxH: np.ndarray, new_rows: int, pad_token_id:
 
 def _longformer_config(cfg: Mapping[str, Any], task: str, windows: list[int], max_pos: int) -> dict[str, Any]:
     lf_cfg = {k: v for k, v in cfg.items() if k not in _ROBERTA_DROP_CONFIG}
-    lf_cfg.update({
-        "model_type": "longformer",
-        "architectures": [TASKS[task].hf_architecture],
-        "attention_window": windows,
-        "max_position_embeddings": max_pos,
-        "sep_token_id": int(cfg.get("sep_token_id", cfg.get("eos_token_id", 2))),
-        "pad_token_id": int(cfg.get("pad_token_id", 1)),
-        "bos_token_id": int(cfg.get("bos_token_id", 0)),
-        "eos_token_id": int(cfg.get("eos_token_id", 2)),
-        "type_vocab_size": int(cfg.get("type_vocab_size", 1)),
-    })
+    lf_cfg.update(
+        {
+            "model_type": "longformer",
+            "architectures": [TASKS[task].hf_architecture],
+            "attention_window": windows,
+            "max_position_embeddings": max_pos,
+            "sep_token_id": int(cfg.get("sep_token_id", cfg.get("eos_token_id", 2))),
+            "pad_token_id": int(cfg.get("pad_token_id", 1)),
+            "bos_token_id": int(cfg.get("bos_token_id", 0)),
+            "eos_token_id": int(cfg.get("eos_token_id", 2)),
+            "type_vocab_size": int(cfg.get("type_vocab_size", 1)),
+        }
+    )
     return lf_cfg
 
 
-def roberta_to_longformer(roberta, max_length: int = 4096, attention_window: int | list[int] | None = None, *,
-                          config=None, max_position_embeddings: int | None = None,
-                          source: Any = None) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+def roberta_to_longformer(
+    roberta,
+    max_length: int = 4096,
+    attention_window: int | list[int] | None = None,
+    *,
+    config=None,
+    max_position_embeddings: int | None = None,
+    source: Any = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """A long Longformer from a RoBERTa checkpoint, made the way the seed model was.
 
     ``roberta``: a directory (or hub id) with config.json and weights, or a state dict (then ``config``,
@@ -252,7 +288,8 @@ def roberta_to_longformer(roberta, max_length: int = 4096, attention_window: int
 
     out = dict(renamed)
     out["longformer.embeddings.position_embeddings.weight"] = extend_position_embeddings(
-        renamed["longformer.embeddings.position_embeddings.weight"], max_pos, pad)
+        renamed["longformer.embeddings.position_embeddings.weight"], max_pos, pad
+    )
     for i in range(len(windows)):
         p = f"longformer.encoder.layer.{i}.attention.self."
         for name in ("query", "key", "value"):
@@ -285,18 +322,26 @@ def _save_long_tokenizer(src_dir: Path | None, dst: Path, max_length: int) -> li
     return sorted(set(os.listdir(dst)) - names)
 
 
-def convert_roberta_to_longformer(src: str | os.PathLike, dst: str | os.PathLike, *, max_length: int = 4096,
-                                  attention_window: int | list[int] | None = None, output_format: str = "hf",
-                                  max_position_embeddings: int | None = None, overwrite: bool = False,
-                                  log: Callable[[str], None] = print) -> dict:
+def convert_roberta_to_longformer(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    max_length: int = 4096,
+    attention_window: int | list[int] | None = None,
+    output_format: str = "hf",
+    max_position_embeddings: int | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """RoBERTa (or Longformer) dir/hub id -> long Longformer dir: HF files (``hf``), a Flax checkpoint
     (``flax``) or both."""
     if output_format not in ("hf", "flax", "both"):
         raise ConversionError(f"format {output_format!r}: expected 'hf', 'flax' or 'both'.")
     check_destination(dst, overwrite=overwrite)
     src_dir = resolve_source(src)
-    lf_cfg, state, task = roberta_to_longformer(src_dir, max_length, attention_window,
-                                                max_position_embeddings=max_position_embeddings)
+    lf_cfg, state, task = roberta_to_longformer(
+        src_dir, max_length, attention_window, max_position_embeddings=max_position_embeddings
+    )
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         tok_files = _save_long_tokenizer(src_dir, tmp, max_length)
         with open(tmp / CONFIG_FILE, "w") as f:
@@ -307,9 +352,14 @@ def convert_roberta_to_longformer(src: str | os.PathLike, dst: str | os.PathLike
         if output_format in ("flax", "both"):
             params = params_from_state_dict(state, config_from_dict(lf_cfg, tmp / CONFIG_FILE), task)
             write_flax_params(tmp, params, task)
-    log(f"wrote {output_format} Longformer {dst}: task {task}, max_length {max_length}, "
+    log(
+        f"wrote {output_format} Longformer {dst}: task {task}, max_length {max_length}, "
         f"max_position_embeddings {lf_cfg['max_position_embeddings']}, attention_window "
-        f"{sorted(set(lf_cfg['attention_window']))}")
-    log(f"tokenizer saved with model_max_length {max_length}: {', '.join(tok_files)}" if tok_files
-        else tokenizer_note(src_dir, []))
+        f"{sorted(set(lf_cfg['attention_window']))}"
+    )
+    log(
+        f"tokenizer saved with model_max_length {max_length}: {', '.join(tok_files)}"
+        if tok_files
+        else tokenizer_note(src_dir, [])
+    )
     return {"task": task, "config": lf_cfg, "tokenizer_files": tok_files}

@@ -90,8 +90,9 @@ def halo_rows(one_sided_window: int, dilation: int | Sequence[int] = 1) -> int:
     return one_sided_window * math.lcm(*(int(d) for d in np.atleast_1d(np.asarray(dilation)).tolist()))
 
 
-def check_sequence_split(length: int, attention_window: int, devices: int, implementation: str = "blocked",
-                         dilation: int | Sequence[int] = 1) -> None:
+def check_sequence_split(
+    length: int, attention_window: int, devices: int, implementation: str = "blocked", dilation: int | Sequence[int] = 1
+) -> None:
     """A ValueError naming the fix unless a padded ``length`` splits into whole (dilated) windows over ``devices``,
     and the band's ``implementation`` has a sequence-parallel form."""
     multiple = 2 * halo_rows(attention_window // 2, dilation)  # the window, times the dilation
@@ -146,8 +147,9 @@ def _with_halo(x: Array, left: int, right: int, axis: int, devices: int) -> Arra
     return jnp.concatenate(parts, axis=axis)
 
 
-def _band(q, k, v, mask_BxL, w: int, devices: int, global_kv, *, dilation, causal: bool, block_size,
-          dropout_rate, dropout_rng) -> Array:
+def _band(
+    q, k, v, mask_BxL, w: int, devices: int, global_kv, *, dilation, causal: bool, block_size, dropout_rate, dropout_rng
+) -> Array:
     """This device's rows of the band (B, H, L/n, D): the blocked band over its rows and the halos.
 
     The halos are ``halo_rows`` each side (the left one only for the causal band, whose keys all lie
@@ -164,8 +166,17 @@ def _band(q, k, v, mask_BxL, w: int, devices: int, global_kv, *, dilation, causa
     elif global_kv is not None:
         global_kv = (*global_kv[:2], global_kv[2][1])
     out = attn.lean_band_with_global_keys_heads(
-        _pad_axis(q, 2, h, right + tail), ext(k, 2), ext(v, 2), ext(mask_BxL, 1), w, global_kv,
-        block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng, dilation=dilation, causal=causal,
+        _pad_axis(q, 2, h, right + tail),
+        ext(k, 2),
+        ext(v, 2),
+        ext(mask_BxL, 1),
+        w,
+        global_kv,
+        block_size=block_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        dilation=dilation,
+        causal=causal,
     )
     return out[:, :, h : h + Lp]
 
@@ -202,16 +213,17 @@ def _global_values(p_BxHxGxL, x, value_global, reassociate: bool) -> Array:
     if reassociate:
         ph_BxHxGxE = jnp.einsum("bhgl,ble->bhge", p, x, preferred_element_type=jnp.float32)
         ph_BxHxGxE, mass_BxHxG = jax.lax.psum((ph_BxHxGxE, jnp.sum(p_BxHxGxL, axis=-1)), SEQUENCE_AXIS)
-        out = jnp.einsum("bhge,ehd->bhgd", ph_BxHxGxE.astype(x.dtype), wv.reshape(-1, H, D),
-                         preferred_element_type=jnp.float32)
+        out = jnp.einsum(
+            "bhge,ehd->bhgd", ph_BxHxGxE.astype(x.dtype), wv.reshape(-1, H, D), preferred_element_type=jnp.float32
+        )
         return out + mass_BxHxG[..., None] * value_global[1].astype(jnp.float32).reshape(H, D)[None, :, None, :]
     v_BxHxLxD = (x @ wv + bv).reshape(B, x.shape[1], H, D).transpose(0, 2, 1, 3)
-    return jax.lax.psum(jnp.einsum("bhgl,bhld->bhgd", p, v_BxHxLxD, preferred_element_type=jnp.float32),
-                        SEQUENCE_AXIS)
+    return jax.lax.psum(jnp.einsum("bhgl,bhld->bhgd", p, v_BxHxLxD, preferred_element_type=jnp.float32), SEQUENCE_AXIS)
 
 
-def _global_rows(qg, x, key_global, value_global, mask_BxL, slots: GlobalSlots, *, causal, reassociate, dropout_rate,
-                 dropout_rng):
+def _global_rows(
+    qg, x, key_global, value_global, mask_BxL, slots: GlobalSlots, *, causal, reassociate, dropout_rate, dropout_rng
+):
     """The global queries' outputs (B, H, G, D) over every non-pad key of the whole sequence (when ``causal``,
     the keys ``j <= i``).
 
@@ -231,22 +243,59 @@ def _global_rows(qg, x, key_global, value_global, mask_BxL, slots: GlobalSlots, 
     return out.astype(x.dtype)
 
 
-def _local_attention(q, k, v, mask_BxL, slots, glob, rngs, *, w, devices, device_axes, dilation, causal, block_size,
-                     dropout_rate, reassociate):
+def _local_attention(
+    q,
+    k,
+    v,
+    mask_BxL,
+    slots,
+    glob,
+    rngs,
+    *,
+    w,
+    devices,
+    device_axes,
+    dilation,
+    causal,
+    block_size,
+    dropout_rate,
+    reassociate,
+):
     """One device's rows of the self-attention (B, H, L/n, D): band, global columns and global rows."""
     index_BxG, own_BxG = _owned(slots, q.shape[2])
-    rng_band, rng_global = (None if r is None else jax.random.fold_in(r, jax.lax.axis_index(device_axes))
-                            for r in rngs)
+    rng_band, rng_global = (None if r is None else jax.random.fold_in(r, jax.lax.axis_index(device_axes)) for r in rngs)
     global_kv = None
     if glob is not None:
-        global_kv = (_gather_owned(k, index_BxG, own_BxG, axis=2), _gather_owned(v, index_BxG, own_BxG, axis=2),
-                     (slots.index_BxG, slots.valid_BxG))
-    out = _band(q, k, v, mask_BxL, w, devices, global_kv, dilation=dilation, causal=causal, block_size=block_size,
-                dropout_rate=dropout_rate, dropout_rng=rng_band)
+        global_kv = (
+            _gather_owned(k, index_BxG, own_BxG, axis=2),
+            _gather_owned(v, index_BxG, own_BxG, axis=2),
+            (slots.index_BxG, slots.valid_BxG),
+        )
+    out = _band(
+        q,
+        k,
+        v,
+        mask_BxL,
+        w,
+        devices,
+        global_kv,
+        dilation=dilation,
+        causal=causal,
+        block_size=block_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=rng_band,
+    )
     if glob is None:
         return out
-    rows = _global_rows(*glob, mask_BxL, slots, causal=causal, reassociate=reassociate, dropout_rate=dropout_rate,
-                        dropout_rng=rng_global)
+    rows = _global_rows(
+        *glob,
+        mask_BxL,
+        slots,
+        causal=causal,
+        reassociate=reassociate,
+        dropout_rate=dropout_rate,
+        dropout_rng=rng_global,
+    )
     return attn.scatter_global_rows_heads(out, rows, GlobalSlots(index_BxG, own_BxG, slots.overflow_B))
 
 
@@ -282,11 +331,24 @@ def take_global_rows(x_BxLxE: Array, slots: GlobalSlots) -> Array:
 
 
 def self_attention_heads(
-    q_BxHxLxD: Array, k_BxHxLxD: Array, v_BxHxLxD: Array, mask_BxL: Array, one_sided_window: int,
-    slots: GlobalSlots, qg_BxHxGxD: Array, x_BxLxE: Array, key_global: tuple[Array, Array],
-    value_global: tuple[Array, Array], *, implementation: str = "blocked", block_size: int | None = None,
-    dropout_rate: float = 0.0, dropout_rng: Array | None = None, global_dropout_rng: Array | None = None,
-    dilation: int | Sequence[int] = 1, causal: bool = False,
+    q_BxHxLxD: Array,
+    k_BxHxLxD: Array,
+    v_BxHxLxD: Array,
+    mask_BxL: Array,
+    one_sided_window: int,
+    slots: GlobalSlots,
+    qg_BxHxGxD: Array,
+    x_BxLxE: Array,
+    key_global: tuple[Array, Array],
+    value_global: tuple[Array, Array],
+    *,
+    implementation: str = "blocked",
+    block_size: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    global_dropout_rng: Array | None = None,
+    dilation: int | Sequence[int] = 1,
+    causal: bool = False,
 ) -> Array:
     """A layer's self-attention (B, H, L, D), its tokens split over the ambient mesh's "sequence" axis.
 
@@ -306,8 +368,14 @@ def self_attention_heads(
     rows = _row_axes(B)
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
     local = functools.partial(
-        _local_attention, w=w, devices=devices, device_axes=(*(rows or ()), SEQUENCE_AXIS), dilation=dilation,
-        causal=causal, block_size=block_size, dropout_rate=rate,
+        _local_attention,
+        w=w,
+        devices=devices,
+        device_axes=(*(rows or ()), SEQUENCE_AXIS),
+        dilation=dilation,
+        causal=causal,
+        block_size=block_size,
+        dropout_rate=rate,
         reassociate=bool(G) and attn.reassociate_global(G, H, x_BxLxE.shape[-1]),
     )
     heads = P(rows, None, SEQUENCE_AXIS, None)

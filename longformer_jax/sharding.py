@@ -66,8 +66,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, *,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "sequence") mesh over `devices` (default: all); data=-1 takes the remaining devices.
 
     "sequence" is the innermost axis, so the neighbours that exchange a document's halo rows are
@@ -79,17 +78,22 @@ def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, *,
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
             raise ValueError(f"mesh {name}={size!r} must be an integer (pass devices=... by keyword).")
         if size < 1 or n % size:
-            raise ValueError(f"mesh {name}={size} does not divide the {n} devices; pick {name} among {divisors} "
-                             f"(--mesh {name}=N).")
+            raise ValueError(
+                f"mesh {name}={size} does not divide the {n} devices; pick {name} among {divisors} (--mesh {name}=N)."
+            )
     if data == -1:
         if n % (fsdp * sequence):
-            raise ValueError(f"mesh fsdp={fsdp} x sequence={sequence} = {fsdp * sequence} does not divide the {n} "
-                             "devices; make the product a divisor of the device count.")
+            raise ValueError(
+                f"mesh fsdp={fsdp} x sequence={sequence} = {fsdp * sequence} does not divide the {n} "
+                "devices; make the product a divisor of the device count."
+            )
         data = n // (fsdp * sequence)
     if data < 1 or data * fsdp * sequence != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x sequence={sequence} = {data * fsdp * sequence} "
-                         f"devices, but {n} are present; use data=-1 (all remaining devices: --mesh data=-1) "
-                         f"or make the product {n}.")
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x sequence={sequence} = {data * fsdp * sequence} "
+            f"devices, but {n} are present; use data=-1 (all remaining devices: --mesh data=-1) "
+            f"or make the product {n}."
+        )
     arr = np.asarray(devices, dtype=object).reshape(data, fsdp, sequence)
     return Mesh(arr, MESH_AXES)
 
@@ -101,9 +105,11 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, _, value = item.partition("=")
         name = name.strip()
         if name not in sizes or not value.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE items separated by commas, axes among "
-                             f"{', '.join(sizes)} (e.g. --mesh data=2,fsdp=1,sequence=4; data=-1 takes the "
-                             "remaining devices).")
+            raise ValueError(
+                f"--mesh {text!r}: expected AXIS=SIZE items separated by commas, axes among "
+                f"{', '.join(sizes)} (e.g. --mesh data=2,fsdp=1,sequence=4; data=-1 takes the "
+                "remaining devices)."
+            )
         sizes[name] = int(value)
     return sizes
 
@@ -142,8 +148,9 @@ def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     return int(np.prod([mesh.shape[a] for a in names]))
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> P:
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES
+) -> P:
     """PartitionSpec for logical `axes`; a dim not divisible by its mesh axes is replicated."""
     table = dict(rules)
     spec, used = [], set()
@@ -167,14 +174,14 @@ def partition_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
 
 def tree_partition_specs(tree: Any, mesh: Mesh) -> Any:
     """PartitionSpecs for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: partition_spec(path_str(kp), np.shape(x), mesh), tree)
+    return jax.tree_util.tree_map_with_path(lambda kp, x: partition_spec(path_str(kp), np.shape(x), mesh), tree)
 
 
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for every leaf of `tree` from the partition rules."""
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), tree_partition_specs(tree, mesh),
-                                  is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), tree_partition_specs(tree, mesh), is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def batch_spec(ndim: int, batch_dim: int = 0, token_dim: int | None = None) -> P:
@@ -191,8 +198,9 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0, token_dim: int | N
     return NamedSharding(mesh, batch_spec(ndim, batch_dim, token_dim))
 
 
-def check_batch_divisible(global_batch: int, num_devices: int, what: str = "batch_size",
-                          devices: str = "devices") -> None:
+def check_batch_divisible(
+    global_batch: int, num_devices: int, what: str = "batch_size", devices: str = "devices"
+) -> None:
     """A ValueError naming the fix unless `global_batch` rows split evenly over `num_devices` (`devices`
     names them in the message, e.g. "data x fsdp devices" when a sequence axis splits the tokens)."""
     if global_batch % num_devices:
@@ -200,4 +208,5 @@ def check_batch_divisible(global_batch: int, num_devices: int, what: str = "batc
         raise ValueError(
             f"{what}={global_batch} is not divisible by the {num_devices} {devices}; each device needs "
             f"the same number of examples: use a multiple of {num_devices} (e.g. {ok[:3]}) "
-            "or run on fewer devices.")
+            "or run on fewer devices."
+        )

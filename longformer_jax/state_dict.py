@@ -267,9 +267,17 @@ def params_from_state_dict(
 
 
 # ---------------------------------------------------------------------------------------- between models
-def convert_params(params, config: LongformerConfig, task: str, to_task: str | None = None, *,
-                   scan_layers: bool | None = None, allow_new_head: bool = True, rng: jax.Array | int = 0,
-                   source: str = "params") -> tuple[LongformerConfig, Any]:
+def convert_params(
+    params,
+    config: LongformerConfig,
+    task: str,
+    to_task: str | None = None,
+    *,
+    scan_layers: bool | None = None,
+    allow_new_head: bool = True,
+    rng: jax.Array | int = 0,
+    source: str = "params",
+) -> tuple[LongformerConfig, Any]:
     """``task``'s params (laid out as ``config`` says) -> ``(config, params)`` of ``to_task`` and/or the
     other layer layout (``scan_layers``), through the HF state dict.
 
@@ -279,12 +287,14 @@ def convert_params(params, config: LongformerConfig, task: str, to_task: str | N
     state = state_dict_from_params(params, config, task)
     new_config = config if scan_layers is None else config.replace(scan_layers=scan_layers)
     new_config = base_pooler_setting(new_config, to_task, state, allow_new_head)
-    return new_config, params_from_state_dict(state, new_config, to_task, rng=rng, allow_new_head=allow_new_head,
-                                              source=source)
+    return new_config, params_from_state_dict(
+        state, new_config, to_task, rng=rng, allow_new_head=allow_new_head, source=source
+    )
 
 
-def base_pooler_setting(config: LongformerConfig, task: str, state_dict: Mapping[str, Any],
-                        allow_new_head: bool) -> LongformerConfig:
+def base_pooler_setting(
+    config: LongformerConfig, task: str, state_dict: Mapping[str, Any], allow_new_head: bool
+) -> LongformerConfig:
     """For a ``"base"`` model whose config does not say: a pooler when the weights hold one, or when new
     parameters may be initialised (``transformers``' default); otherwise none."""
     if task != "base" or "add_pooling_layer" in config.extra or allow_new_head:

@@ -81,18 +81,49 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("base", LongformerModel, "LongformerModel", "AutoModel", settings=(("add_pooling_layer", True),)),
         Task("masked-lm", heads.LongformerForMaskedLM, "LongformerForMaskedLM", "AutoModelForMaskedLM"),
-        Task("sequence-classification", heads.LongformerForSequenceClassification,
-             "LongformerForSequenceClassification", "AutoModelForSequenceClassification", _first_token),
-        Task("token-classification", heads.LongformerForTokenClassification, "LongformerForTokenClassification",
-             "AutoModelForTokenClassification"),
-        Task("question-answering", heads.LongformerForQuestionAnswering, "LongformerForQuestionAnswering",
-             "AutoModelForQuestionAnswering", _question),
-        Task("multiple-choice", heads.LongformerForMultipleChoice, "LongformerForMultipleChoice",
-             "AutoModelForMultipleChoice", _choices),
-        Task("document-classification", heads.LongformerForDocumentClassification,
-             "LongformerForDocumentClassification", None, _block_starts, (_BLOCK, ("pooling", "max"))),
-        Task("sequential-sentence-classification", heads.LongformerForSequentialSentenceClassification,
-             "LongformerForSequentialSentenceClassification", None, _block_starts, (_BLOCK,)),
+        Task(
+            "sequence-classification",
+            heads.LongformerForSequenceClassification,
+            "LongformerForSequenceClassification",
+            "AutoModelForSequenceClassification",
+            _first_token,
+        ),
+        Task(
+            "token-classification",
+            heads.LongformerForTokenClassification,
+            "LongformerForTokenClassification",
+            "AutoModelForTokenClassification",
+        ),
+        Task(
+            "question-answering",
+            heads.LongformerForQuestionAnswering,
+            "LongformerForQuestionAnswering",
+            "AutoModelForQuestionAnswering",
+            _question,
+        ),
+        Task(
+            "multiple-choice",
+            heads.LongformerForMultipleChoice,
+            "LongformerForMultipleChoice",
+            "AutoModelForMultipleChoice",
+            _choices,
+        ),
+        Task(
+            "document-classification",
+            heads.LongformerForDocumentClassification,
+            "LongformerForDocumentClassification",
+            None,
+            _block_starts,
+            (_BLOCK, ("pooling", "max")),
+        ),
+        Task(
+            "sequential-sentence-classification",
+            heads.LongformerForSequentialSentenceClassification,
+            "LongformerForSequentialSentenceClassification",
+            None,
+            _block_starts,
+            (_BLOCK,),
+        ),
     )
 }
 
@@ -117,8 +148,10 @@ def task_of_model(model: nn.Module) -> str:
     for spec in TASKS.values():
         if type(model) is spec.model_class:
             return spec.name
-    raise ValueError(f"{type(model).__name__} is not a longformer_jax model; expected one of "
-                     f"{[t.model_class.__name__ for t in TASKS.values()]}.")
+    raise ValueError(
+        f"{type(model).__name__} is not a longformer_jax model; expected one of "
+        f"{[t.model_class.__name__ for t in TASKS.values()]}."
+    )
 
 
 def config_for_model(model: nn.Module) -> LongformerConfig:
@@ -171,7 +204,7 @@ def automatic_global_attention_mask(model: nn.Module, input_ids, attention_mask=
 def task_of_architecture(architecture: str) -> str | None:
     """The task of an HF ``architectures`` entry (RoBERTa names map to their Longformer twins)."""
     if architecture.startswith("Roberta"):
-        architecture = "Longformer" + architecture[len("Roberta"):]
+        architecture = "Longformer" + architecture[len("Roberta") :]
     return next((t.name for t in TASKS.values() if t.hf_architecture == architecture), None)
 
 
@@ -192,8 +225,9 @@ def has_pooler(keys) -> bool:
     return any(k.startswith("pooler.") or ".pooler." in k for k in keys)
 
 
-def infer_task(config_dict: Mapping[str, Any], state_dict: Mapping[str, Any] | None = None,
-               source: Any = "config.json") -> str:
+def infer_task(
+    config_dict: Mapping[str, Any], state_dict: Mapping[str, Any] | None = None, source: Any = "config.json"
+) -> str:
     """The task of a checkpoint: from config.json's ``architectures``, else from its weight names."""
     for arch in config_dict.get("architectures") or ():
         task = task_of_architecture(arch)

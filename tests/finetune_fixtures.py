@@ -23,8 +23,16 @@ TOPICS = {
 COMMON = "the a of and to is in with it on was for".split()
 LABELS = list(TOPICS)
 SEQ_LEN, BLOCK = 64, 16
-TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  attention_window=8, type_vocab_size=1, layer_norm_eps=1e-5, max_position_embeddings=SEQ_LEN + 2)
+TINY_MODEL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    attention_window=8,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    max_position_embeddings=SEQ_LEN + 2,
+)
 KEYS = "red blue green gold black white pink grey".split()
 
 
@@ -39,8 +47,13 @@ def _records(task: str, rng: random.Random, n: int) -> list[dict]:
         topic = LABELS[i % 3]
         other = LABELS[(i + 1) % 3]
         if task == "document-classification":
-            out.append({"id": f"d{i}", "text": " ".join(sentence(rng, topic) for _ in range(rng.randint(3, 9))),
-                        "label": topic})
+            out.append(
+                {
+                    "id": f"d{i}",
+                    "text": " ".join(sentence(rng, topic) for _ in range(rng.randint(3, 9))),
+                    "label": topic,
+                }
+            )
         elif task == "multi-label":
             topics = [topic] + ([other] if i % 2 else [])
             text = " ".join(sentence(rng, t) for t in topics for _ in range(3))
@@ -61,8 +74,14 @@ def _records(task: str, rng: random.Random, n: int) -> list[dict]:
             context = " ".join(f"The {k} one is {v}." for k, v in zip(keys, values))
             q = rng.randrange(4)
             start = context.index(f"The {keys[q]} one is ") + len(f"The {keys[q]} one is ")
-            out.append({"id": f"q{i}", "question": f"Which is the {keys[q]} one?", "context": context,
-                        "answers": {"text": [values[q]], "answer_start": [start]}})
+            out.append(
+                {
+                    "id": f"q{i}",
+                    "question": f"Which is the {keys[q]} one?",
+                    "context": context,
+                    "answers": {"text": [values[q]], "answer_start": [start]},
+                }
+            )
         elif task == "token-classification":
             words = [w for _ in range(3) for w in sentence(rng, rng.choice(LABELS)).rstrip(".").split()]
             tags = [next((t for t in LABELS if w.lower() in TOPICS[t]), "O") for w in words]
@@ -90,12 +109,20 @@ def write_task(root: Path, task: str, n_train: int = 24, n_eval: int = 9, seed: 
 def build_base_model(root: Path) -> Path:
     """A tiny random masked-LM Longformer with a BPE trained on the synthetic words, as an HF directory."""
     rng = random.Random(0)
-    texts = [sentence(rng, t) for t in LABELS for _ in range(60)] + [f"The {k} one is. Which is the {k} one?"
-                                                                     for k in KEYS]
-    tok = data_lib.train_demo_tokenizer(texts, str(root / "tokenizer"), vocab_size=300, min_frequency=1,
-                                        model_max_length=SEQ_LEN)
-    config = lj.LongformerConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id, sep_token_id=tok.sep_token_id, **TINY_MODEL)
+    texts = [sentence(rng, t) for t in LABELS for _ in range(60)] + [
+        f"The {k} one is. Which is the {k} one?" for k in KEYS
+    ]
+    tok = data_lib.train_demo_tokenizer(
+        texts, str(root / "tokenizer"), vocab_size=300, min_frequency=1, model_max_length=SEQ_LEN
+    )
+    config = lj.LongformerConfig(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        sep_token_id=tok.sep_token_id,
+        **TINY_MODEL,
+    )
     model = lj.LongformerForMaskedLM(config)
     out = root / "base"
     lj.save_pretrained(out, model, lj.init_params(model, 0), tok)
@@ -105,10 +132,37 @@ def build_base_model(root: Path) -> Path:
 def finetune_args(task: str, folder: Path, init: Path, out: Path, *extra: str) -> list[str]:
     """The command line of a quick run (24 steps, evaluation every 12, lr 1e-2)."""
     real = "document-classification" if task == "multi-label" else task
-    args = ["--preset", "demo", "--task", real, "--init", str(init), "--data", str(folder), "--output-dir", str(out),
-            "--seq-len", str(SEQ_LEN), "--block-size", str(BLOCK), "--batch-size", "4", "--max-steps", "24",
-            "--eval-every", "12", "--learning-rate", "1e-2", "--warmup-fraction", "0", "--log-every", "1",
-            "--no-progress-bar", "--no-async-checkpointing", "--no-dropout"]
+    args = [
+        "--preset",
+        "demo",
+        "--task",
+        real,
+        "--init",
+        str(init),
+        "--data",
+        str(folder),
+        "--output-dir",
+        str(out),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--block-size",
+        str(BLOCK),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "24",
+        "--eval-every",
+        "12",
+        "--learning-rate",
+        "1e-2",
+        "--warmup-fraction",
+        "0",
+        "--log-every",
+        "1",
+        "--no-progress-bar",
+        "--no-async-checkpointing",
+        "--no-dropout",
+    ]
     if task == "multi-label":
         args += ["--multi-label"]
     return args + list(extra)

@@ -36,14 +36,20 @@ def build_tokenizer(directory: Path, model_max_length: int = 512) -> Path:
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS * 40, vocab_size=VOCAB, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        _CORPUS * 40, vocab_size=VOCAB, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     raw = directory / "bpe"
     raw.mkdir(parents=True, exist_ok=True)
     bpe.save_model(str(raw))
     tok = transformers.RobertaTokenizer.from_pretrained(str(raw))
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == (
-        0, 1, 2, 3, 4)
+        0,
+        1,
+        2,
+        3,
+        4,
+    )
     tok.model_max_length = model_max_length
     out = directory / "tokenizer"
     tok.save_pretrained(str(out))
@@ -56,10 +62,22 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def longformer_config(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, attention_window=[4, 8], max_position_embeddings=70, pad_token_id=1,
-                bos_token_id=0, eos_token_id=2, sep_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5,
-                num_labels=3)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_window=[4, 8],
+        max_position_embeddings=70,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        sep_token_id=2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        num_labels=3,
+    )
     base.update(kw)
     return transformers.LongformerConfig(**base)
 
@@ -85,11 +103,19 @@ def make_hf_model(task: str, directory: Path, tokenizer_dir: Path | None = None,
 def make_roberta(directory: Path, tokenizer_dir: Path, *, max_position_embeddings: int = 34, seed: int = 0):
     """A random transformers RobertaForMaskedLM saved to `directory` with the tokenizer."""
     torch.manual_seed(seed)
-    cfg = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=max_position_embeddings,
-                                     pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
-                                     layer_norm_eps=1e-5)
+    cfg = transformers.RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+    )
     model = transformers.RobertaForMaskedLM(cfg).eval()
     _perturb(model)
     model.save_pretrained(str(directory))
@@ -100,8 +126,9 @@ def make_roberta(directory: Path, tokenizer_dir: Path, *, max_position_embedding
 def run_cmd(module: str, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def leftovers(parent: Path, name: str) -> list[str]:

@@ -148,15 +148,11 @@ def test_dropout_on_probabilities():
     slots = A.global_slots(mask == 2, 2)
     ref, _ = sliding_window_attention(q, k, v, mask, 4, slots)
     same, _ = sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.0, dropout_rng=jax.random.PRNGKey(0))
-    dropped, _ = sliding_window_attention(
-        q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0)
-    )
+    dropped, _ = sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=jax.random.PRNGKey(0))
     assert np.array_equal(np.asarray(ref), np.asarray(same))
     assert not np.allclose(np.asarray(ref), np.asarray(dropped))
     # the expectation is kept: over many masks the mean output is the undropped one, within 5 standard errors
-    drop = jax.jit(
-        lambda r: sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=r)[0]
-    )
+    drop = jax.jit(lambda r: sliding_window_attention(q, k, v, mask, 4, slots, dropout_rate=0.5, dropout_rng=r)[0])
     outs = np.stack([np.asarray(drop(jax.random.PRNGKey(i))) for i in range(400)])
     stderr = outs.std(0) / np.sqrt(len(outs))
     assert np.all(np.abs(outs.mean(0) - np.asarray(ref)) <= 5 * stderr + 1e-6)

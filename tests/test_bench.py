@@ -79,9 +79,24 @@ def test_accelerator_bench_refuses_a_missing_device(capsys):
 
 
 # ---------------------------------------------------------------------------------------- the masked-LM case
-TINY_MLM = dict(task="mlm", length=256, block=64, window=32, globals=4, layers=1, batch=2, modes=["train"],
-                reps={"train": 1, "warmup": 1}, vocab_size=300, hidden_size=32, num_attention_heads=2,
-                intermediate_size=64, dtype="float32", device="cpu", block_size=None)
+TINY_MLM = dict(
+    task="mlm",
+    length=256,
+    block=64,
+    window=32,
+    globals=4,
+    layers=1,
+    batch=2,
+    modes=["train"],
+    reps={"train": 1, "warmup": 1},
+    vocab_size=300,
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    dtype="float32",
+    device="cpu",
+    block_size=None,
+)
 
 
 def test_mlm_case_is_the_seed_layout_masked_by_train_masking():
@@ -123,8 +138,16 @@ def test_mlm_report_and_targets(tmp_path):
     case = dict(TINY_MLM, length=4096, block=128, window=128, globals=32, masked_tokens=540)
 
     def result(ms, mib):
-        return {"modes": {"train": {"times_s": [ms / 1e3] * 2, "peak_rss_bytes": mib * 2**20, "compile_s": 2.0,
-                                    "xla_memory": None}}}
+        return {
+            "modes": {
+                "train": {
+                    "times_s": [ms / 1e3] * 2,
+                    "peak_rss_bytes": mib * 2**20,
+                    "compile_s": 2.0,
+                    "xla_memory": None,
+                }
+            }
+        }
 
     raw = {
         "command": "python -m bench.run --cases mlm",
@@ -132,8 +155,10 @@ def test_mlm_report_and_targets(tmp_path):
         "machine": {"device": "cpu", "date": "today", "cpus": 2, "jax": "x", "torch": "y", "transformers": "z"},
         "plan": {"layers": 2, "batch": 1, "dtype": "float32", "device": "cpu", "groups": ["mlm"]},
         "matmul": {"flops_per_s": 2e11, "by_shape": {"4096x4096x4096": 2e11}},
-        "cases": [{"spec": dict(case, framework="jax"), "result": result(1000, 600)},
-                  {"spec": dict(case, framework="torch"), "result": result(2000, 1500)}],
+        "cases": [
+            {"spec": dict(case, framework="jax"), "result": result(1000, 600)},
+            {"spec": dict(case, framework="torch"), "result": result(2000, 1500)},
+        ],
     }
     json.dump(raw, open(tmp_path / "in.json", "w"))
     bench_run.main(["--render", str(tmp_path / "in.json"), "--out", str(tmp_path)])

@@ -63,8 +63,14 @@ def test_allenai_one_sided_window_is_doubled():
 
 
 def test_allenai_dilation_and_autoregressive_are_read():
-    d = {"attention_mode": "tvm", "attention_window": [4, 8], "attention_dilation": [2, 1], "autoregressive": True,
-         "num_hidden_layers": 2, "model_type": "roberta"}
+    d = {
+        "attention_mode": "tvm",
+        "attention_window": [4, 8],
+        "attention_dilation": [2, 1],
+        "autoregressive": True,
+        "num_hidden_layers": 2,
+        "model_type": "roberta",
+    }
     cfg = lj.LongformerConfig.from_dict(d)
     assert cfg.attention_windows == (8, 16) and cfg.attention_dilation == (2, 1) and cfg.causal_attention
     assert cfg.pad_multiple == 16 and cfg.attention_dilations == (2, 1)
@@ -74,8 +80,14 @@ def test_allenai_dilation_and_autoregressive_are_read():
 
 
 def test_pattern_settings_survive_to_dict_and_stay_out_of_config_json(tmp_path):
-    cfg = lj.LongformerConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, attention_window=[4, 8],
-                              attention_dilation=[3, [1, 2, 2, 4]], causal_attention=True)
+    cfg = lj.LongformerConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_size=32,
+        attention_window=[4, 8],
+        attention_dilation=[3, [1, 2, 2, 4]],
+        causal_attention=True,
+    )
     assert cfg.attention_dilation == (3, (1, 2, 2, 4))  # lists (as JSON gives them) become tuples
     assert cfg.attention_dilations == (3, (1, 2, 2, 4)) and cfg.pad_multiple == 96  # lcm(4 * 3, 8 * 4)
     d = cfg.to_dict()
@@ -109,11 +121,15 @@ def test_pattern_settings_survive_to_dict_and_stay_out_of_config_json(tmp_path):
         ({"attention_dilation": (1, (1, 2, 0, 1))}, r"attention_dilation\[1\]=\(1, 2, 0, 1\) must hold integers"),
         ({"attention_dilation": (1, 2), "scan_layers": True}, "scan_layers=True needs the same attention_dilation"),
         ({"causal_attention": "yes"}, "causal_attention='yes' must be True or False"),
-        ({"attention_dilation": 2, "attention_implementation": "splash"},
-         "attention_implementation='splash' runs only the two-sided, undilated band, but this model sets "
-         "attention_dilation=2; use 'blocked'"),
-        ({"causal_attention": True, "attention_implementation": "pallas-gpu"},
-         "sets causal_attention=True; use 'blocked'"),
+        (
+            {"attention_dilation": 2, "attention_implementation": "splash"},
+            "attention_implementation='splash' runs only the two-sided, undilated band, but this model sets "
+            "attention_dilation=2; use 'blocked'",
+        ),
+        (
+            {"causal_attention": True, "attention_implementation": "pallas-gpu"},
+            "sets causal_attention=True; use 'blocked'",
+        ),
     ],
 )
 def test_validation_errors(kwargs, message):

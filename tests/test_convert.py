@@ -40,8 +40,14 @@ from tests.hf_fixtures import (  # noqa: E402,F401
     tokenizer_dir,
 )
 
-HF_TASKS = ("base", "masked-lm", "sequence-classification", "token-classification", "question-answering",
-            "multiple-choice")
+HF_TASKS = (
+    "base",
+    "masked-lm",
+    "sequence-classification",
+    "token-classification",
+    "question-answering",
+    "multiple-choice",
+)
 CUSTOM_TASKS = ("document-classification", "sequential-sentence-classification")
 
 
@@ -59,16 +65,23 @@ def test_round_trip_masked_lm_via_commands(tmp_path, tokenizer_dir):  # noqa: F8
     flax_dir = tmp_path / "flax"
     assert pretrained.is_flax_checkpoint(flax_dir)
     meta = json.loads((flax_dir / "longformer_jax.json").read_text())
-    assert meta == {"format": "longformer-jax-flax", "task": "masked-lm", "version": 1,
-                    "settings": {"dtype": "float32", "remat": False, "attention_block_size": None,
-                                 "attention_implementation": "blocked"}}
+    assert meta == {
+        "format": "longformer-jax-flax",
+        "task": "masked-lm",
+        "version": 1,
+        "settings": {
+            "dtype": "float32",
+            "remat": False,
+            "attention_block_size": None,
+            "attention_implementation": "blocked",
+        },
+    }
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (flax_dir / name).is_file(), name
 
     r = run_cmd("convert.flax_to_hf", flax_dir, tmp_path / "back")
     assert r.returncode == 0, r.stderr
-    back, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "back"),
-                                                                   output_loading_info=True)
+    back, info = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "back"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert type(back).__name__ == "LongformerForMaskedLM"
     ref, got = model.state_dict(), back.state_dict()
@@ -116,8 +129,7 @@ def test_round_trip_custom_heads(tmp_path, task):
     assert set(a) == set(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == [
-        TASKS[task].hf_architecture]
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == [TASKS[task].hf_architecture]
 
 
 def test_bin_checkpoint_is_read(tmp_path):
@@ -149,7 +161,7 @@ def test_flax_to_hf_task_change_keeps_the_encoder(tmp_path):
     assert not any("pooler" in k for k in got)
     for k, v in model.state_dict().items():
         if k.startswith("longformer."):
-            np.testing.assert_array_equal(v.numpy(), got[k[len("longformer."):]], err_msg=k)
+            np.testing.assert_array_equal(v.numpy(), got[k[len("longformer.") :]], err_msg=k)
 
 
 # ---------------------------------------------------------------------------------------- run directories
@@ -169,8 +181,11 @@ def test_flax_to_hf_hands_run_directories_to_train_export(tmp_path, monkeypatch)
     assert flax_to_hf_cmd.main([str(run / "checkpoints" / "7"), str(tmp_path / "c")]) == 0
     assert flax_to_hf_cmd.main([str(run), str(tmp_path / "d"), "--step", "3"]) == 0
     assert [(c[0], c[1].name, c[2]["step"], c[2]["overwrite"], c[2]["output_format"]) for c in calls] == [
-        (run, "a", None, False, "hf"), (run, "b", None, True, "hf"), (run, "c", 7, False, "hf"),
-        (run, "d", 3, False, "hf")]
+        (run, "a", None, False, "hf"),
+        (run, "b", None, True, "hf"),
+        (run, "c", 7, False, "hf"),
+        (run, "d", 3, False, "hf"),
+    ]
     # --task does not apply to a run; --step only to a run.
     with pytest.raises(ValueError, match="--task does not apply"):
         flax_to_hf(run, tmp_path / "e", task="base")
@@ -231,9 +246,16 @@ def test_bad_inputs_fail_cleanly(tmp_path, tokenizer_dir):  # noqa: F811
 
     bert = tmp_path / "bert"
     torch.manual_seed(0)
-    transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-        max_position_embeddings=32)).save_pretrained(str(bert))
+    transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(str(bert))
     r = run_cmd("convert.roberta_to_longformer", bert, out, "--max-length", "64", "--attention-window", "8")
     assert r.returncode != 0 and "'bert'" in r.stderr and "config.json" in r.stderr, r.stderr
     r = run_cmd("convert.hf_to_flax", bert, out)
@@ -282,8 +304,7 @@ def test_help_of_every_command():
     for cmd in (hf_to_flax_cmd, flax_to_hf_cmd):
         task_option = next(a for a in cmd.build_parser()._actions if a.dest == "task")
         assert list(task_option.choices) == list(TASKS)
-    for module in ("convert.hf_to_flax", "convert.flax_to_hf", "convert.roberta_to_longformer",
-                   "convert.fill_mask"):
+    for module in ("convert.hf_to_flax", "convert.flax_to_hf", "convert.roberta_to_longformer", "convert.fill_mask"):
         mod = __import__(module, fromlist=["build_parser"])
         text = mod.build_parser().format_help()
         assert "usage:" in text and module.split(".")[1] in text

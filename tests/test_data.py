@@ -105,8 +105,7 @@ def test_read_txt_file_and_directory(tmp_path):
 
 def test_read_wikitext_style_txt(tmp_path):
     text = (
-        " \n = Alpha = \n \n Alpha text . \n \n = = Section = = \n \n More alpha . \n"
-        " \n = Beta = \n \n Beta text . \n"
+        " \n = Alpha = \n \n Alpha text . \n \n = = Section = = \n \n More alpha . \n \n = Beta = \n \n Beta text . \n"
     )
     (tmp_path / "w.txt").write_text(text)
     docs = list(data.read_documents(str(tmp_path / "w.txt")))
@@ -160,7 +159,10 @@ def test_read_wikitext2_validation_articles():
 def test_hf_spec_parsing():
     assert corpus.parse_hf_spec("hf:allenai/c4:en") == ("allenai/c4", "en", "train")
     assert corpus.parse_hf_spec("hf:wikitext:wikitext-2-raw-v1:validation") == (
-        "wikitext", "wikitext-2-raw-v1", "validation")
+        "wikitext",
+        "wikitext-2-raw-v1",
+        "validation",
+    )
     assert corpus.parse_hf_spec("hf:roneneldan/TinyStories") == ("roneneldan/TinyStories", None, "train")
     for bad in ("hf:", "hf:a::b", "hf:a:b:c:d"):
         with pytest.raises(ValueError, match="hf:NAME"):
@@ -208,7 +210,8 @@ def test_demo_tokenizer_is_roberta_like(tok):
     assert enc[0] == 0 and enc[-1] == 2 and enc.count(4) == 1
     assert reloaded.convert_ids_to_tokens(enc[enc.index(4) - 1]) == "Ġis"  # <mask> eats the space
     assert reloaded.decode(reloaded("Return a new dict.")["input_ids"], skip_special_tokens=True) == (
-        "Return a new dict.")
+        "Return a new dict."
+    )
     assert data.load_tokenizer(tok.name_or_path, model_max_length=4096).model_max_length == 4096
 
 
@@ -275,8 +278,9 @@ def test_records_rebuild_the_examples_exactly(dtype):
 def test_contiguous_examples_cut_the_stream_across_documents():
     docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]  # stream 5 6 7 </s> 8 9 </s> 10 11 12 13 </s>
     got = list(layout.contiguous_examples(docs, seq_len=5, bos_id=0, eos_id=2))
-    np.testing.assert_array_equal([ex["input_ids"] for ex in got],
-                                  [[0, 5, 6, 7, 2], [0, 8, 9, 2, 10], [0, 11, 12, 13, 2]])
+    np.testing.assert_array_equal(
+        [ex["input_ids"] for ex in got], [[0, 5, 6, 7, 2], [0, 8, 9, 2, 10], [0, 11, 12, 13, 2]]
+    )
     assert all(ex["attention_mask"].all() and not ex["global_attention_mask"].any() for ex in got)
 
 
@@ -322,8 +326,9 @@ def test_blocks_layout_keeps_every_token_in_order(tok):
     rl = records.RecordLayout("blocks", 128, 16, 0, 2, 1, "uint16")
     [(n_tokens, recs)] = prepare_data.DocumentEncoder(tok, settings, rl)([doc])
     ex = [rl.decode(r) for r in recs]
-    content = [t for e in ex for t, keep in zip(e["input_ids"], e["attention_mask"], strict=True)
-               if keep and t not in (0, 2)]
+    content = [
+        t for e in ex for t, keep in zip(e["input_ids"], e["attention_mask"], strict=True) if keep and t not in (0, 2)
+    ]
     want = tok(doc, add_special_tokens=False)["input_ids"]
     assert content == want and n_tokens == len(want)  # sentence split + grouping + cutting lose nothing
     assert len(ex) >= 2  # the long document made several examples
@@ -562,8 +567,10 @@ def test_eval_batches(tok, rows_prepared):
     assert len(data.make_eval_batches(rows_prepared, spec, data.Batching(4, seed=0), max_batches=1)) == 1
     unpadded = data.make_eval_batches(rows_prepared, spec, data.Batching(4, seed=0), pad_last=False)
     assert len(unpadded[-1]["labels"]) == (n % 4 or 4)
-    halves = [data.make_eval_batches(rows_prepared, spec, data.Batching(2, seed=0, shard_index=h, shard_count=2))
-              for h in range(2)]
+    halves = [
+        data.make_eval_batches(rows_prepared, spec, data.Batching(2, seed=0, shard_index=h, shard_count=2))
+        for h in range(2)
+    ]
     for t, b in enumerate(batches):
         both = np.concatenate([halves[0][t]["labels"], halves[1][t]["labels"]])
         np.testing.assert_array_equal(b["labels"], both)

@@ -14,10 +14,26 @@ WIKITEXT_VALID = os.path.join(REPO, "..", "shared", "data", "wikitext-2", "valid
 
 # Three chapters with 4+ pages each and some with fewer; pages with CLASSES, FUNCTIONS, PACKAGE CONTENTS.
 MODULES = (
-    "zlib", "gzip", "bz2", "lzma", "zipfile",                # Data Compression and Archiving
-    "math", "cmath", "fractions", "random", "statistics",    # Numeric and Mathematical Modules
-    "json", "json.decoder", "base64", "binascii",            # Internet Data Handling
-    "itertools", "functools", "operator", "bisect", "heapq", "shlex",  # chapters with fewer pages
+    "zlib",
+    "gzip",
+    "bz2",
+    "lzma",
+    "zipfile",  # Data Compression and Archiving
+    "math",
+    "cmath",
+    "fractions",
+    "random",
+    "statistics",  # Numeric and Mathematical Modules
+    "json",
+    "json.decoder",
+    "base64",
+    "binascii",  # Internet Data Handling
+    "itertools",
+    "functools",
+    "operator",
+    "bisect",
+    "heapq",
+    "shlex",  # chapters with fewer pages
 )
 SMALL = {"document-classification": {"min_words": 50, "min_pages": 4}, "multiple-choice": {"per_article": 5}}
 
@@ -76,12 +92,26 @@ def test_library_chapter_rule():
 def test_document_classification_labels_splits_and_seed(docs):
     task = dt.document_classification(docs, 42, min_words=50, min_pages=4)
     assert task.labels == [  # the chapters with 4+ pages, in the Library Reference's order
-        "Numeric and Mathematical Modules", "Data Compression and Archiving", "Internet Data Handling"
+        "Numeric and Mathematical Modules",
+        "Data Compression and Archiving",
+        "Internet Data Handling",
     ]
     records = [r for s in dt.SPLITS for r in task.splits[s]]
     assert {r["id"] for r in records} == {
-        "zlib", "gzip", "bz2", "lzma", "zipfile", "math", "cmath", "fractions", "random", "statistics",
-        "json", "json.decoder", "base64", "binascii",
+        "zlib",
+        "gzip",
+        "bz2",
+        "lzma",
+        "zipfile",
+        "math",
+        "cmath",
+        "fractions",
+        "random",
+        "statistics",
+        "json",
+        "json.decoder",
+        "base64",
+        "binascii",
     }
     text = dict(docs)
     for r in records:
@@ -104,8 +134,10 @@ def test_document_classification_rejects_too_few_pages(docs):
 
 
 def test_pydoc_sections_and_blocks():
-    page = "NAME\nm - A module.\n\nDESCRIPTION\nIt does things. It is good.\n\nCLASSES\nclass A(builtins.object)\n" \
-           "A thing.\n\nFUNCTIONS\nf(x)\nReturn x.\n\nCLASSES not a heading here"
+    page = (
+        "NAME\nm - A module.\n\nDESCRIPTION\nIt does things. It is good.\n\nCLASSES\nclass A(builtins.object)\n"
+        "A thing.\n\nFUNCTIONS\nf(x)\nReturn x.\n\nCLASSES not a heading here"
+    )
     assert dt.pydoc_sections(page) == [
         ("NAME", "m - A module."),
         ("DESCRIPTION", "It does things. It is good."),
@@ -132,9 +164,14 @@ def test_sequential_sentence_classification(docs):
         assert [order[x] for x in r["labels"]] == sorted(order[x] for x in r["labels"])  # sections in page order
         assert not set(r["text"]) & set(dt._HEADINGS)  # heading lines are not blocks
     shlex = records["shlex"]
-    assert shlex["labels"][shlex["text"].index("class shlex(builtins.object)\n"
-                                               "shlex(instream=None, infile=None, posix=False, "
-                                               "punctuation_chars=False)")] == "CLASSES"
+    assert (
+        shlex["labels"][
+            shlex["text"].index(
+                "class shlex(builtins.object)\nshlex(instream=None, infile=None, posix=False, punctuation_chars=False)"
+            )
+        ]
+        == "CLASSES"
+    )
     split_block = next(i for i, b in enumerate(shlex["text"]) if b.startswith("split(s, comments=False"))
     assert shlex["labels"][split_block] == "FUNCTIONS"
     assert "PACKAGE CONTENTS" in records["json"]["labels"]
@@ -147,7 +184,7 @@ def test_question_answering(docs):
     records = [r for s in dt.SPLITS for r in task.splits[s]]
     assert len({r["id"] for r in records}) == len(records)
     for r in records:
-        assert r["text"][r["answer_start"]:].startswith(r["answer"] + "(")
+        assert r["text"][r["answer_start"] :].startswith(r["answer"] + "(")
         assert r["text"][: r["answer_start"]].endswith(("\n\n", "\nFUNCTIONS\n"))  # where an entry starts
         assert " ".join(r["text"].split()).count(r["question"]) == 1
         assert len(r["question"].split()) >= 6
@@ -174,7 +211,7 @@ def _check_mc_records(task, articles_text):
             assert true in sentences_of[title]
             filled = " ".join(r["text"].replace(dt.MASK, true).split())
             heading = "= {} = ".format(re.sub(r" \(\d+\)$", "", title))
-            assert filled.startswith(heading) and filled[len(heading):] in flat
+            assert filled.startswith(heading) and filled[len(heading) :] in flat
             n = len(true.split())
             assert all(abs(len(c.split()) - n) <= max(1, round(0.1 * n)) for c in r["choices"])
             for j, c in enumerate(r["choices"]):

@@ -21,8 +21,14 @@ from train import finetune
 from train import finetune_data as fd
 from train.finetune_eval import classify
 
-TASKS = ("document-classification", "multi-label", "sequential-sentence-classification", "multiple-choice",
-         "question-answering", "token-classification")
+TASKS = (
+    "document-classification",
+    "multi-label",
+    "sequential-sentence-classification",
+    "multiple-choice",
+    "question-answering",
+    "token-classification",
+)
 # Single-label documents with HF's classifier on <s> (exported to transformers); multi-label with max pooling.
 EXTRA = {"document-classification": ("--pooling", "cls")}
 
@@ -77,8 +83,10 @@ def rescore(task: str, gold_rows: list[dict], predictions: list[dict]) -> dict[s
     if task == "question-answering":
         answers = [r["answers"]["text"] for r in gold_rows]
         em = [max(float(_squad_normalize(p) == _squad_normalize(a)) for a in g) for p, g in zip(pred, answers)]
-        return {"exact_match": float(np.mean(em)),
-                "f1": float(np.mean([max(_squad_f1(p, a) for a in g) for p, g in zip(pred, answers)]))}
+        return {
+            "exact_match": float(np.mean(em)),
+            "f1": float(np.mean([max(_squad_f1(p, a) for a in g) for p, g in zip(pred, answers)])),
+        }
     if task == "multiple-choice":
         return {"accuracy": accuracy_score([r["label"] for r in gold_rows], pred)}
     if task == "multi-label":
@@ -89,9 +97,11 @@ def rescore(task: str, gold_rows: list[dict], predictions: list[dict]) -> dict[s
     else:
         y_true = [lab for r in gold_rows for lab in r["labels"]]
         y_pred = [lab for p in pred for lab in p]
-    return {"accuracy": accuracy_score(y_true, y_pred),
-            "micro_f1": f1_score(y_true, y_pred, average="micro", zero_division=0),
-            "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0)}
+    return {
+        "accuracy": accuracy_score(y_true, y_pred),
+        "micro_f1": f1_score(y_true, y_pred, average="micro", zero_division=0),
+        "macro_f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+    }
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -106,7 +116,8 @@ def test_task_trains_and_its_scores_are_sklearns(space, task):
     for k, v in rescore(task, gold, predictions).items():
         assert results["test"][k] == pytest.approx(v, abs=1e-12), k
     assert results["validation"][results["best_metric"]] == pytest.approx(
-        max(e[results["best_metric"]] for e in evals), abs=1e-12)
+        max(e[results["best_metric"]] for e in evals), abs=1e-12
+    )
     assert (out / "best" / "config.json").is_file() and (out / "curves.png").is_file()
     config = json.loads((out / "best" / "config.json").read_text())
     assert config["finetuning"]["task"] == ("document-classification" if task == "multi-label" else task)
@@ -151,10 +162,12 @@ def test_block_heads_are_flax_only(space):
 
 
 # ----------------------------------------------------------------------------------------------- HF export
-HF = {"document-classification": "AutoModelForSequenceClassification",
-      "multiple-choice": "AutoModelForMultipleChoice",
-      "question-answering": "AutoModelForQuestionAnswering",
-      "token-classification": "AutoModelForTokenClassification"}
+HF = {
+    "document-classification": "AutoModelForSequenceClassification",
+    "multiple-choice": "AutoModelForMultipleChoice",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "token-classification": "AutoModelForTokenClassification",
+}
 
 
 @pytest.mark.parametrize("task", list(HF))
@@ -165,8 +178,9 @@ def test_hf_export_equals_the_flax_model(space, task, torch):
     assert results["hf_dir"] == str(out / "hf")
     hf = getattr(transformers, HF[task]).from_pretrained(out / "hf").eval()
     if task != "multiple-choice" and task != "question-answering":
-        assert hf.config.id2label == dict(enumerate(json.loads((out / "best" / "config.json").read_text())
-                                                    ["id2label"].values()))
+        assert hf.config.id2label == dict(
+            enumerate(json.loads((out / "best" / "config.json").read_text())["id2label"].values())
+        )
     predictor = __import__("train.finetune_eval", fromlist=["Predictor"]).Predictor(out / "best")
     enc = predictor.encoder().encode(fd.read_records(space["root"] / "tasks" / task, "test"), "test")
     batch = {k: enc.arrays[k][:4] for k in ("input_ids", "attention_mask", "global_attention_mask")}
@@ -180,8 +194,11 @@ def test_hf_export_equals_the_flax_model(space, task, torch):
 
 # ----------------------------------------------------------------------------------------------- bad input
 def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _error(capsys, argv) -> str:
@@ -203,11 +220,15 @@ def test_bad_input_is_one_error_line_and_touches_nothing(space, capsys, tmp_path
 
     good = read_jsonl(folder / "validation.jsonl")
     cases = {
-        "label 'wine' is not one of the 3 labels": ["--validation", bad([*good, {"id": "w", "text": "Wine.",
-                                                                                   "label": "wine"}], "w.jsonl")],
+        "label 'wine' is not one of the 3 labels": [
+            "--validation",
+            bad([*good, {"id": "w", "text": "Wine.", "label": "wine"}], "w.jsonl"),
+        ],
         "field 'text' is empty": ["--validation", bad([{"id": "e", "text": " ", "label": "food"}], "e.jsonl")],
         "no field 'label' (fields: ['id', 'text']); add it, or name the field that holds it with --label-field": [
-            "--validation", bad([{"id": "m", "text": "Bread."}], "m.jsonl")],
+            "--validation",
+            bad([{"id": "m", "text": "Bread."}], "m.jsonl"),
+        ],
         "holds checkpoints of a different run": ["--learning-rate", "5e-3"],
         "differ from those of the checkpoint": ["--init", str(out), "--labels", bad([], "l.txt")],
     }

@@ -60,30 +60,58 @@ def _synthetic_tasks(root):
     sizes = {"train": 40, "validation": 10, "test": 10}
     doc, seq, mc, qa = {}, {}, {}, {}
     for split, n in sizes.items():
-        doc[split] = [{"id": f"{split}{i}", "document": f"{split}{i}", "label": lab,
-                       "text": f"{words(10)} {keys[lab]} {words(5)} {keys[lab]} {words(10)}"}
-                      for i in range(n) for lab in [("red", "blue")[i % 2]]]
+        doc[split] = [
+            {
+                "id": f"{split}{i}",
+                "document": f"{split}{i}",
+                "label": lab,
+                "text": f"{words(10)} {keys[lab]} {words(5)} {keys[lab]} {words(10)}",
+            }
+            for i in range(n)
+            for lab in [("red", "blue")[i % 2]]
+        ]
         seq[split] = []
         for i in range(n):
             labs = [("red", "blue")[(i + j) % 2] for j in range(6)]
-            seq[split].append({"id": f"{split}{i}", "document": f"{split}{i}", "labels": labs,
-                               "text": [f"{words(5)} {keys[lab]} {words(5)}" for lab in labs]})
+            seq[split].append(
+                {
+                    "id": f"{split}{i}",
+                    "document": f"{split}{i}",
+                    "labels": labs,
+                    "text": [f"{words(5)} {keys[lab]} {words(5)}" for lab in labs],
+                }
+            )
         mc[split] = []
         for i in range(n):
             topic = f"t{split}{i}a t{split}{i}b t{split}{i}c"
             choices = [f"{topic} {words(4)}"] + [f"{words(4)} o{split}{i}x{j} o{split}{i}y{j}" for j in range(3)]
             label = i % 4
             choices.insert(label, choices.pop(0))
-            mc[split].append({"id": f"{split}{i}", "document": f"{split}{i}", "choices": choices, "label": label,
-                              "text": f"{words(40)} {topic} <mask> {topic} {words(40)}"})
+            mc[split].append(
+                {
+                    "id": f"{split}{i}",
+                    "document": f"{split}{i}",
+                    "choices": choices,
+                    "label": label,
+                    "text": f"{words(40)} {topic} <mask> {topic} {words(40)}",
+                }
+            )
         qa[split] = []
         for i in range(n):
             entries = [(f"f{j}", f"Does thing t{i}q{j} with item u{i}v{j} here.") for j in range(5)]
             text = "\n\n".join(f"{name}(x)\n{doc_line}" for name, doc_line in entries)
             j = i % 5
             start = text.index(f"f{j}(x)")
-            qa[split].append({"id": f"{split}{i}", "document": f"{split}{i}", "text": text,
-                              "question": entries[j][1], "answer": f"f{j}", "answer_start": start})
+            qa[split].append(
+                {
+                    "id": f"{split}{i}",
+                    "document": f"{split}{i}",
+                    "text": text,
+                    "question": entries[j][1],
+                    "answer": f"f{j}",
+                    "answer_start": start,
+                }
+            )
     _write(os.path.join(root, "doc"), doc, ["red", "blue"])
     _write(os.path.join(root, "seq"), seq, ["red", "blue"])
     _write(os.path.join(root, "mc"), mc)

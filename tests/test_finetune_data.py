@@ -26,15 +26,18 @@ def layout(tok, kind="blocks", seq_len=SEQ_LEN, block=BLOCK):
 
 
 def encode(tok, task, rows, kind="blocks", labels=LABELS, multi=False, fields=fd.Fields(), targets=True, **kw):
-    enc = fd.TaskEncoder(task, tok, layout(tok, kind, **kw), fields,
-                         fd.LabelSet(tuple(labels)) if labels else None, multi)
+    enc = fd.TaskEncoder(
+        task, tok, layout(tok, kind, **kw), fields, fd.LabelSet(tuple(labels)) if labels else None, multi
+    )
     return enc.encode(fd.Records(rows, "records"), "train", targets), enc
 
 
 # ----------------------------------------------------------------------------------------------- readers
 def test_readers_agree(tmp_path):
-    rows = [{"id": "a", "text": ["one", "two"], "labels": ["x", "y"], "n": 1},
-            {"id": "b", "text": ["three"], "labels": ["y"], "n": 2}]
+    rows = [
+        {"id": "a", "text": ["one", "two"], "labels": ["x", "y"], "n": 1},
+        {"id": "b", "text": ["three"], "labels": ["y"], "n": 2},
+    ]
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "r.json").write_text(json.dumps(rows))
     import pandas as pd
@@ -43,13 +46,16 @@ def test_readers_agree(tmp_path):
     with open(tmp_path / "r.csv", "w") as f:
         f.write("id,text,labels,n\n")
         for r in rows:
-            f.write(f"{r['id']},\"{json.dumps(r['text']).replace(chr(34), chr(34) * 2)}\","
-                    f"\"{json.dumps(r['labels']).replace(chr(34), chr(34) * 2)}\",{r['n']}\n")
+            f.write(
+                f'{r["id"]},"{json.dumps(r["text"]).replace(chr(34), chr(34) * 2)}",'
+                f'"{json.dumps(r["labels"]).replace(chr(34), chr(34) * 2)}",{r["n"]}\n'
+            )
     for name in ("r.jsonl", "r.json", "r.parquet"):
         assert fd.read_records(tmp_path / name).rows == rows, name
     csv_rows = fd.read_records(tmp_path / "r.csv").rows
     assert [{k: v for k, v in r.items() if k != "n"} for r in csv_rows] == [
-        {k: v for k, v in r.items() if k != "n"} for r in rows]
+        {k: v for k, v in r.items() if k != "n"} for r in rows
+    ]
 
 
 def test_task_folder_and_errors(tmp_path):
@@ -88,21 +94,22 @@ def test_layout_places_blocks_where_it_says(tok, kind):
     ids = ex["input_ids"]
     for part, offs in zip(parts, offsets):
         for block, start in zip(part, offs):
-            assert ids[start:start + len(block)].tolist() == block
+            assert ids[start : start + len(block)].tolist() == block
             if kind == "blocks":
                 assert start % BLOCK == 1 and ids[start - 1] in (tok.bos_token_id, tok.eos_token_id)
     gm = ex["global_attention_mask"]
-    assert gm[offsets[0][0]:offsets[0][0] + 3].tolist() == [1, 1, 1]
+    assert gm[offsets[0][0] : offsets[0][0] + 3].tolist() == [1, 1, 1]
     if kind == "blocks":
-        assert gm[::BLOCK].tolist() == [1, 1, 1, 0] and ex["attention_mask"][3 * BLOCK:].sum() == 0
+        assert gm[::BLOCK].tolist() == [1, 1, 1, 0] and ex["attention_mask"][3 * BLOCK :].sum() == 0
     else:
         assert ids[:1].tolist() == [tok.bos_token_id] and ids[4:6].tolist() == [tok.eos_token_id] * 2
         assert ex["attention_mask"].sum() == 1 + 3 + 2 + 6 + 1  # <s> A </s></s> B </s>
 
 
 def test_document_truncation_is_counted(tok):
-    rows = [{"text": " ".join(sentence(random.Random(i), "food") for _ in range(20)), "label": "food"}
-            for i in range(3)] + [{"text": "Short food.", "label": "food"}]
+    rows = [
+        {"text": " ".join(sentence(random.Random(i), "food") for _ in range(20)), "label": "food"} for i in range(3)
+    ] + [{"text": "Short food.", "label": "food"}]
     enc, encoder = encode(tok, "document-classification", rows)
     assert enc.arrays["input_ids"].shape == (4, SEQ_LEN)
     assert encoder.report.counts[f"document longer than {SEQ_LEN} tokens: cut"] == 3
@@ -112,13 +119,18 @@ def test_document_truncation_is_counted(tok):
 
 
 def test_pair_goes_in_the_last_block(tok):
-    rows = [{"text": " ".join(sentence(random.Random(0), "food") for _ in range(20)), "hyp": "Soup is salty.",
-             "label": "music"}]
+    rows = [
+        {
+            "text": " ".join(sentence(random.Random(0), "food") for _ in range(20)),
+            "hyp": "Soup is salty.",
+            "label": "music",
+        }
+    ]
     enc, _ = encode(tok, "document-classification", rows, fields=fd.Fields(pair="hyp"))
     ids = enc.arrays["input_ids"][0]
     hyp = tok("Soup is salty.", add_special_tokens=False)["input_ids"]
     last = (SEQ_LEN // BLOCK - 1) * BLOCK
-    assert ids[last + 1:last + 1 + len(hyp)].tolist() == hyp and ids[last] == tok.eos_token_id
+    assert ids[last + 1 : last + 1 + len(hyp)].tolist() == hyp and ids[last] == tok.eos_token_id
 
 
 def test_multi_label_targets(tok):
@@ -151,8 +163,11 @@ def test_sequential_sentences_every_block_once(tok):
 @pytest.mark.parametrize("kind", ["blocks", "contiguous"])
 def test_multiple_choice_keeps_the_mask(tok, kind):
     rng = random.Random(0)
-    context = " ".join(sentence(rng, "food") for _ in range(10)) + " <mask> " + " ".join(
-        sentence(rng, "music") for _ in range(10))
+    context = (
+        " ".join(sentence(rng, "food") for _ in range(10))
+        + " <mask> "
+        + " ".join(sentence(rng, "music") for _ in range(10))
+    )
     rows = [{"text": context, "choices": ["Bread salt.", "Song note.", "Goal ball."], "label": 1}]
     enc, encoder = encode(tok, "multiple-choice", rows, kind=kind, labels=None)
     ids = enc.arrays["input_ids"]
@@ -160,7 +175,7 @@ def test_multiple_choice_keeps_the_mask(tok, kind):
     assert (ids[0] == tok.mask_token_id).sum(-1).tolist() == [1, 1, 1]
     choice = tok("Song note.", add_special_tokens=False)["input_ids"]
     row = ids[0, 1][enc.arrays["attention_mask"][0, 1] == 1].tolist()
-    assert row[-len(choice) - (1 if kind == "contiguous" else 0):][:len(choice)] == choice
+    assert row[-len(choice) - (1 if kind == "contiguous" else 0) :][: len(choice)] == choice
     assert "cut around <mask>" in encoder.report.lines(1, "train")[0]
     gm = enc.arrays["global_attention_mask"][0, 1]
     assert gm[np.nonzero(ids[0, 1] == choice[0])[0][-1]] == 1  # the choice global
@@ -178,8 +193,14 @@ def test_question_answering_windows_point_at_the_answer(tok, kind):
     filler = " ".join(sentence(rng, "sports") for _ in range(12))
     context = f"{filler} The gold one is cheese. {filler}"
     start = context.index("cheese")
-    rows = [{"id": "q", "question": "Which is the gold one?", "context": context,
-             "answers": {"text": ["cheese"], "answer_start": [start]}}]
+    rows = [
+        {
+            "id": "q",
+            "question": "Which is the gold one?",
+            "context": context,
+            "answers": {"text": ["cheese"], "answer_start": [start]},
+        }
+    ]
     enc, _ = encode(tok, "question-answering", rows, kind=kind, labels=None)
     assert len(enc) > 1 and enc.contexts == [context] and enc.gold == [["cheese"]]
     s, e = enc.arrays["start_positions"], enc.arrays["end_positions"]
@@ -196,8 +217,11 @@ def test_question_answering_windows_point_at_the_answer(tok, kind):
 
 
 def test_question_answering_bad_answers(tok):
-    row = {"question": "Which?", "context": "The red one is salt.",
-           "answers": {"text": ["sugar"], "answer_start": [15]}}
+    row = {
+        "question": "Which?",
+        "context": "The red one is salt.",
+        "answers": {"text": ["sugar"], "answer_start": [15]},
+    }
     with pytest.raises(fd.DataError, match="answer 'sugar' is not in its context at answer_start 15"):
         encode(tok, "question-answering", [row], labels=None)
     with pytest.raises(fd.DataError, match="unanswerable"):
@@ -211,8 +235,7 @@ def test_question_answering_bad_answers(tok):
 def test_token_classification_labels_first_subtokens(tok):
     words = ["Guitar", "is", "supercalifragilistic", "bread", "."] * 6
     tags = [("music" if w == "Guitar" else "food" if w == "bread" else "O") for w in words]
-    enc, encoder = encode(tok, "token-classification", [{"text": words, "labels": tags}],
-                          labels=["O", *LABELS])
+    enc, encoder = encode(tok, "token-classification", [{"text": words, "labels": tags}], labels=["O", *LABELS])
     pos, lab = enc.positions, enc.arrays["labels"]
     assert sorted(pos[pos >= 0].tolist()) == list(range(len(words)))
     names = ["O", *LABELS]
@@ -236,8 +259,12 @@ def test_bad_records(tok):
     with pytest.raises(fd.DataError, match="id 'a' appears more than once"):
         encode(tok, "document-classification", [{"id": "a", "text": "x", "label": "food"}] * 2)
     with pytest.raises(fd.DataError, match="different numbers of choices"):
-        encode(tok, "multiple-choice", [{"text": "x", "choices": ["a", "b"], "label": 0},
-                                        {"text": "y", "choices": ["a", "b", "c"], "label": 0}], labels=None)
+        encode(
+            tok,
+            "multiple-choice",
+            [{"text": "x", "choices": ["a", "b"], "label": 0}, {"text": "y", "choices": ["a", "b", "c"], "label": 0}],
+            labels=None,
+        )
     enc, _ = encode(tok, "document-classification", [{"text": "Bread."}], targets=False)
     assert enc.gold == [None] and enc.arrays["labels"].tolist() == [IGNORE_INDEX]
 

@@ -37,8 +37,9 @@ def test_single_label_loss_is_cross_entropy(torch):
     labels = rng.integers(0, 3, size=(5, 4)).astype(np.int32)
     labels[1, 2:] = IGNORE_INDEX
     loss, metrics = _sums(classification_objective(0), {"logits": jnp.asarray(logits)}, _batch(labels=labels))
-    want = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 3),
-                                             torch.tensor(labels).reshape(-1).long(), ignore_index=IGNORE_INDEX)
+    want = torch.nn.functional.cross_entropy(
+        torch.tensor(logits).reshape(-1, 3), torch.tensor(labels).reshape(-1).long(), ignore_index=IGNORE_INDEX
+    )
     assert loss == pytest.approx(float(want), rel=1e-6)
     valid = labels != IGNORE_INDEX
     assert metrics["accuracy"] == ((logits.argmax(-1) == labels) & valid).sum()
@@ -62,11 +63,15 @@ def test_span_loss_is_transformers(torch):
     rng = np.random.default_rng(2)
     start, end = rng.normal(size=(2, 3, 16)).astype(np.float32)
     s, e = np.array([3, 0, IGNORE_INDEX], np.int32), np.array([5, 0, IGNORE_INDEX], np.int32)
-    loss, metrics = _sums(span_objective(0), {"start_logits": jnp.asarray(start), "end_logits": jnp.asarray(end)},
-                          _batch(start_positions=s, end_positions=e))
+    loss, metrics = _sums(
+        span_objective(0),
+        {"start_logits": jnp.asarray(start), "end_logits": jnp.asarray(end)},
+        _batch(start_positions=s, end_positions=e),
+    )
     ce = torch.nn.functional.cross_entropy
-    want = (ce(torch.tensor(start[:2]), torch.tensor(s[:2]).long()) + ce(torch.tensor(end[:2]),
-                                                                          torch.tensor(e[:2]).long())) / 2
+    want = (
+        ce(torch.tensor(start[:2]), torch.tensor(s[:2]).long()) + ce(torch.tensor(end[:2]), torch.tensor(e[:2]).long())
+    ) / 2
     assert loss == pytest.approx(float(want), rel=1e-6)
     assert metrics["exact"] == ((start[:2].argmax(-1) == s[:2]) & (end[:2].argmax(-1) == e[:2])).sum()
 
@@ -105,16 +110,20 @@ def test_best_span_and_decoding():
     start[5], end[7], end[4] = 3, 2, 4  # best: start 5 + end 7 = 5 (start 5 + end 4: the end before the start)
     assert fe._best_span(start, end, spans, max_tokens=30)[1:] == (5, 7)
     assert fe._best_span(start, end, spans, max_tokens=2)[1:] == (4, 4)  # 7 - 5 >= 2 tokens: the next best
-    enc = fd.Encoded("question-answering", {}, np.array([0, 0]), np.stack([spans, spans]), ["q"], [["b c"]],
-                     ["aaa bbb ccc ddd eee"])
-    out = fe.decode(enc, {"start_logits": np.stack([start, start - 1]), "end_logits": np.stack([end, end])},
-                    fe.FinetuneSettings("question-answering"), None)
+    enc = fd.Encoded(
+        "question-answering", {}, np.array([0, 0]), np.stack([spans, spans]), ["q"], [["b c"]], ["aaa bbb ccc ddd eee"]
+    )
+    out = fe.decode(
+        enc,
+        {"start_logits": np.stack([start, start - 1]), "end_logits": np.stack([end, end])},
+        fe.FinetuneSettings("question-answering"),
+        None,
+    )
     assert out == [{"id": "q", "prediction": "bbb ccc ddd", "scores": {"score": 5.0, "start": 4}}]
     labels = fd.LabelSet(("a", "b", "c"))
     enc = fd.Encoded("document-classification", {}, np.array([0, 1]), None, ["x", "y"], [None, None])
     logits = np.array([[2.0, -1.0, 0.5], [-3.0, -2.0, -1.0]])
-    multi = fe.decode(enc, {"logits": logits}, fe.FinetuneSettings("document-classification", multi_label=True),
-                      labels)
+    multi = fe.decode(enc, {"logits": logits}, fe.FinetuneSettings("document-classification", multi_label=True), labels)
     assert [m["prediction"] for m in multi] == [["a", "c"], []]
     single = fe.decode(enc, {"logits": logits}, fe.FinetuneSettings("document-classification"), labels)
     assert [m["prediction"] for m in single] == ["a", "c"]

@@ -28,8 +28,9 @@ def space(tmp_path_factory):
 def command(space, out: Path, *extra: str) -> list[str]:
     """Evaluations (and checkpoints) every 3 of 12 steps; dropout on unless `extra` turns it off."""
     _, base, folder = space
-    args = finetune_args(TASK, folder, base, out, "--max-steps", "12", "--eval-every", "3", "--patience", "0",
-                         "--dropout", *extra)
+    args = finetune_args(
+        TASK, folder, base, out, "--max-steps", "12", "--eval-every", "3", "--patience", "0", "--dropout", *extra
+    )
     return [sys.executable, "-m", "train.finetune", *args]
 
 
@@ -79,8 +80,10 @@ def test_killed_and_preempted_finetuning_resumes_exactly(space, tmp_path):
     last = run_to_end(cmd)
     assert "resuming from step" in last.stderr
 
-    for name, ref, got in (("last checkpoint", last_state(ref_dir), last_state(run_dir)),
-                           ("best model", params_of(ref_dir / "best"), params_of(run_dir / "best"))):
+    for name, ref, got in (
+        ("last checkpoint", last_state(ref_dir), last_state(run_dir)),
+        ("best model", params_of(ref_dir / "best"), params_of(run_dir / "best")),
+    ):
         assert ref.keys() == got.keys()
         for k in ref:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{name}: {k}")
@@ -93,8 +96,7 @@ def test_pmap_and_mesh_drivers_agree(space, tmp_path):
     two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     for driver in ("mesh", "pmap"):
         # No dropout: the drivers draw dropout masks per device, so only the deterministic step agrees.
-        p = run_to_end(command(space, tmp_path / driver, "--driver", driver, "--max-steps", "6", "--no-dropout"),
-                       **two)
+        p = run_to_end(command(space, tmp_path / driver, "--driver", driver, "--max-steps", "6", "--no-dropout"), **two)
         assert "2 device(s)" in p.stderr
     mesh, pmap = params_of(tmp_path / "mesh" / "best"), params_of(tmp_path / "pmap" / "best")
     for k in mesh:

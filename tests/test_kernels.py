@@ -151,8 +151,9 @@ def test_blocked_is_the_lean_band_exactly():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("impl,platform,call", [("pallas-gpu", "cuda", "__gpu$xla.gpu.triton"),
-                                                ("splash", "tpu", "tpu_custom_call")])
+@pytest.mark.parametrize(
+    "impl,platform,call", [("pallas-gpu", "cuda", "__gpu$xla.gpu.triton"), ("splash", "tpu", "tpu_custom_call")]
+)
 def test_kernels_lower_for_their_accelerator(impl, platform, call):
     """Compiled (not interpreted) at the model's head size, window and dtype, the forward and both backward
     kernels lower to Triton / Mosaic from this CPU: every operation they use has a lowering there."""
@@ -321,10 +322,14 @@ def test_kernels_run_on_each_batch_shard_of_a_mesh():
     """On a 2 x 2 ("data", "fsdp") mesh (4 CPU devices) the kernels run per batch shard (shard_map) with
     the numbers of one device, dropout masks included, and gradients flow."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
 
 
@@ -341,16 +346,28 @@ def tiny_model_inputs():
     gm[0, [0, 8, 20]] = 1
     gm[1, 0] = 1
     labels = np.where(rng.random((B, L)) < 0.3, rng.integers(5, 100, (B, L)), -100)
-    return {k: jnp.asarray(x) for k, x in dict(input_ids=ids, attention_mask=am, global_attention_mask=gm,
-                                                labels=labels).items()}
+    return {
+        k: jnp.asarray(x)
+        for k, x in dict(input_ids=ids, attention_mask=am, global_attention_mask=gm, labels=labels).items()
+    }
 
 
 def tiny_config(impl: str = "blocked", dtype: str = "float32", **extra) -> lj.LongformerConfig:
     """A 2-layer model with per-layer windows 8 / 16; ``extra`` goes to config.json's extra fields."""
     return lj.LongformerConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        attention_window=(8, 16), max_position_embeddings=64, type_vocab_size=1, layer_norm_eps=1e-5,
-        num_labels=3, attention_implementation=impl, dtype=dtype, extra=extra,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        attention_window=(8, 16),
+        max_position_embeddings=64,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        num_labels=3,
+        attention_implementation=impl,
+        dtype=dtype,
+        extra=extra,
     )
 
 
@@ -361,8 +378,11 @@ def head_inputs(task: str) -> dict:
     base = {k: x[k] for k in ("input_ids", "attention_mask", "global_attention_mask")}
     if task in ("document-classification", "sequential-sentence-classification"):  # whole 16-token blocks
         pad = lambda a, value: jnp.pad(a, ((0, 0), (0, 48 - a.shape[1])), constant_values=value)
-        base = {"input_ids": pad(base["input_ids"], 1), "attention_mask": pad(base["attention_mask"], 0),
-                "global_attention_mask": pad(base["global_attention_mask"], 0)}
+        base = {
+            "input_ids": pad(base["input_ids"], 1),
+            "attention_mask": pad(base["attention_mask"], 0),
+            "global_attention_mask": pad(base["global_attention_mask"], 0),
+        }
     if task == "multiple-choice":  # (B, 2 choices, L): the rows and their reverses
         return {k: jnp.stack([v, v[:, ::-1]], axis=1) for k, v in base.items()}
     return base
@@ -396,6 +416,7 @@ def test_every_head_with_a_kernel_equals_the_blocked_model(impl):
     uneven global tokens, the kernel chosen by the config setting ``attention_implementation`` (run in
     interpret mode): every output of every head; and for the masked LM the gradient of every parameter
     (the heads' own parameters see the kernel only through the encoder, whose gradients this checks)."""
+
     def outputs(task, config, params):
         out = lj.build_model(config, task).apply({"params": params}, **head_inputs(task), num_global_slots=4)
         return [x for x in jax.tree.leaves(out) if x is not None]

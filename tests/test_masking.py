@@ -34,7 +34,7 @@ def _check_slots(ids, out):
         labelled = np.flatnonzero(labels[r] != IGNORE_INDEX)
         used = pos[r][pos[r] >= 0]
         np.testing.assert_array_equal(used, labelled)  # none dropped, none invented, in order
-        assert np.all(pos[r][len(used):] == -1) and np.all(slot_labels[r][len(used):] == IGNORE_INDEX)
+        assert np.all(pos[r][len(used) :] == -1) and np.all(slot_labels[r][len(used) :] == IGNORE_INDEX)
         np.testing.assert_array_equal(slot_labels[r][: len(used)], ids[r][used])
 
 

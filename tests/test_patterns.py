@@ -53,8 +53,9 @@ def blocked_attention(q, k, v, qg, kg, vg, mask, w, dilation, causal, *, lean, n
         out = A.lean_band_attention_heads(heads(q), heads(k), heads(v), mask, w, slots, chunk_tokens=8, **kw)
         probs = None
     else:
-        out, probs = A.sliding_window_attention_heads(heads(q), heads(k), heads(v), mask, w, slots,
-                                                      return_probs=True, **kw)
+        out, probs = A.sliding_window_attention_heads(
+            heads(q), heads(k), heads(v), mask, w, slots, return_probs=True, **kw
+        )
     qg_s = jnp.take_along_axis(heads(qg), slots.index_BxG[:, None, :, None], axis=2)
     out_g, _ = A.global_query_attention_heads(qg_s, heads(kg), heads(vg), mask, slots, causal=causal)
     return heads(A.scatter_global_rows_heads(out, out_g, slots)), probs, slots
@@ -123,8 +124,9 @@ def test_lean_band_dropout_gradient_matches_autodiff(causal, dilation):
     kw = dict(causal=causal, dilation=dilation)
 
     def lean(q, k, v):
-        return A.lean_band_attention_heads(q, k, v, mask, 4, sl, dropout_rate=0.3, dropout_rng=rng, chunk_tokens=8,
-                                           **kw)
+        return A.lean_band_attention_heads(
+            q, k, v, mask, 4, sl, dropout_rate=0.3, dropout_rng=rng, chunk_tokens=8, **kw
+        )
 
     def forward_only(q, k, v, m, w, kg, vg, gvalid, r, rows_per_row=1):  # the same forward, without custom VJP
         band = A._Band(w, 4, A._chunk_blocks(q.shape[2] // 4, 4, 8 // rows_per_row), 0.3, jnp.float32, causal)
@@ -157,8 +159,11 @@ def test_causal_band_does_less_work():
 def test_pattern_errors():
     q = jnp.zeros((1, 2, 24, 4))
     m = jnp.ones((1, 24), jnp.int32)
-    with pytest.raises(ValueError, match=r"sequence length 24 must be a multiple of the window 2w=4 times the "
-                                         r"dilation 4 \(16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"sequence length 24 must be a multiple of the window 2w=4 times the "
+        r"dilation 4 \(16\)",
+    ):
         A.lean_band_attention_heads(q, q, q, m, 2, dilation=4)
     with pytest.raises(ValueError, match=r"one int >= 1 per head \(2 heads\)"):
         A.sliding_window_attention_heads(q, q, q, m, 2, dilation=(1, 2, 3))
@@ -168,9 +173,19 @@ def test_pattern_errors():
 
 # ---------------------------------------------------------------------------------------- whole models
 def small_config(**kw):
-    base = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
-                attention_window=[4, 8], max_position_embeddings=80, type_vocab_size=1, layer_norm_eps=1e-5,
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base = dict(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=24,
+        attention_window=[4, 8],
+        max_position_embeddings=80,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return lj.LongformerConfig(**{**base, **kw})
 
 
@@ -189,23 +204,36 @@ def small_batch(seed=0):
 def dense_model(cfg, params, x):
     """The encoder on prepared inputs ``x``, written out with ``attention.dense_attention``: the reference
     for a model's wiring (which layer and head gets which pattern, the global rows, the padding)."""
-    h = lj.modeling.LongformerEmbeddings(cfg).apply({"params": params["embeddings"]}, x.input_ids,
-                                                    x.token_type_ids, x.position_ids)
+    h = lj.modeling.LongformerEmbeddings(cfg).apply(
+        {"params": params["embeddings"]}, x.input_ids, x.token_type_ids, x.position_ids
+    )
     B, L, E = h.shape
     Hh, Dh = cfg.num_attention_heads, cfg.head_dim
-    norm = lambda t, p: (t - t.mean(-1, keepdims=True)) / jnp.sqrt(t.var(-1, keepdims=True) + cfg.layer_norm_eps) \
-        * p["scale"] + p["bias"]
+    norm = lambda t, p: (
+        (t - t.mean(-1, keepdims=True)) / jnp.sqrt(t.var(-1, keepdims=True) + cfg.layer_norm_eps) * p["scale"]
+        + p["bias"]
+    )
     lin = lambda t, p: t @ p["kernel"] + p["bias"]
     for i in range(cfg.num_hidden_layers):
         p = params["encoder"][f"layer_{i}"]
         a = p["attention"]["self"]
         proj = lambda name, scale=1.0, h=h, a=a: (lin(h, a[name]) * scale).reshape(B, L, Hh, Dh)
         s = 1.0 / np.sqrt(Dh)
-        out, _ = A.dense_attention(proj("query", s), proj("key"), proj("value"), proj("query_global", s),
-                                   proj("key_global"), proj("value_global"), x.mask, cfg.attention_windows[i] // 2,
-                                   dilation=cfg.attention_dilations[i], causal=cfg.causal_attention)
-        h = norm(lin(out.reshape(B, L, E), p["attention"]["output"]["dense"]) + h,
-                 p["attention"]["output"]["LayerNorm"])
+        out, _ = A.dense_attention(
+            proj("query", s),
+            proj("key"),
+            proj("value"),
+            proj("query_global", s),
+            proj("key_global"),
+            proj("value_global"),
+            x.mask,
+            cfg.attention_windows[i] // 2,
+            dilation=cfg.attention_dilations[i],
+            causal=cfg.causal_attention,
+        )
+        h = norm(
+            lin(out.reshape(B, L, E), p["attention"]["output"]["dense"]) + h, p["attention"]["output"]["LayerNorm"]
+        )
         z = jax.nn.gelu(lin(h, p["intermediate"]["dense"]), approximate=False)
         h = norm(lin(z, p["output"]["dense"]) + h, p["output"]["LayerNorm"])
     return h[:, : x.length]
@@ -235,8 +263,9 @@ def test_model_equals_dense_reference_model(kw):
     g = jax.jit(jax.grad(lambda p: jnp.sum(run(p) * ct)))(params)
     g_ref = jax.jit(jax.grad(lambda p: jnp.sum(dense_model(cfg, p, x) * ct)))(params)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves(g_ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_causal_model_does_not_see_the_future_and_eager_equals_jit():
@@ -293,12 +322,17 @@ def test_flax_round_trip_and_hf_export_refused(tmp_path, capsys):
     b = model2.apply({"params": params2}, ids, am, gm).logits
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    for export in (lambda: lj.save_pretrained(tmp_path / "hf", model, params),
-                   lambda: pretrained.save_hf_checkpoint(tmp_path / "hf", cfg, params, "masked-lm"),
-                   lambda: cfg.save_pretrained(tmp_path / "hf"),
-                   cfg.to_hf_dict):
-        with pytest.raises(ValueError, match=r"attention_dilation=\(1, \(1, 2, 2, 1\)\), causal_attention=True has "
-                                             "no counterpart in transformers"):
+    for export in (
+        lambda: lj.save_pretrained(tmp_path / "hf", model, params),
+        lambda: pretrained.save_hf_checkpoint(tmp_path / "hf", cfg, params, "masked-lm"),
+        lambda: cfg.save_pretrained(tmp_path / "hf"),
+        cfg.to_hf_dict,
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"attention_dilation=\(1, \(1, 2, 2, 1\)\), causal_attention=True has "
+            "no counterpart in transformers",
+        ):
             export()
         assert not (tmp_path / "hf").exists()
     assert flax_to_hf.main([str(tmp_path / "flax"), str(tmp_path / "hf")]) == 1
@@ -312,8 +346,11 @@ def test_kernels_refuse_patterns_and_auto_takes_blocked():
     q, k, v = (jnp.asarray(r.normal(size=(1, 2, 32, 4)), jnp.float32) for _ in range(3))
     m = jnp.ones((1, 32), jnp.int32)
     for impl in ("splash", "pallas-gpu"):
-        with pytest.raises(ValueError, match=rf"attention_implementation='{impl}' implements only the two-sided, "
-                                             r"undilated band, but attention_dilation=2 asked"):
+        with pytest.raises(
+            ValueError,
+            match=rf"attention_implementation='{impl}' implements only the two-sided, "
+            r"undilated band, but attention_dilation=2 asked",
+        ):
             kernels.band_attention(impl, q, k, v, m, 4, dilation=2, interpret=True)
         with pytest.raises(ValueError, match="but causal_attention=True asked"):
             kernels.band_attention(impl, q, k, v, m, 4, causal=True, interpret=True)
@@ -325,12 +362,15 @@ def test_kernels_refuse_patterns_and_auto_takes_blocked():
 
 
 # ---------------------------------------------------------------------------------------- pictures
-@pytest.mark.parametrize("kw,n_global,pads", [
-    (dict(attention_window=8), (0, 0), False),
-    (dict(attention_window=4, attention_dilation=((1, 3, 2, 1),)), (2, 1), True),
-    (dict(attention_window=4, causal_attention=True), (1, 2), True),
-    (dict(attention_window=8, attention_dilation=2, causal_attention=True), (2, 0), True),
-])
+@pytest.mark.parametrize(
+    "kw,n_global,pads",
+    [
+        (dict(attention_window=8), (0, 0), False),
+        (dict(attention_window=4, attention_dilation=((1, 3, 2, 1),)), (2, 1), True),
+        (dict(attention_window=4, causal_attention=True), (1, 2), True),
+        (dict(attention_window=8, attention_dilation=2, causal_attention=True), (2, 0), True),
+    ],
+)
 def test_probed_pattern_equals_dense_mask(kw, n_global, pads):
     cfg = small_config(num_hidden_layers=1, **kw)
     rng = np.random.default_rng(5)
@@ -343,8 +383,13 @@ def test_probed_pattern_equals_dense_mask(kw, n_global, pads):
     for b in range(2):
         gm[b, rng.choice(np.flatnonzero(am[b]), n_global[b], replace=False)] = 1
     probed = patterns.attention_pattern(cfg, am, gm)
-    want = A.attention_pattern_mask(jnp.asarray(am * (gm + 1)), cfg.attention_windows[0] // 2, 4,
-                                    dilation=cfg.attention_dilations[0], causal=cfg.causal_attention)
+    want = A.attention_pattern_mask(
+        jnp.asarray(am * (gm + 1)),
+        cfg.attention_windows[0] // 2,
+        4,
+        dilation=cfg.attention_dilations[0],
+        causal=cfg.causal_attention,
+    )
     assert probed.shape == (2, 4, L, L) and probed.dtype == bool
     np.testing.assert_array_equal(probed, np.asarray(want))
 
@@ -368,8 +413,9 @@ def test_picture_program_writes_the_patterns(tmp_path, capsys, monkeypatch):
         # what the picture shows is the dense statement of its pattern
         p, pattern, mask = drawn[n]
         dilation = p.dilation if isinstance(p.dilation, int) else p.dilation[0]
-        want = A.attention_pattern_mask(jnp.asarray(mask)[None], p.window // 2, p.heads, dilation=dilation,
-                                        causal=p.causal)[0]
+        want = A.attention_pattern_mask(
+            jnp.asarray(mask)[None], p.window // 2, p.heads, dilation=dilation, causal=p.causal
+        )[0]
         np.testing.assert_array_equal(pattern, np.asarray(want), err_msg=n)
     assert drawn["padding"][2].tolist().count(0) == 16 and drawn["global"][2].tolist().count(2) == 2
     assert patterns.main(["--out", str(tmp_path / "x"), "--length", "40"]) == 1

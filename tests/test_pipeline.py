@@ -111,8 +111,11 @@ def test_global_attention_default_and_long_text(pipe, pt):
 
 
 def test_one_compile_per_bucket(pipe):
-    texts = ["Paris is the <mask> of France.", "Paris is the <mask> of France. Berlin is",
-             "Paris is the <mask> of France. Berlin is the capital"]
+    texts = [
+        "Paris is the <mask> of France.",
+        "Paris is the <mask> of France. Berlin is",
+        "Paris is the <mask> of France. Berlin is the capital",
+    ]
     lengths = [len(pipe.tokenizer(t)["input_ids"]) for t in texts]
     assert len(set(lengths)) == 3 and {_bucket_length(n, 8, 68) for n in lengths} == {32}, lengths
     pipe(texts[0], top_k=2)
@@ -145,10 +148,17 @@ def test_fill_mask_function_and_command(mlm_dir, pt, tmp_path):
     ref = ref("Hello I'm a <mask> model.", top_k=3)
     assert_same(fill_mask(str(mlm_dir), "Hello I'm a <mask> model.", top_k=3, global_attention=[]), ref)
     hf_to_flax(mlm_dir, tmp_path / "flax", log=lambda s: None)
-    assert_same(fill_mask(str(tmp_path / "flax"), "Hello I'm a <mask> model.", top_k=3, global_attention=[]),
-                ref)
-    r = run_cmd("convert.fill_mask", tmp_path / "flax", "Hello I'm a <mask> model.", "--top-k", "3",
-                "--global", "none", "--json")
+    assert_same(fill_mask(str(tmp_path / "flax"), "Hello I'm a <mask> model.", top_k=3, global_attention=[]), ref)
+    r = run_cmd(
+        "convert.fill_mask",
+        tmp_path / "flax",
+        "Hello I'm a <mask> model.",
+        "--top-k",
+        "3",
+        "--global",
+        "none",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert_same(json.loads(r.stdout), ref)
     r = run_cmd("convert.fill_mask", tmp_path / "flax", "no mask")

@@ -53,13 +53,24 @@ def _bytes(directory: Path) -> dict[str, bytes]:
 def test_shards_manifest_and_tokenizer(reference, tok, source):
     d = reference.directory
     names = sorted(p.name for p in d.iterdir())
-    assert names == ["eval.arrayrecord", "manifest.json", "tokenizer",
-                     *[f"train-{i:05d}-of-00003.{ext}" for i in range(3) for ext in ("arrayrecord", "json")]]
+    assert names == [
+        "eval.arrayrecord",
+        "manifest.json",
+        "tokenizer",
+        *[f"train-{i:05d}-of-00003.{ext}" for i in range(3) for ext in ("arrayrecord", "json")],
+    ]
     m = json.loads((d / "manifest.json").read_text())
     assert m["format"] == records.FORMAT and m["format_version"] == records.FORMAT_VERSION
     s = m["settings"]
-    assert s["record_layout"] == {"layout": "blocks", "seq_len": 64, "block_size": 16, "bos_id": 0, "eos_id": 2,
-                                  "pad_id": 1, "dtype": "uint16"}
+    assert s["record_layout"] == {
+        "layout": "blocks",
+        "seq_len": 64,
+        "block_size": 16,
+        "bos_id": 0,
+        "eos_id": 2,
+        "pad_id": 1,
+        "dtype": "uint16",
+    }
     assert s["min_doc_tokens"] == 50 and s["eval_docs"] == 2 and s["tokenizer"]["vocab_size"] == 300
     assert [u[0] for u in s["units"]] == [f"c4-train.{i:05d}-of-00003.json.gz" for i in range(3)]
     assert [sh["source"] for sh in m["shards"]] == [u[0] for u in s["units"]]  # input file i -> shard i
@@ -81,8 +92,9 @@ def test_rerun_skips_complete_shards_and_repairs_a_damaged_one(reference, source
     want = _bytes(d)
     calls = []
     real = prepare_data.prepare_unit
-    monkeypatch.setattr(prepare_data, "prepare_unit", lambda unit, i, *a, **k: calls.append(i) or real(unit, i, *a,
-                                                                                                        **k))
+    monkeypatch.setattr(
+        prepare_data, "prepare_unit", lambda unit, i, *a, **k: calls.append(i) or real(unit, i, *a, **k)
+    )
     assert prepare_data.prepare(str(source), tok, d, SETTINGS, progress=False).fingerprint == reference.fingerprint
     assert calls == []  # complete: nothing redone
     shard = d / "train-00001-of-00003.arrayrecord"
@@ -114,8 +126,14 @@ def test_hf_dataset_shards_are_the_units(tok, tmp_path, monkeypatch):
 
 
 def _cli(*args) -> tuple[int, str]:
-    p = subprocess.run([sys.executable, "-m", "train.prepare_data", *args, "--no-progress"], cwd=ROOT,
-                       env=env_with_root(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "train.prepare_data", *args, "--no-progress"],
+        cwd=ROOT,
+        env=env_with_root(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return p.returncode, p.stderr
 
 
@@ -124,17 +142,34 @@ def _cli(*args) -> tuple[int, str]:
     [
         (["--seq-len", "100", "--block-size", "16"], "seq_len=100 is not a multiple of block_size=16; use seq_len=96"),
         (["--num-shards", "2", "--shard-index", "2"], "--shard-index 2 is out of range for --num-shards 2"),
-        (["--min-doc-tokens", "100000"], "the corpus is empty after the length filter: 15 documents read, none with "
-                                         "at least min_doc_tokens=100000 tokens"),
-        (["--eval-docs", "1", "--layout", "contiguous", "--seq-len", "100000"],
-         "no training example: 15 documents kept (1 of them held out by --eval-docs) make no 'contiguous' example"),
+        (
+            ["--min-doc-tokens", "100000"],
+            "the corpus is empty after the length filter: 15 documents read, none with "
+            "at least min_doc_tokens=100000 tokens",
+        ),
+        (
+            ["--eval-docs", "1", "--layout", "contiguous", "--seq-len", "100000"],
+            "no training example: 15 documents kept (1 of them held out by --eval-docs) make no 'contiguous' example",
+        ),
     ],
     ids=["seq-len", "shard-index", "empty-after-filter", "no-example"],
 )
 def test_bad_input_is_one_error_line_and_no_output(source, tok, tmp_path, args, message):
     out = tmp_path / "out"
-    base = ["--data", str(source), "--tokenizer", tok.name_or_path, "--output", str(out), "--seq-len", "64",
-            "--block-size", "16", "--min-doc-tokens", "50"]
+    base = [
+        "--data",
+        str(source),
+        "--tokenizer",
+        tok.name_or_path,
+        "--output",
+        str(out),
+        "--seq-len",
+        "64",
+        "--block-size",
+        "16",
+        "--min-doc-tokens",
+        "50",
+    ]
     rc, err = _cli(*base, *args)
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
@@ -147,8 +182,11 @@ def test_another_tokenizer_is_refused_and_the_directory_kept(reference, source, 
     d = shutil.copytree(reference.directory, tmp_path / "p")
     before = _bytes(d)
     other = data.train_demo_tokenizer(data.read_documents(str(source)), str(tmp_path / "tok2"), vocab_size=290)
-    with pytest.raises(ValueError, match=r"holds data prepared with other settings \(tokenizer: saved .* now .*; "
-                                         r"choose another --output"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds data prepared with other settings \(tokenizer: saved .* now .*; "
+        r"choose another --output",
+    ):
         prepare_data.prepare(str(source), other, d, SETTINGS, progress=False)
     with pytest.raises(ValueError, match="was made with another tokenizer"):
         data.open_prepared(d, other)
@@ -156,9 +194,13 @@ def test_another_tokenizer_is_refused_and_the_directory_kept(reference, source, 
     with pytest.raises(ValueError, match=r"other settings \(tokenizer: saved"):
         prepare_data.prepare(str(source), other, d, SETTINGS, progress=False)
     with pytest.raises(ValueError, match=r"other settings \(min_doc_tokens: saved 50, now 60\)"):
-        prepare_data.prepare(str(source), data.load_tokenizer(str(reference.directory / "tokenizer")), d,
-                             prepare_data.Settings(seq_len=64, block_size=16, min_doc_tokens=60, eval_docs=2),
-                             progress=False)
+        prepare_data.prepare(
+            str(source),
+            data.load_tokenizer(str(reference.directory / "tokenizer")),
+            d,
+            prepare_data.Settings(seq_len=64, block_size=16, min_doc_tokens=60, eval_docs=2),
+            progress=False,
+        )
     after = _bytes(d)
     assert all(after[k] == v for k, v in before.items() if k != "manifest.json")  # the shards untouched
 
@@ -172,21 +214,73 @@ def test_workers_write_the_same_shards(reference, source, tok, tmp_path):
 @pytest.mark.slow
 def test_two_processes_prepare_and_training_reads_their_shards(source, tok, tmp_path):
     out = tmp_path / "p"
-    cmd = [sys.executable, "-m", "train.prepare_data", "--data", str(source), "--tokenizer", tok.name_or_path,
-           "--output", str(out), "--seq-len", "64", "--block-size", "16", "--min-doc-tokens", "50", "--eval-docs", "1",
-           "--num-shards", "2", "--no-progress"]
-    procs = [subprocess.Popen([*cmd, "--shard-index", str(i)], cwd=ROOT, env=env_with_root(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.prepare_data",
+        "--data",
+        str(source),
+        "--tokenizer",
+        tok.name_or_path,
+        "--output",
+        str(out),
+        "--seq-len",
+        "64",
+        "--block-size",
+        "16",
+        "--min-doc-tokens",
+        "50",
+        "--eval-docs",
+        "1",
+        "--num-shards",
+        "2",
+        "--no-progress",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--shard-index", str(i)],
+            cwd=ROOT,
+            env=env_with_root(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
     manifest = data.open_prepared(out, tok)
     assert len(manifest.content["shards"]) == 3 and manifest.num_train > 0
     run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "train.pretrain", "--preset", "demo", *TINY, "--data", str(out),
-                        "--output-dir", str(run), "--batch-size", "4", "--max-steps", "3", "--save-every", "3",
-                        "--eval-every", "100", "--log-batch-fingerprints"],
-                       cwd=ROOT, env=env_with_root(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.pretrain",
+            "--preset",
+            "demo",
+            *TINY,
+            "--data",
+            str(out),
+            "--output-dir",
+            str(run),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--save-every",
+            "3",
+            "--eval-every",
+            "100",
+            "--log-batch-fingerprints",
+        ],
+        cwd=ROOT,
+        env=env_with_root(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{manifest.num_train} train / {manifest.num_eval} eval examples" in p.stderr
     config = json.loads((run / "config.json").read_text())

@@ -192,11 +192,18 @@ def test_flax_checkpoint_restores_sharded(torch, tmp_path):
         "_, _, params = pretrained.load_flax_checkpoint(sys.argv[1], sharding=rule)\n"
         "emb = params['longformer']['embeddings']['word_embeddings']['embedding']\n"
         "assert len(emb.sharding.device_set) == 8 and emb.addressable_shards[0].data.shape == (25, 16)\n"
-        "print('ok', emb.shape)\n")
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "flax")], cwd=REPO, capture_output=True,
-                       text=True, timeout=300,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                                XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+        "print('ok', emb.shape)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "flax")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8"
+        ),
+    )
     assert r.returncode == 0 and "ok (100, 32)" in r.stdout, r.stderr[-2000:]
     # lj.load_pretrained reads the converted directory too.
     model, params2 = lj.load_pretrained(str(tmp_path / "flax"), task="masked-lm")
@@ -205,8 +212,10 @@ def test_flax_checkpoint_restores_sharded(torch, tmp_path):
     assert all(jax.tree.leaves(same))
     # ... into another task (the encoder kept, a fresh head) and another layer layout.
     seq, ps = lj.load_pretrained(str(tmp_path / "flax"), task="sequence-classification", scan_layers=False)
-    np.testing.assert_array_equal(ps["longformer"]["embeddings"]["word_embeddings"]["embedding"],
-                                  params["longformer"]["embeddings"]["word_embeddings"]["embedding"])
+    np.testing.assert_array_equal(
+        ps["longformer"]["embeddings"]["word_embeddings"]["embedding"],
+        params["longformer"]["embeddings"]["word_embeddings"]["embedding"],
+    )
     with pytest.raises(pretrained.ConversionError, match="is not a Flax checkpoint directory"):
         pretrained.load_flax_checkpoint(tmp_path / "hf")
 
@@ -217,8 +226,9 @@ def test_roberta_config_is_refused_in_one_place(torch, tmp_path):
     RoBERTa converter; allenai's originals (model_type roberta with attention_window, one-sided) load."""
     import transformers
 
-    roberta = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=37).to_dict()
+    roberta = transformers.RobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    ).to_dict()
     with pytest.raises(ValueError, match="model_type='roberta' and no attention_window.*convert.roberta_to_longformer"):
         lj.LongformerConfig.from_dict(roberta)
     tm, model, params, cfg = make_pair(torch, "masked-lm", attention_window=8)
@@ -227,8 +237,13 @@ def test_roberta_config_is_refused_in_one_place(torch, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**roberta, "architectures": ["RobertaForMaskedLM"]}))
     with pytest.raises(pretrained.ConversionError, match="convert.roberta_to_longformer"):
         lj.load_pretrained(tmp_path)
-    allenai = {**hf_cfg, "model_type": "roberta", "attention_window": [4, 4], "attention_mode": "longformer",
-               "architectures": ["RobertaForMaskedLM"]}
+    allenai = {
+        **hf_cfg,
+        "model_type": "roberta",
+        "attention_window": [4, 4],
+        "attention_mode": "longformer",
+        "architectures": ["RobertaForMaskedLM"],
+    }
     (tmp_path / "config.json").write_text(json.dumps(allenai))
     model2, params2 = lj.load_pretrained(tmp_path)
     assert model2.config.attention_windows == (8, 8)

@@ -21,9 +21,15 @@ from tests.hf_fixtures import VOCAB, make_roberta, tokenizer_dir  # noqa: E402,F
 def tiny_roberta(model_class: str, max_position_embeddings: int, num_hidden_layers: int = 1):
     """(config, numpy state dict) of a random RoBERTa of hidden size 8."""
     torch.manual_seed(0)
-    cfg = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=num_hidden_layers,
-                                     num_attention_heads=2, intermediate_size=16,
-                                     max_position_embeddings=max_position_embeddings, type_vocab_size=1)
+    cfg = transformers.RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=max_position_embeddings,
+        type_vocab_size=1,
+    )
     return cfg, {k: v.numpy() for k, v in getattr(transformers, model_class)(cfg).state_dict().items()}
 
 
@@ -33,8 +39,12 @@ def test_roberta_to_longformer_is_exact(tmp_path, tokenizer_dir):  # noqa: F811
     src, dst = tmp_path / "roberta", tmp_path / "long"
     roberta = make_roberta(src, tokenizer_dir)  # old limit: 34 - 2 = 32 tokens
     max_length = 128
-    assert r2l_cmd.main([str(src), str(dst), "--max-length", str(max_length), "--attention-window", "64",
-                         "--format", "both"]) == 0
+    assert (
+        r2l_cmd.main(
+            [str(src), str(dst), "--max-length", str(max_length), "--attention-window", "64", "--format", "both"]
+        )
+        == 0
+    )
 
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["model_type"] == "longformer" and cfg["architectures"] == ["LongformerForMaskedLM"]
@@ -77,9 +87,14 @@ def test_roberta_to_longformer_is_exact(tmp_path, tokenizer_dir):  # noqa: F811
     model, params = pretrained.load_pretrained(str(dst), task="masked-lm")  # the Flax checkpoint in the same dir
     assert pretrained.is_flax_checkpoint(dst)
     with jax.default_matmul_precision("highest"):
-        got_fx = np.asarray(model.apply({"params": params}, ids.astype(np.int32),
-                                        attention_mask=attn.astype(np.int32),
-                                        global_attention_mask=np.zeros_like(ids, np.int32)).logits)
+        got_fx = np.asarray(
+            model.apply(
+                {"params": params},
+                ids.astype(np.int32),
+                attention_mask=attn.astype(np.int32),
+                global_attention_mask=np.zeros_like(ids, np.int32),
+            ).logits
+        )
     d_fx = float(np.abs(ref - got_fx)[valid].max())
     print(f"RoBERTa vs long model, max abs diff: PyTorch {d_pt:.2e}, Flax {d_fx:.2e}")
     assert d_fx <= 1e-5, d_fx
@@ -106,8 +121,9 @@ def test_roberta_to_longformer_lengths(max_length):
     old = sd["roberta.embeddings.position_embeddings.weight"]
     assert pos.shape == (max_length + 3, 8)
     repeats = max_length // 512
-    np.testing.assert_array_equal(pos[2:2 + 512 * repeats].reshape(repeats, 512, 8),
-                                  np.broadcast_to(old[2:], (repeats, 512, 8)))
+    np.testing.assert_array_equal(
+        pos[2 : 2 + 512 * repeats].reshape(repeats, 512, 8), np.broadcast_to(old[2:], (repeats, 512, 8))
+    )
     assert "lm_head.decoder.weight" not in out and "lm_head.bias" in out
     assert not any(k.startswith("roberta.") or k.endswith("position_ids") for k in out)
 
@@ -125,10 +141,12 @@ def test_missing_and_misshapen_weights_are_named():
     the RoBERTa key, its shape, the expected one and the config values behind it."""
     cfg, sd = tiny_roberta("RobertaForMaskedLM", 34, num_hidden_layers=2)
     bad = {**sd, "roberta.encoder.layer.1.intermediate.dense.weight": np.zeros((12, 8), np.float32)}
-    with pytest.raises(pretrained.ConversionError,
-                       match=r"roberta.encoder.layer.1.intermediate.dense.weight has shape \(12, 8\), expected "
-                             r"\(16, 8\) from config.json \(hidden_size 8, intermediate_size 16, vocab_size 300, "
-                             r"max_position_embeddings 34\)"):
+    with pytest.raises(
+        pretrained.ConversionError,
+        match=r"roberta.encoder.layer.1.intermediate.dense.weight has shape \(12, 8\), expected "
+        r"\(16, 8\) from config.json \(hidden_size 8, intermediate_size 16, vocab_size 300, "
+        r"max_position_embeddings 34\)",
+    ):
         roberta_to_longformer(bad, 64, 16, config=cfg)
     short = {**sd, "roberta.embeddings.position_embeddings.weight": np.zeros((30, 8), np.float32)}
     with pytest.raises(pretrained.ConversionError, match=r"position_embeddings.weight has shape \(30, 8\)"):
@@ -137,8 +155,10 @@ def test_missing_and_misshapen_weights_are_named():
     with pytest.raises(pretrained.ConversionError, match="the RoBERTa state dict: missing RoBERTa weights: ") as e:
         roberta_to_longformer(missing, 64, 16, config=cfg)
     names = str(e.value).split("missing RoBERTa weights: ")[1].split(", ")
-    assert sorted(names) == ["roberta.encoder.layer.0.output.LayerNorm.bias",
-                             "roberta.encoder.layer.0.output.LayerNorm.weight"]
+    assert sorted(names) == [
+        "roberta.encoder.layer.0.output.LayerNorm.bias",
+        "roberta.encoder.layer.0.output.LayerNorm.weight",
+    ]
     with pytest.raises(pretrained.ConversionError, match="max_position_embeddings 60 is too small"):
         roberta_to_longformer(sd, 64, 16, config=cfg, max_position_embeddings=60)
 
@@ -172,8 +192,10 @@ def test_a_longformer_is_made_longer(tmp_path, tokenizer_dir):  # noqa: F811
     for k, v in sd_s.items():
         if "position" not in k:
             assert torch.equal(sd_l[k], v), k  # the global projections were not replaced by copies
-    assert not torch.equal(sd_l["longformer.encoder.layer.0.attention.self.query_global.weight"],
-                           sd_l["longformer.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        sd_l["longformer.encoder.layer.0.attention.self.query_global.weight"],
+        sd_l["longformer.encoder.layer.0.attention.self.query.weight"],
+    )
 
     rng = np.random.default_rng(0)
     ids = torch.from_numpy(rng.integers(5, VOCAB, size=(2, 60)))

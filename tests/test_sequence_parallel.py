@@ -148,11 +148,12 @@ SCRIPT = textwrap.dedent(r"""
 
 def run_script(length: int) -> dict:
     env = env_with_root(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-c", SCRIPT, str(length)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1200)
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(length)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +193,9 @@ def test_attention_dropout_is_deterministic_and_differs_across_devices(short_doc
 def test_bad_input_is_a_clear_error(short_document):
     e = short_document["errors"]
     assert e["length"] and "must be a multiple of 8 x the attention window 16 = 128" in e["length"], e
-    assert e["dilated_length"] and "multiple of 8 x the attention window 16 x its dilation 2 = 256" in e[
-        "dilated_length"], e
+    assert (
+        e["dilated_length"] and "multiple of 8 x the attention window 16 x its dilation 2 = 256" in e["dilated_length"]
+    ), e
     assert e["kernel"] and "attention_implementation='splash'" in e["kernel"] and "'blocked'" in e["kernel"], e
 
 

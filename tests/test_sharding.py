@@ -33,8 +33,7 @@ def tiny_params(scan_layers=False, vocab=50):
 def specs_by_path(tree, mesh=MESH):
     specs = shd.tree_partition_specs(tree, mesh)
     return {
-        shd.path_str(kp): s
-        for kp, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
+        shd.path_str(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
     }
 
 

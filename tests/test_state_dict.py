@@ -71,8 +71,11 @@ def test_state_dict_shapes_are_transformers_shapes(torch, task):
     """The shapes from the abstract init are those of the PyTorch model's state dict (tied tensors and
     buffers aside)."""
     tm, _, _, cfg = make_pair(torch, task, num_labels=2 if task == "question-answering" else 3)
-    want = {k: tuple(v.shape) for k, v in tm.state_dict().items()
-            if not k.endswith("position_ids") and not k.startswith("lm_head.decoder.")}
+    want = {
+        k: tuple(v.shape)
+        for k, v in tm.state_dict().items()
+        if not k.endswith("position_ids") and not k.startswith("lm_head.decoder.")
+    }
     assert state_dict_shapes(cfg, task) == want
 
 

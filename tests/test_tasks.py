@@ -32,8 +32,13 @@ def test_check_task():
 
 
 def test_build_model_and_its_inverse():
-    cfg = lj.LongformerConfig(num_hidden_layers=1, attention_window=4, hidden_size=32, num_attention_heads=4,
-                              extra={"pooling": "attentive", "sentence_block_size": 8, "add_pooling_layer": False})
+    cfg = lj.LongformerConfig(
+        num_hidden_layers=1,
+        attention_window=4,
+        hidden_size=32,
+        num_attention_heads=4,
+        extra={"pooling": "attentive", "sentence_block_size": 8, "add_pooling_layer": False},
+    )
     for name, spec in tasks.TASKS.items():
         model = lj.build_model(cfg, name)
         assert type(model) is spec.model_class and tasks.task_of_model(model) == name
@@ -89,8 +94,7 @@ def test_expected_automatic_masks():
     np.testing.assert_array_equal(tasks.automatic_global_attention_mask(sc, ids, am)[1], [1] + [0] * 15)
     mc = lj.build_model(cfg, "multiple-choice")
     ids_mc, am_mc = _inputs("multiple-choice")
-    np.testing.assert_array_equal(tasks.automatic_global_attention_mask(mc, ids_mc, am_mc)[0, 0],
-                                  [0] * 5 + [1] * 11)
+    np.testing.assert_array_equal(tasks.automatic_global_attention_mask(mc, ids_mc, am_mc)[0, 0], [0] * 5 + [1] * 11)
     doc = lj.build_model(cfg.replace(extra={"sentence_block_size": 2}), "document-classification")
     np.testing.assert_array_equal(tasks.automatic_global_attention_mask(doc, ids, am)[1], [1, 0] * 7 + [0, 0])
 
@@ -120,5 +124,6 @@ def test_init_params_abstract_matches_concrete():
         abstract = lj.init_params(model, 0, abstract=True)
         concrete = lj.init_params(model, 0)
         assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(
-            lambda a: (a.shape, a.dtype), concrete)
+            lambda a: (a.shape, a.dtype), concrete
+        )
         assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))

@@ -136,20 +136,33 @@ def test_the_step_takes_any_objective_and_accumulation_is_exact():
         return jnp.asarray(np.prod(batch["row_label"].shape), jnp.float32)
 
     objective = Objective(sums=sums, count=rows, metrics=("accuracy",))
-    mcfg = lj.LongformerConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, attention_window=8, max_position_embeddings=34,
-                               type_vocab_size=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    mcfg = lj.LongformerConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_window=8,
+        max_position_embeddings=34,
+        type_vocab_size=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = lj.LongformerForMaskedLM(mcfg)
     params = lj.init_params(model, 0)
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(5, 40, (4, 32)).astype(np.int32), "attention_mask": np.ones((4, 32), np.int32),
-             "global_attention_mask": np.zeros((4, 32), np.int32), "row_label": np.array([3, 7, 3, 9], np.int32)}
+    batch = {
+        "input_ids": rng.integers(5, 40, (4, 32)).astype(np.int32),
+        "attention_mask": np.ones((4, 32), np.int32),
+        "global_attention_mask": np.zeros((4, 32), np.int32),
+        "row_label": np.array([3, 7, 3, 9], np.int32),
+    }
     out = {}
     for accum in (1, 2):
         cfg = config_lib.preset("demo", batch_size=4 // accum, grad_accum_steps=accum, dropout=False)
         tx, _ = trainer.make_optimizer(cfg)
         drv = trainer.MeshDriver(model, tx, objective, dropout=False, devices=jax.devices()[:1])
-        micro = [{k: v[a * (4 // accum):(a + 1) * (4 // accum)] for k, v in batch.items()} for a in range(accum)]
+        micro = [{k: v[a * (4 // accum) : (a + 1) * (4 // accum)] for k, v in batch.items()} for a in range(accum)]
         state, m = drv.train(drv.create_state(params), trainer.stack_micro_batches(micro), np.zeros(2, np.uint32))
         out[accum] = (m, drv.host_params(state))
     with jax.default_matmul_precision("highest"):

@@ -158,9 +158,25 @@ def prepared(tmp_path_factory, corpus) -> tuple[Path, Path]:
 
     base = tmp_path_factory.mktemp("prepared")
     tok = data.train_demo_tokenizer(data.read_documents(str(corpus)), str(base / "tok"), vocab_size=300)
-    rc = prepare_data.main(["--data", str(corpus), "--tokenizer", str(base / "tok"), "--output", str(base / "p"),
-                            "--seq-len", "64", "--block-size", "16", "--min-doc-tokens", "50", "--eval-docs", "1",
-                            "--no-progress"])
+    rc = prepare_data.main(
+        [
+            "--data",
+            str(corpus),
+            "--tokenizer",
+            str(base / "tok"),
+            "--output",
+            str(base / "p"),
+            "--seq-len",
+            "64",
+            "--block-size",
+            "16",
+            "--min-doc-tokens",
+            "50",
+            "--eval-docs",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and len(tok) == 300
     return base / "p", base / "tok"
 
@@ -193,8 +209,15 @@ def test_prepared_data_of_another_tokenizer_or_layout(tmp_path, capsys, prepared
     from train import data
 
     data.train_demo_tokenizer(data.read_documents(str(corpus)), str(tmp_path / "other"), vocab_size=280)
-    rc, err = cli(capsys, "--data", str(prepared[0]), "--tokenizer", str(tmp_path / "other"),
-                  "--output-dir", str(tmp_path / "run"))
+    rc, err = cli(
+        capsys,
+        "--data",
+        str(prepared[0]),
+        "--tokenizer",
+        str(tmp_path / "other"),
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
     assert rc == 1 and err.count("\n") == 1
     assert "was made with another tokenizer" in err and str(prepared[0] / "tokenizer") in err
     rc, err = cli(capsys, "--data", str(prepared[0]), "--seq-len", "128", "--output-dir", str(tmp_path / "run"))
@@ -206,8 +229,20 @@ def test_resume_on_other_data_is_refused_and_keeps_the_checkpoints(tmp_path, cap
 
     p = _copy(prepared[0], tmp_path / "p")
     out = tmp_path / "run"
-    args = ["--data", str(p), "--output-dir", str(out), "--batch-size", "2", "--max-steps", "1", "--save-every", "1",
-            "--eval-every", "100"]
+    args = [
+        "--data",
+        str(p),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "100",
+    ]
     rc, err = cli(capsys, *args)
     assert rc == 0, err
     saved = sorted(str(f.relative_to(out)) for f in (out / "checkpoints").rglob("*"))
@@ -216,9 +251,13 @@ def test_resume_on_other_data_is_refused_and_keeps_the_checkpoints(tmp_path, cap
 
     shutil.rmtree(p)
     other = write_corpus(tmp_path / "other.jsonl", n_docs=6, seed=5)
-    prepare_data.prepare(str(other), data.load_tokenizer(str(prepared[1])), p,
-                         prepare_data.Settings(seq_len=64, block_size=16, min_doc_tokens=50, eval_docs=1),
-                         progress=False)
+    prepare_data.prepare(
+        str(other),
+        data.load_tokenizer(str(prepared[1])),
+        p,
+        prepare_data.Settings(seq_len=64, block_size=16, min_doc_tokens=50, eval_docs=1),
+        progress=False,
+    )
     rc, err = cli(capsys, *args)
     assert rc == 1 and "holds checkpoints trained on other data" in err and "--overwrite" in err
     assert sorted(str(f.relative_to(out)) for f in (out / "checkpoints").rglob("*")) == saved

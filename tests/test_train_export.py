@@ -22,8 +22,13 @@ from train.objectives import mlm_objective
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-         "attention_window": 8}
+SMALL = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "attention_window": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +42,21 @@ def run_dir(tmp_path_factory):
     cfg = config_lib.preset("demo", model=SMALL, seq_len=64, block_size=16, scan_layers=True, output_dir=str(run))
     cfg.save(run / "config.json")
     ids = data.token_ids(tok)
-    mcfg = lj.LongformerConfig(vocab_size=len(tok), max_position_embeddings=64 + ids.pad + 1, pad_token_id=ids.pad,
-                               bos_token_id=ids.bos, eos_token_id=ids.eos, sep_token_id=ids.eos,
-                               **cfg.model_options())
+    mcfg = lj.LongformerConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=64 + ids.pad + 1,
+        pad_token_id=ids.pad,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+        sep_token_id=ids.eos,
+        **cfg.model_options(),
+    )
     model = lj.LongformerForMaskedLM(mcfg)
     mcfg.save_pretrained(run / "model", architectures=["LongformerForMaskedLM"])
     tx, _ = trainer.make_optimizer(cfg)
-    driver = trainer.MeshDriver(model, tx, mlm_objective(cfg.num_global_slots), dropout=False,
-                                devices=jax.devices()[:1])
+    driver = trainer.MeshDriver(
+        model, tx, mlm_objective(cfg.num_global_slots), dropout=False, devices=jax.devices()[:1]
+    )
     ckpt = ckpt_lib.Checkpointer(run / "checkpoints", async_save=False)
     saved = {}
     for step, seed in ((3, 1), (7, 2)):
@@ -86,8 +98,11 @@ def test_export_of_a_run_dir_loads_in_transformers_with_equal_logits(run_dir, tm
     gm[:, 0] = 1
     gm[0, 9] = 1
     with torch.no_grad():
-        pt = back.eval()(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(am),
-                         global_attention_mask=torch.from_numpy(gm)).logits.numpy()
+        pt = back.eval()(
+            input_ids=torch.from_numpy(ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(am),
+            global_attention_mask=torch.from_numpy(gm),
+        ).logits.numpy()
     fx = flax_logits(config, params, ids, am, gm)
     assert np.abs(pt - fx).max() <= 1e-5
     # ... and they are not step 3's.
@@ -150,8 +165,14 @@ def test_bad_inputs_are_one_error_line_and_leave_nothing(run_dir, tmp_path, caps
     assert (taken / "model.safetensors").is_file() and not (taken / "keep.txt").exists()
 
     # The same through `python -m train.export`.
-    p = subprocess.run([sys.executable, "-m", "train.export", str(run), str(dst), "--step", "4"], cwd=ROOT,
-                       env=env_with_root(JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "train.export", str(run), str(dst), "--step", "4"],
+        cwd=ROOT,
+        env=env_with_root(JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1 and p.stderr.startswith("error: ") and "no step 4" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not dst.exists()
 
@@ -159,8 +180,26 @@ def test_bad_inputs_are_one_error_line_and_leave_nothing(run_dir, tmp_path, caps
 def test_the_end_of_run_export_equals_the_export_of_its_last_checkpoint(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=8)
     out = tmp_path / "run"
-    rc = pretrain.main(["--preset", "demo", *TINY, "--data", str(corpus), "--output-dir", str(out), "--batch-size", "2",
-                        "--max-steps", "2", "--save-every", "1", "--eval-every", "100", "--no-async-checkpointing"])
+    rc = pretrain.main(
+        [
+            "--preset",
+            "demo",
+            *TINY,
+            "--data",
+            str(corpus),
+            "--output-dir",
+            str(out),
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--save-every",
+            "1",
+            "--eval-every",
+            "100",
+            "--no-async-checkpointing",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     from safetensors.numpy import load_file
 

@@ -118,9 +118,7 @@ _env = env_with_root
 @pytest.fixture(scope="module")
 def eight_device_results():
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    p = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    p = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
@@ -175,9 +173,29 @@ MULTI_STEPS = 4
 
 
 def _pretrain_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train.pretrain", "--preset", "demo", "--data", str(corpus), "--output-dir",
-            str(out), "--max-steps", str(MULTI_STEPS), "--save-every", "2", "--eval-every", "2", "--batch-size", "4",
-            "--log-batch-fingerprints", "--no-async-checkpointing", *TINY, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "train.pretrain",
+        "--preset",
+        "demo",
+        "--data",
+        str(corpus),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(MULTI_STEPS),
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--log-batch-fingerprints",
+        "--no-async-checkpointing",
+        *TINY,
+        *extra,
+    ]
 
 
 def _run_processes(cmd: list[str], n: int) -> list[str]:
@@ -186,8 +204,16 @@ def _run_processes(cmd: list[str], n: int) -> list[str]:
     procs = []
     for i in range(n):
         dist = ["--coordinator-address", f"localhost:{port}", "--num-processes", str(n), "--process-id", str(i)]
-        procs.append(subprocess.Popen([*cmd, *(dist if n > 1 else [])], cwd=ROOT, env=_env(JAX_PLATFORMS="cpu"),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [*cmd, *(dist if n > 1 else [])],
+                cwd=ROOT,
+                env=_env(JAX_PLATFORMS="cpu"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     errs = []
     for p in procs:
         try:
@@ -226,8 +252,10 @@ def test_two_processes_with_jax_distributed(tmp_path, single_process_run):
     assert (run / "hf" / "model.safetensors").exists()
     data_files = sorted(p.name for p in (run / "checkpoints" / str(MULTI_STEPS) / "data").iterdir())
     assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files
-    assert json.loads((run / "config.json").read_text())["data_fingerprint"] == json.loads(
-        (single / "config.json").read_text())["data_fingerprint"]
+    assert (
+        json.loads((run / "config.json").read_text())["data_fingerprint"]
+        == json.loads((single / "config.json").read_text())["data_fingerprint"]
+    )
     ref = _rows(single / "batches.jsonl")
     p0, p1 = _rows(run / "batches.0-of-2.jsonl"), _rows(run / "batches.1-of-2.jsonl")
     assert sorted(ref) == sorted(p0) == sorted(p1) == [(s, 0) for s in range(MULTI_STEPS)]
@@ -263,12 +291,46 @@ def test_one_step_on_a_65536_token_document_over_8_devices(tmp_path):
     of 512 with a global token each, so global tokens on every device) split over 8 CPU devices."""
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=2, words=40_000)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.pretrain", "--preset", "demo", "--data", str(corpus), "--output-dir", str(out),
-           "--max-steps", "1", "--save-every", "1", "--eval-every", "1", "--batch-size", "1",
-           "--model", "hidden_size=32", "num_hidden_layers=2", "num_attention_heads=4", "intermediate_size=64",
-           "attention_window=64", "--seq-len", "65536", "--block-size", "512", "--tokenizer-vocab-size", "300",
-           "--min-doc-tokens", "50", "--eval-docs", "1", "--eval-batches", "1", "--no-progress-bar",
-           "--mesh", "data=1,fsdp=1,sequence=8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.pretrain",
+        "--preset",
+        "demo",
+        "--data",
+        str(corpus),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "1",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "1",
+        "--batch-size",
+        "1",
+        "--model",
+        "hidden_size=32",
+        "num_hidden_layers=2",
+        "num_attention_heads=4",
+        "intermediate_size=64",
+        "attention_window=64",
+        "--seq-len",
+        "65536",
+        "--block-size",
+        "512",
+        "--tokenizer-vocab-size",
+        "300",
+        "--min-doc-tokens",
+        "50",
+        "--eval-docs",
+        "1",
+        "--eval-batches",
+        "1",
+        "--no-progress-bar",
+        "--mesh",
+        "data=1,fsdp=1,sequence=8",
+    ]
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-4000:]

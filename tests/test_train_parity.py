@@ -103,15 +103,15 @@ def torch_losses(hf_model, batches) -> list[float]:
         },
         {"params": [p for n, p in hf_model.named_parameters() if n not in decay_names], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(
-        groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
-    )
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
     hf_model.train()  # dropout probabilities are 0
     losses = []
     for b in batches:
-        t = {k: torch.from_numpy(b[k].astype(np.int64)) for k in ("input_ids", "attention_mask",
-                                                                  "global_attention_mask", "labels")}
+        t = {
+            k: torch.from_numpy(b[k].astype(np.int64))
+            for k in ("input_ids", "attention_mask", "global_attention_mask", "labels")
+        }
         out = hf_model(**t)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(hf_model.parameters(), cfg.clip_norm)
@@ -144,10 +144,7 @@ def test_decay_mask_matches_hf_trainer(setup):
     hf_model, _, params = setup
     hf_decay = hf_decay_parameter_names(hf_model)
     mask = trainer.decay_mask(params)
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in kp): v
-        for kp, v in jax.tree_util.tree_leaves_with_path(mask)
-    }
+    flat = {"/".join(str(getattr(k, "key", k)) for k in kp): v for kp, v in jax.tree_util.tree_leaves_with_path(mask)}
     sd_names = {n for n, _ in hf_model.named_parameters()}
     ours = set()
     for path, decayed in flat.items():

@@ -51,9 +51,7 @@ def run_to_end(cmd) -> subprocess.CompletedProcess:
 
 def run_until_checkpoint(cmd, ckpt_dir: Path, step: int, sig: int) -> subprocess.Popen:
     """Starts `cmd`, waits until checkpoint `step` is complete, then sends `sig`."""
-    p = subprocess.Popen(
-        cmd, cwd=ROOT, env=env_with_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env_with_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 400
     while not (ckpt_dir / str(step)).is_dir():
         if p.poll() is not None:

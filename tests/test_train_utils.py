@@ -149,11 +149,28 @@ def test_cli_flags_set_and_presets(capsys):
 
 
 def test_model_settings_are_one_mapping_over_the_preset():
-    c = config_lib.parse_args(["--model", "hidden_size=64", "intermediate_size=96", "--set",
-                               "model.attention_window=[4,8]", "--model", "hidden_dropout_prob=0",
-                               "--seq-len", "128", "--block-size", "32"])
-    assert c.model == {**config_lib.DEMO_MODEL, "hidden_size": 64, "intermediate_size": 96,
-                       "attention_window": [4, 8], "hidden_dropout_prob": 0.0}
+    c = config_lib.parse_args(
+        [
+            "--model",
+            "hidden_size=64",
+            "intermediate_size=96",
+            "--set",
+            "model.attention_window=[4,8]",
+            "--model",
+            "hidden_dropout_prob=0",
+            "--seq-len",
+            "128",
+            "--block-size",
+            "32",
+        ]
+    )
+    assert c.model == {
+        **config_lib.DEMO_MODEL,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "attention_window": [4, 8],
+        "hidden_dropout_prob": 0.0,
+    }
     assert isinstance(c.model["hidden_dropout_prob"], float)
     assert c.model_options()["attention_window"] == [4, 8] and c.model_options()["dtype"] == "float32"
     assert config_lib.preset("demo", model={"hidden_size": 64}).model["num_hidden_layers"] == 2
@@ -225,8 +242,13 @@ def test_mlm_sums_and_finish_eval_are_exact_over_batches():
             assert kw["num_global_slots"] == 0 and kw["deterministic"] and kw["rngs"] is None
             return type("Out", (), {"logits": logits})
 
-    loss_sum, sums = obj.sums(Fixed(), {}, {"input_ids": None, "attention_mask": None,
-                                            "global_attention_mask": None, "labels": labels}, None, True)
+    loss_sum, sums = obj.sums(
+        Fixed(),
+        {},
+        {"input_ids": None, "attention_mask": None, "global_attention_mask": None, "labels": labels},
+        None,
+        True,
+    )
     lp = jax.nn.log_softmax(logits)
     ref = -(lp[0, 0, 1] + lp[0, 2, 3] + lp[0, 4, 0] + lp[1, 4, 6])
     np.testing.assert_allclose(loss_sum, ref, rtol=1e-6)

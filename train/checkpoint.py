@@ -60,7 +60,8 @@ class DataStateHandler(ocp.CheckpointHandler):
             return states[saved[0]]
         raise ValueError(
             f"{path} is missing: the checkpoint was written by a different number of processes "
-            f"(found {saved}) with a data position per process; resume with the same number of hosts ({n} now).")
+            f"(found {saved}) with a data position per process; resume with the same number of hosts ({n} now)."
+        )
 
     def metadata(self, directory: epath.Path) -> Any:
         return None
@@ -197,7 +198,8 @@ def check_data(run_dir: str | Path, fingerprint: str, data_dir: str | Path) -> N
         raise ValueError(
             f"--output-dir {out} holds checkpoints trained on other data (manifest fingerprint {saved}) than "
             f"{data_dir} (fingerprint {fingerprint}: another corpus, tokenizer or layout). Resume with the data "
-            "the run was trained on, pick another --output-dir, or pass --overwrite to start over.")
+            "the run was trained on, pick another --output-dir, or pass --overwrite to start over."
+        )
 
 
 def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
@@ -212,14 +214,16 @@ def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
         raise ValueError(
             f"--output-dir {out} holds checkpoints ({ckpt_dir}) but no config.json, so they cannot be "
             "matched to this run: pick another --output-dir, or pass --overwrite to delete them and "
-            "start over.")
+            "start over."
+        )
     diff = cfg.differences(type(cfg).load(out / "config.json"))
     if diff:
         shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(
             f"--output-dir {out} holds checkpoints of a different run ({shown}). Pick another "
             "--output-dir, rerun with the saved settings to resume, or pass --overwrite to delete "
-            "those checkpoints and start over.")
+            "those checkpoints and start over."
+        )
 
 
 def remove_run_files(run_dir: str | Path, names: Iterable[str]) -> None:
@@ -232,8 +236,9 @@ def remove_run_files(run_dir: str | Path, names: Iterable[str]) -> None:
             p.unlink()
 
 
-def restore_or_init(ckpt: Checkpointer, driver, make_params: Callable, *inputs,
-                    data_iterator: Any = None) -> tuple[Any, int | None]:
+def restore_or_init(
+    ckpt: Checkpointer, driver, make_params: Callable, *inputs, data_iterator: Any = None
+) -> tuple[Any, int | None]:
     """The state to train from, and the step it was restored from (None for a new state).
 
     `driver` is a `train.trainer.Driver`; a new state is `driver.init_state(make_params, *inputs)`

@@ -36,20 +36,29 @@ _RUN_OPTIONS = ("dtype", "remat", "scan_layers")
 # Fields a fresh model takes from the tokenizer: never set by hand.
 _TOKENIZER_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id")
 MODEL_FIELDS = tuple(
-    f.name for f in dataclasses.fields(LongformerConfig)
-    if f.name not in (*_RUN_OPTIONS, *_TOKENIZER_FIELDS, "extra")
+    f.name for f in dataclasses.fields(LongformerConfig) if f.name not in (*_RUN_OPTIONS, *_TOKENIZER_FIELDS, "extra")
 )
 
 # The demo's model: a small RoBERTa-style Longformer (one type id, RoBERTa's LayerNorm epsilon); its
 # window of 32 tokens is a quarter of the demo's 128-token sequences.
 DEMO_MODEL: dict[str, Any] = {
-    "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
-    "attention_window": 32, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "attention_window": 32,
+    "type_vocab_size": 1,
+    "layer_norm_eps": 1e-5,
 }
 # The seed checkpoint's architecture (SPEC.md): what its own init holds, and a fresh model with --init none.
 SEED_MODEL: dict[str, Any] = {
-    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-    "attention_window": 128, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "attention_window": 128,
+    "type_vocab_size": 1,
+    "layer_norm_eps": 1e-5,
 }
 
 
@@ -154,10 +163,28 @@ class TrainConfig:
 
     # Settings a run may change when it resumes; every other one (new ones included) must match.
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
-        "preset", "output_dir", "overwrite", "save_every", "eval_every", "log_every", "eval_batches",
-        "keep_checkpoints", "async_checkpointing", "driver", "mesh_data", "mesh_fsdp", "mesh_sequence", "distributed",
-        "coordinator_address", "num_processes", "process_id", "fill_mask_text", "progress_bar",
-        "log_batch_fingerprints", "dtype", "remat",
+        "preset",
+        "output_dir",
+        "overwrite",
+        "save_every",
+        "eval_every",
+        "log_every",
+        "eval_batches",
+        "keep_checkpoints",
+        "async_checkpointing",
+        "driver",
+        "mesh_data",
+        "mesh_fsdp",
+        "mesh_sequence",
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+        "fill_mask_text",
+        "progress_bar",
+        "log_batch_fingerprints",
+        "dtype",
+        "remat",
     )
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -170,8 +197,9 @@ class TrainConfig:
     def differences(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
         """`{setting: (other's value, this value)}` for every fingerprinted setting that differs."""
         mine, theirs = self.fingerprint_fields(), other.fingerprint_fields()
-        return {k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs))
-                if theirs.get(k) != mine.get(k)}
+        return {
+            k: (theirs.get(k), mine.get(k)) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)
+        }
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_fields(), sort_keys=True)
@@ -187,14 +215,25 @@ class TrainConfig:
             fail(f"driver={self.driver!r}; expected 'mesh' or 'pmap' (--driver).")
         if self.dtype not in ("float32", "bfloat16"):
             fail(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16' (--dtype).")
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "seq_len", "block_size",
-                     "save_every", "eval_every", "log_every", "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "grad_accum_steps",
+            "max_steps",
+            "seq_len",
+            "block_size",
+            "save_every",
+            "eval_every",
+            "log_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 fail(f"{name}={getattr(self, name)}; expected an integer >= 1 (--{_flag(name)}).")
         if self.layout == "blocks" and self.seq_len % self.block_size:
             ok = self.seq_len // self.block_size * self.block_size or self.block_size
-            fail(f"seq_len={self.seq_len} is not a multiple of block_size={self.block_size}; the "
-                 f"blocks layout needs whole blocks: use --seq-len {ok}.")
+            fail(
+                f"seq_len={self.seq_len} is not a multiple of block_size={self.block_size}; the "
+                f"blocks layout needs whole blocks: use --seq-len {ok}."
+            )
         self._validate_model()
         if not 0.0 <= self.warmup_fraction <= 1.0:
             fail(f"warmup_fraction={self.warmup_fraction}; expected a value in [0, 1].")
@@ -204,12 +243,16 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 fail(f"{name}={getattr(self, name)}; expected an integer >= 0 (--{_flag(name)}).")
         if self.mesh_fsdp < 1 or self.mesh_sequence < 1 or (self.mesh_data < 1 and self.mesh_data != -1):
-            fail(f"mesh shape (data={self.mesh_data}, fsdp={self.mesh_fsdp}, sequence={self.mesh_sequence}) is "
-                 "invalid; use --mesh data=N,fsdp=M,sequence=S with N >= 1 (or -1 for all remaining devices) "
-                 "and M, S >= 1.")
+            fail(
+                f"mesh shape (data={self.mesh_data}, fsdp={self.mesh_fsdp}, sequence={self.mesh_sequence}) is "
+                "invalid; use --mesh data=N,fsdp=M,sequence=S with N >= 1 (or -1 for all remaining devices) "
+                "and M, S >= 1."
+            )
         if self.mesh_sequence > 1 and self.driver != "mesh":
-            fail(f"mesh_sequence={self.mesh_sequence} needs the mesh driver (--driver mesh); the pmap driver "
-                 "only splits the batch.")
+            fail(
+                f"mesh_sequence={self.mesh_sequence} needs the mesh driver (--driver mesh); the pmap driver "
+                "only splits the batch."
+            )
 
     def _validate_model(self) -> None:
         for key in self.model:
@@ -221,13 +264,17 @@ class TrainConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"--model: {e}") from None
         if self.seq_len % probe.max_window:
-            raise ValueError(f"seq_len={self.seq_len} is not a multiple of the model's attention window "
-                             f"{probe.max_window}; pick --seq-len as a multiple of the window.")
+            raise ValueError(
+                f"seq_len={self.seq_len} is not a multiple of the model's attention window "
+                f"{probe.max_window}; pick --seq-len as a multiple of the window."
+            )
         step = self.mesh_sequence * probe.pad_multiple  # the window, times the dilation where one is set
         if self.mesh_sequence > 1 and self.seq_len % step:
-            raise ValueError(f"seq_len={self.seq_len} does not split into whole attention windows over the "
-                             f"{self.mesh_sequence} devices of the sequence axis; pick --seq-len as a multiple of "
-                             f"{self.mesh_sequence} x {probe.pad_multiple} = {step} (the window times its dilation).")
+            raise ValueError(
+                f"seq_len={self.seq_len} does not split into whole attention windows over the "
+                f"{self.mesh_sequence} devices of the sequence axis; pick --seq-len as a multiple of "
+                f"{self.mesh_sequence} x {probe.pad_multiple} = {step} (the window times its dilation)."
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,13 +289,32 @@ _SEED_RECIPE = dict(
     # C4 `en` prepared once by `python -m train.prepare_data ... --output data/c4` (README): shards
     # streamed by every host, documents of at least 1,024 subword tokens, 1,000 held out.
     data="data/c4",
-    layout="blocks", seq_len=4096, block_size=128, min_doc_tokens=1024,
-    eval_docs=1000, eval_batches=50, mlm_probability=0.15,
-    batch_size=16, grad_accum_steps=8,
-    learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.01,
-    warmup_fraction=0.1, max_steps=50_000, clip_norm=1.0,
-    seed=42, dropout=True, dtype="bfloat16", remat=True,
-    output_dir="runs/seed-recipe", save_every=1000, eval_every=1000, log_every=50, keep_checkpoints=3,
+    layout="blocks",
+    seq_len=4096,
+    block_size=128,
+    min_doc_tokens=1024,
+    eval_docs=1000,
+    eval_batches=50,
+    mlm_probability=0.15,
+    batch_size=16,
+    grad_accum_steps=8,
+    learning_rate=1e-4,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_eps=1e-8,
+    weight_decay=0.01,
+    warmup_fraction=0.1,
+    max_steps=50_000,
+    clip_norm=1.0,
+    seed=42,
+    dropout=True,
+    dtype="bfloat16",
+    remat=True,
+    output_dir="runs/seed-recipe",
+    save_every=1000,
+    eval_every=1000,
+    log_every=50,
+    keep_checkpoints=3,
 )
 
 _DEMO = dict(
@@ -260,15 +326,33 @@ _DEMO = dict(
     # learning rate without dropout, and enough steps: its eval loss falls steeply between about
     # steps 750 and 1,250, when it starts to use its neighbours (README, docs/demo_curves.png).
     preset="demo",
-    init=None, tokenizer=None, tokenizer_vocab_size=2048,
+    init=None,
+    tokenizer=None,
+    tokenizer_vocab_size=2048,
     model=DEMO_MODEL,
     data="builtin:python-docs",
-    layout="blocks", seq_len=128, block_size=32, min_doc_tokens=400,
-    eval_docs=12, eval_batches=8, mlm_probability=0.3,
-    batch_size=16, grad_accum_steps=1,
-    learning_rate=3e-3, weight_decay=0.01, warmup_fraction=0.1, max_steps=3000, clip_norm=1.0,
-    seed=42, dropout=False, dtype="float32",
-    output_dir="runs/demo", save_every=100, eval_every=100, log_every=10, keep_checkpoints=3,
+    layout="blocks",
+    seq_len=128,
+    block_size=32,
+    min_doc_tokens=400,
+    eval_docs=12,
+    eval_batches=8,
+    mlm_probability=0.3,
+    batch_size=16,
+    grad_accum_steps=1,
+    learning_rate=3e-3,
+    weight_decay=0.01,
+    warmup_fraction=0.1,
+    max_steps=3000,
+    clip_norm=1.0,
+    seed=42,
+    dropout=False,
+    dtype="float32",
+    output_dir="runs/demo",
+    save_every=100,
+    eval_every=100,
+    log_every=10,
+    keep_checkpoints=3,
     fill_mask_text="The function returns a new <mask> object.",
 )
 
@@ -284,8 +368,12 @@ def preset(name: str, **overrides) -> TrainConfig:
     return make_preset(name, overrides)
 
 
-def make_preset(name: str, overrides: dict[str, Any], presets: dict[str, dict[str, Any]] | None = None,
-                config_class: type = TrainConfig):
+def make_preset(
+    name: str,
+    overrides: dict[str, Any],
+    presets: dict[str, dict[str, Any]] | None = None,
+    config_class: type = TrainConfig,
+):
     """`preset` for any config class (a `TrainConfig` subclass) and its table of presets."""
     presets = PRESETS if presets is None else presets
     if name not in presets:
@@ -299,6 +387,7 @@ def make_preset(name: str, overrides: dict[str, Any], presets: dict[str, dict[st
 
 # ----------------------------------------------------------------------------------------------
 # Command line
+
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
@@ -328,8 +417,10 @@ def check_model_field(name: str) -> None:
 
 def _split_item(flag: str, item: str) -> tuple[str, str]:
     if "=" not in item:
-        raise ValueError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} "
-                         f"{'hidden_size=256' if flag == '--model' else 'learning_rate=3e-4'}.")
+        raise ValueError(
+            f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} "
+            f"{'hidden_size=256' if flag == '--model' else 'learning_rate=3e-4'}."
+        )
     k, v = item.split("=", 1)
     return k.strip(), v.strip()
 
@@ -339,8 +430,9 @@ def _parse_value(name: str, raw: str, config_class: type = TrainConfig) -> Any:
     if f is None or name == "model":
         hint = f" ({name} is a model field: use --model {name}=...)" if name in MODEL_FIELDS else ""
         known = sorted(x.name for x in dataclasses.fields(config_class) if x.name != "model")
-        raise ValueError(f"--set {name}=...: unknown setting {name!r}{hint}; known settings: "
-                         f"{', '.join(known)}, model.KEY.")
+        raise ValueError(
+            f"--set {name}=...: unknown setting {name!r}{hint}; known settings: {', '.join(known)}, model.KEY."
+        )
     t, optional = _field_type(f, config_class)
     if optional and raw.lower() in ("none", "null", ""):
         return None
@@ -384,25 +476,46 @@ def _arg_type(name: str, config_class: type = TrainConfig):
     return convert
 
 
-def build_parser(config_class: type = TrainConfig, presets: dict[str, dict[str, Any]] | None = None, *,
-                 prog: str = "python -m train.pretrain", default_preset: str = "demo",
-                 description: str = "Masked-LM pretraining of a Longformer (Optax, Orbax), from one CPU to a TPU pod.",
-                 hidden: tuple[str, ...] = (), parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser(
+    config_class: type = TrainConfig,
+    presets: dict[str, dict[str, Any]] | None = None,
+    *,
+    prog: str = "python -m train.pretrain",
+    default_preset: str = "demo",
+    description: str = "Masked-LM pretraining of a Longformer (Optax, Orbax), from one CPU to a TPU pod.",
+    hidden: tuple[str, ...] = (),
+    parser_class: type = argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
     """The command line of `config_class`: one flag per field (but `hidden`), `--model`, `--set`, `--preset`.
 
     Defaults in the help are those of `presets[default_preset]`."""
     presets = PRESETS if presets is None else presets
     p = parser_class(prog=prog, description=description)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting by its config.json name, model fields as model.KEY (repeatable)")
-    p.add_argument("--mesh", default=None, metavar="data=N,fsdp=M,sequence=S",
-                   help="the device mesh: batch rows over data x fsdp (parameters sharded over fsdp), each "
-                        "row's tokens over sequence; data=-1 takes the remaining devices (default data=-1,fsdp=1,"
-                        "sequence=1; the same as --mesh-data, --mesh-fsdp, --mesh-sequence)")
-    p.add_argument("--model", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="a LongformerConfig field of the model (repeatable; values in JSON, e.g. "
-                        f"attention_window=[4,8]); {default_preset} preset: "
-                        f"{presets[default_preset].get('model', {})}; fields: {', '.join(MODEL_FIELDS)}")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any setting by its config.json name, model fields as model.KEY (repeatable)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=N,fsdp=M,sequence=S",
+        help="the device mesh: batch rows over data x fsdp (parameters sharded over fsdp), each "
+        "row's tokens over sequence; data=-1 takes the remaining devices (default data=-1,fsdp=1,"
+        "sequence=1; the same as --mesh-data, --mesh-fsdp, --mesh-sequence)",
+    )
+    p.add_argument(
+        "--model",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a LongformerConfig field of the model (repeatable; values in JSON, e.g. "
+        f"attention_window=[4,8]); {default_preset} preset: "
+        f"{presets[default_preset].get('model', {})}; fields: {', '.join(MODEL_FIELDS)}",
+    )
     for f in dataclasses.fields(config_class):
         if f.name in ("model", *hidden):
             continue
@@ -413,11 +526,22 @@ def build_parser(config_class: type = TrainConfig, presets: dict[str, dict[str, 
         if f.name == "preset":
             p.add_argument("--preset", default=default_preset, choices=sorted(presets), help="named recipe")
         elif t is bool:
-            p.add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
-                           action=argparse.BooleanOptionalAction, help=help_)
+            p.add_argument(
+                f"--{_flag(f.name)}",
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                action=argparse.BooleanOptionalAction,
+                help=help_,
+            )
         else:
-            p.add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
-                           metavar=t.__name__.upper(), type=_arg_type(f.name, config_class), help=help_)
+            p.add_argument(
+                f"--{_flag(f.name)}",
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                metavar=t.__name__.upper(),
+                type=_arg_type(f.name, config_class),
+                help=help_,
+            )
     return p
 
 
@@ -429,8 +553,12 @@ def _mesh_settings(ns: argparse.Namespace) -> dict[str, int]:
     return {f"mesh_{axis}": size for axis, size in parse_mesh(ns.mesh).items()}
 
 
-def parse_args(argv: list[str] | None = None, config_class: type = TrainConfig,
-               presets: dict[str, dict[str, Any]] | None = None, parser: argparse.ArgumentParser | None = None):
+def parse_args(
+    argv: list[str] | None = None,
+    config_class: type = TrainConfig,
+    presets: dict[str, dict[str, Any]] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+):
     """Preset values, then `--set key=value`, then `--model` and the per-field flags; validated.
 
     `config_class`, `presets` and `parser` (from `build_parser` of them) serve another program's config."""
@@ -440,7 +568,7 @@ def parse_args(argv: list[str] | None = None, config_class: type = TrainConfig,
     for item in ns.set:
         k, v = _split_item("--set", item)
         if k.startswith("model."):
-            model[k[len("model."):]] = parse_model_value(k[len("model."):], v)
+            model[k[len("model.") :]] = parse_model_value(k[len("model.") :], v)
         else:
             overrides[k] = _parse_value(k, v, config_class)
     for item in ns.model:

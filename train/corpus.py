@@ -62,13 +62,61 @@ _BLANK_LINE_RE = re.compile(r"\n[ \t]*\n")
 # modules are left out; one that fails to import on this interpreter is skipped. The corpus
 # thus depends only on the Python version.
 PYTHON_DOCS_SKIP = (
-    "__main__", "aifc", "antigravity", "asynchat", "asyncore", "audioop", "cgi", "cgitb",
-    "chunk", "crypt", "curses", "distutils", "encodings", "ensurepip", "fcntl", "grp",
-    "idlelib", "imghdr", "imp", "lib2to3", "mailcap", "msilib", "msvcrt", "nis", "nntplib",
-    "nt", "ossaudiodev", "pipes", "posix", "pty", "pwd", "pydoc_data", "readline",
-    "resource", "smtpd", "sndhdr", "spwd", "sre_compile", "sre_constants", "sre_parse",
-    "sunau", "syslog", "telnetlib", "termios", "test", "this", "tkinter", "tty", "turtle",
-    "turtledemo", "uu", "venv", "winreg", "winsound", "xdrlib",
+    "__main__",
+    "aifc",
+    "antigravity",
+    "asynchat",
+    "asyncore",
+    "audioop",
+    "cgi",
+    "cgitb",
+    "chunk",
+    "crypt",
+    "curses",
+    "distutils",
+    "encodings",
+    "ensurepip",
+    "fcntl",
+    "grp",
+    "idlelib",
+    "imghdr",
+    "imp",
+    "lib2to3",
+    "mailcap",
+    "msilib",
+    "msvcrt",
+    "nis",
+    "nntplib",
+    "nt",
+    "ossaudiodev",
+    "pipes",
+    "posix",
+    "pty",
+    "pwd",
+    "pydoc_data",
+    "readline",
+    "resource",
+    "smtpd",
+    "sndhdr",
+    "spwd",
+    "sre_compile",
+    "sre_constants",
+    "sre_parse",
+    "sunau",
+    "syslog",
+    "telnetlib",
+    "termios",
+    "test",
+    "this",
+    "tkinter",
+    "tty",
+    "turtle",
+    "turtledemo",
+    "uu",
+    "venv",
+    "winreg",
+    "winsound",
+    "xdrlib",
 )
 
 # Runs in a child interpreter, so that importing a few hundred modules leaves the caller's
@@ -126,8 +174,12 @@ _INHERITED_RE = re.compile(
 )
 _ENV_PATHS = {
     p: name
-    for p, name in ((sys.executable, "python"), (sys.prefix, "PREFIX"), (sys.base_prefix, "PREFIX"),
-                    (os.path.expanduser("~"), "~"))
+    for p, name in (
+        (sys.executable, "python"),
+        (sys.prefix, "PREFIX"),
+        (sys.base_prefix, "PREFIX"),
+        (os.path.expanduser("~"), "~"),
+    )
     if p and len(p) > 1
 }
 _MARGIN_RE = re.compile(r"^ *(?:\|(?:  |$))*")  # pydoc's class-body margin "    |  |  "
@@ -184,7 +236,11 @@ def python_docs_corpus(modules: tuple[str, ...] | None = None) -> tuple[tuple[st
     request = json.dumps([list(PYTHON_DOCS_SKIP), None if modules is None else list(modules)])
     proc = subprocess.run(
         [sys.executable, "-c", _RENDER_PROGRAM, request],
-        capture_output=True, text=True, encoding="utf-8", env=env, check=False,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(
@@ -200,7 +256,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     """``hf:NAME[:CONFIG[:SPLIT]]`` -> (name, config or None, split); split defaults to train."""
     if not spec.startswith(HF_PREFIX):
         raise ValueError(f"not a Hugging Face dataset spec: {spec!r}; expected 'hf:NAME[:CONFIG[:SPLIT]]'")
-    parts = spec[len(HF_PREFIX):].split(":")
+    parts = spec[len(HF_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:]):
         raise ValueError(
             f"bad Hugging Face dataset spec {spec!r}: expected 'hf:NAME[:CONFIG[:SPLIT]]', "
@@ -217,9 +273,7 @@ def _hf_dataset(spec: str):
     try:
         import datasets
     except ImportError as e:
-        raise ValueError(
-            f"reading {spec!r} needs the `datasets` package: pip install 'longformer-jax[data]'"
-        ) from e
+        raise ValueError(f"reading {spec!r} needs the `datasets` package: pip install 'longformer-jax[data]'") from e
     return datasets.load_dataset(name, config, split=split, streaming=True)
 
 
@@ -297,14 +351,14 @@ def _corpus_files(path: str) -> list[str]:
     if _is_pattern(path):
         files = sorted(f for f in glob.glob(path) if os.path.isfile(f) and f.endswith(SUPPORTED_SUFFIXES))
         if not files:
-            raise ValueError(f"data pattern {path!r} matches no {'/'.join(SUPPORTED_SUFFIXES)} file; check the "
-                             "pattern (quote it in the shell)")
+            raise ValueError(
+                f"data pattern {path!r} matches no {'/'.join(SUPPORTED_SUFFIXES)} file; check the "
+                "pattern (quote it in the shell)"
+            )
         return files
     if os.path.isfile(path):
         if not path.endswith(SUPPORTED_SUFFIXES):
-            raise ValueError(
-                f"data file {path!r} has an unsupported type; expected one of {SUPPORTED_SUFFIXES}"
-            )
+            raise ValueError(f"data file {path!r} has an unsupported type; expected one of {SUPPORTED_SUFFIXES}")
         return [path]
     files = []
     for root, dirs, names in os.walk(path):
@@ -381,17 +435,27 @@ def source_units(spec: str, *, txt_mode: str = "auto", text_field: str = "text")
         ds = _hf_dataset(spec)
         n = max(1, int(getattr(ds, "n_shards", 1)))
         shard = (lambda i: ds.shard(num_shards=n, index=i)) if n > 1 else (lambda i: ds)
-        return [SourceUnit(f"{spec}#shard-{i}-of-{n}", 0,
-                           functools.partial(lambda i: _stripped(_read_hf(spec, shard(i), text_field)), i))
-                for i in range(n)]
+        return [
+            SourceUnit(
+                f"{spec}#shard-{i}-of-{n}",
+                0,
+                functools.partial(lambda i: _stripped(_read_hf(spec, shard(i), text_field)), i),
+            )
+            for i in range(n)
+        ]
     path = os.path.expanduser(spec)
     files = _corpus_files(path)
     if all(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"data path {spec!r} is empty (0 bytes); point --data at a corpus with text")
     root = path if os.path.isdir(path) else os.path.commonpath([os.path.dirname(f) for f in files])
-    return [SourceUnit(os.path.relpath(f, root), os.path.getsize(f),
-                       functools.partial(lambda f: _stripped(_read_file(f, txt_mode, text_field)), f))
-            for f in files]
+    return [
+        SourceUnit(
+            os.path.relpath(f, root),
+            os.path.getsize(f),
+            functools.partial(lambda f: _stripped(_read_file(f, txt_mode, text_field)), f),
+        )
+        for f in files
+    ]
 
 
 def read_documents(

@@ -91,13 +91,21 @@ def masking_spec(tok: Any, mlm_probability: float = 0.15) -> MaskingSpec:
     ids = token_ids(tok)
     random_ids = np.setdiff1d(np.arange(ids.vocab_size, dtype=np.int32), ids.special)
     return MaskingSpec(
-        mask_id=ids.mask, special_ids=ids.special, random_ids=random_ids.astype(np.int32),
+        mask_id=ids.mask,
+        special_ids=ids.special,
+        random_ids=random_ids.astype(np.int32),
         mlm_probability=mlm_probability,
     )
 
 
-def open_prepared(directory: str | Path, tok: Any = None, *, layout: str | None = None, seq_len: int | None = None,
-                  block_size: int | None = None) -> Manifest:
+def open_prepared(
+    directory: str | Path,
+    tok: Any = None,
+    *,
+    layout: str | None = None,
+    seq_len: int | None = None,
+    block_size: int | None = None,
+) -> Manifest:
     """A prepared directory's manifest, checked: every shard present at its recorded size, made with
     ``tok`` (when given), and of the given layout sizes (when given); a ``ValueError`` naming the fix."""
     manifest = read_manifest(directory)
@@ -108,14 +116,17 @@ def open_prepared(directory: str | Path, tok: Any = None, *, layout: str | None 
             f"prepared data {directory} was made with another tokenizer ({made_with!r}, sha256 "
             f"{manifest.tokenizer_hash[:12]}) than {getattr(tok, 'name_or_path', '') or 'the one given'!r} (sha256 "
             f"{tokenizer_hash(tok)[:12]}); train with the tokenizer it was made with ({Path(directory) / 'tokenizer'})"
-            ", or prepare the data again with --tokenizer set to this one")
+            ", or prepare the data again with --tokenizer set to this one"
+        )
     rl = manifest.record_layout
     wanted = {"layout": layout, "seq_len": seq_len, "block_size": block_size if rl.layout == "blocks" else None}
     wrong = {k: v for k, v in wanted.items() if v is not None and getattr(rl, k) != v}
     if wrong:
         shown = ", ".join(f"--{k.replace('_', '-')} {getattr(rl, k)} (not {v})" for k, v in wrong.items())
-        raise ValueError(f"prepared data {directory} was made with {shown}; train with those settings, or prepare "
-                         "the data again with yours")
+        raise ValueError(
+            f"prepared data {directory} was made with {shown}; train with those settings, or prepare "
+            "the data again with yours"
+        )
     return manifest
 
 
@@ -210,7 +221,8 @@ class TrainIterator:
             raise ValueError(
                 f"data position {state!r} is not a count of examples consumed in whole global batches of {g}; "
                 "the checkpoint was written by another version or with another batch size: resume with the "
-                "settings it was made with, or start a new run")
+                "settings it was made with, or start a new run"
+            )
         self._start(seen // g)
 
 
@@ -247,12 +259,15 @@ def make_train_iterator(
 
 def _filler(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A copy of ``row`` that adds nothing to a loss: every ``labels`` / ``*_labels`` field -100."""
-    return {k: np.full_like(v, IGNORE_INDEX) if k == "labels" or k.endswith("_labels") else v
-            for k, v in row.items()}
+    return {k: np.full_like(v, IGNORE_INDEX) if k == "labels" or k.endswith("_labels") else v for k, v in row.items()}
 
 
 def make_eval_batches(
-    prepared: Manifest, spec: MaskingSpec, batching: Batching, *, max_batches: int | None = None,
+    prepared: Manifest,
+    spec: MaskingSpec,
+    batching: Batching,
+    *,
+    max_batches: int | None = None,
     pad_last: bool = True,
 ) -> list[dict[str, np.ndarray]]:
     """This host's evaluation batches from the held-out file, with a fixed masking.
@@ -280,8 +295,9 @@ def make_eval_batches(
     for start in range(0, total, g):
         size = min(g, total - start)
         per_host = -(-size // batching.shard_count)
-        mine = range(start + batching.shard_index * per_host, min(start + size, start + (batching.shard_index + 1)
-                                                                   * per_host))
+        mine = range(
+            start + batching.shard_index * per_host, min(start + size, start + (batching.shard_index + 1) * per_host)
+        )
         rows = [row(i) for i in mine]
         if rows:
             batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})

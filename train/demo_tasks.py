@@ -86,28 +86,28 @@ LIBRARY_CHAPTERS = {
     "Text Processing Services": "string re difflib textwrap unicodedata stringprep readline rlcompleter",
     "Binary Data Services": "struct codecs",
     "Data Types": "datetime zoneinfo calendar collections collections.abc heapq bisect array weakref types copy "
-                  "pprint reprlib enum graphlib",
+    "pprint reprlib enum graphlib",
     "Numeric and Mathematical Modules": "numbers math cmath decimal fractions random statistics",
     "Functional Programming Modules": "itertools functools operator",
     "File and Directory Access": "pathlib os.path posixpath ntpath genericpath fileinput stat filecmp tempfile "
-                                 "glob fnmatch linecache shutil",
+    "glob fnmatch linecache shutil",
     "Data Persistence": "pickle copyreg shelve marshal dbm sqlite3",
     "Data Compression and Archiving": "zlib gzip bz2 lzma zipfile tarfile",
     "File Formats": "csv configparser tomllib netrc plistlib",
     "Cryptographic Services": "hashlib hmac secrets",
     "Generic Operating System Services": "os io time argparse getopt logging logging.config logging.handlers "
-                                         "getpass curses platform errno ctypes",
+    "getpass curses platform errno ctypes",
     "Concurrent Execution": "threading multiprocessing multiprocessing.shared_memory concurrent "
-                            "concurrent.futures subprocess sched queue contextvars _thread",
+    "concurrent.futures subprocess sched queue contextvars _thread",
     "Networking and Interprocess Communication": "asyncio socket ssl select selectors signal mmap",
     "Internet Data Handling": "email json mailbox mimetypes base64 binascii quopri",
     "Structured Markup Processing Tools": "html html.parser html.entities xml xml.etree.ElementTree xml.dom "
-                                          "xml.dom.minidom xml.dom.pulldom xml.sax xml.sax.handler "
-                                          "xml.sax.saxutils xml.sax.xmlreader xml.parsers.expat",
+    "xml.dom.minidom xml.dom.pulldom xml.sax xml.sax.handler "
+    "xml.sax.saxutils xml.sax.xmlreader xml.parsers.expat",
     "Internet Protocols and Support": "webbrowser wsgiref urllib urllib.request urllib.response urllib.parse "
-                                      "urllib.error urllib.robotparser http http.client ftplib poplib imaplib "
-                                      "smtplib uuid socketserver http.server http.cookies http.cookiejar xmlrpc "
-                                      "xmlrpc.client xmlrpc.server ipaddress",
+    "urllib.error urllib.robotparser http http.client ftplib poplib imaplib "
+    "smtplib uuid socketserver http.server http.cookies http.cookiejar xmlrpc "
+    "xmlrpc.client xmlrpc.server ipaddress",
     "Multimedia Services": "wave colorsys",
     "Internationalization": "gettext locale",
     "Program Frameworks": "turtle cmd shlex",
@@ -115,12 +115,12 @@ LIBRARY_CHAPTERS = {
     "Debugging and Profiling": "bdb faulthandler pdb profile cProfile pstats timeit trace tracemalloc",
     "Software Packaging and Distribution": "distutils ensurepip venv zipapp",
     "Python Runtime Services": "sys sysconfig builtins __main__ warnings dataclasses contextlib abc atexit "
-                               "traceback __future__ gc inspect site",
+    "traceback __future__ gc inspect site",
     "Custom Python Interpreters": "code codeop",
     "Importing Modules": "zipimport pkgutil modulefinder runpy importlib importlib.resources "
-                         "importlib.resources.abc importlib.metadata",
+    "importlib.resources.abc importlib.metadata",
     "Python Language Services": "ast symtable token keyword tokenize tabnanny pyclbr py_compile compileall dis "
-                                "pickletools",
+    "pickletools",
     "Superseded Modules": "optparse imp",
 }
 _MODULE_CHAPTER = {m: chapter for chapter, mods in LIBRARY_CHAPTERS.items() for m in mods.split()}
@@ -363,8 +363,16 @@ def question_answering(
         ]
         random.Random(f"{seed}:question-answering:{name}").shuffle(usable)
         for fn, start, question in sorted(usable[:max_per_page], key=lambda e: e[1]):
-            records.append({"id": f"{name}#{fn}", "document": name, "text": text, "question": question,
-                            "answer": fn, "answer_start": start})
+            records.append(
+                {
+                    "id": f"{name}#{fn}",
+                    "document": name,
+                    "text": text,
+                    "question": question,
+                    "answer": fn,
+                    "answer_start": start,
+                }
+            )
     if len({r["document"] for r in records}) < 3:
         raise ValueError("question-answering: fewer than 3 pages with usable function entries; give more pages")
     doc_split = split_documents([r["document"] for r in records], seed, "question-answering")
@@ -445,7 +453,9 @@ def _mc_records(
     for art in articles:
         rng = random.Random(f"{seed}:multiple-choice:{art.title}")
         others = [
-            pair for a in articles if a.title != art.title and split_of[a.title] == split_of[art.title]
+            pair
+            for a in articles
+            if a.title != art.title and split_of[a.title] == split_of[art.title]
             for pair in sentences[a.title]
         ]
         for gap in sorted(rng.sample(art.eligible, min(per_article, len(art.eligible)))):
@@ -463,14 +473,13 @@ def _mc_records(
                 continue
             label = rng.randrange(NUM_CHOICES)
             choices = distractors[:label] + [true] + distractors[label:]
-            records.append({"id": f"{art.title}#{gap}", "document": art.title, "text": context,
-                            "choices": choices, "label": label})
+            records.append(
+                {"id": f"{art.title}#{gap}", "document": art.title, "text": context, "choices": choices, "label": label}
+            )
     return records
 
 
-def multiple_choice(
-    wikitext: str, seed: int = 42, *, per_article: int = 20, context_words: int = 1024
-) -> Task:
+def multiple_choice(wikitext: str, seed: int = 42, *, per_article: int = 20, context_words: int = 1024) -> Task:
     """Cut-sentence multiple choice on the articles of a WikiText file (the file's text)."""
     articles = [a for a in _wikitext_articles(wikitext) if len(a.eligible) >= 2]
     if len(articles) < 3:
@@ -645,8 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="directory that receives one folder per task")
     p.add_argument("--task", action="append", choices=TASK_NAMES, help="a task to build (repeatable; default: all)")
     p.add_argument("--seed", type=int, default=42, help="seed of the splits and the draws (default 42)")
-    p.add_argument("--wikitext", default=DEFAULT_WIKITEXT,
-                   help="WikiText file for multiple-choice (default: ../shared/data/wikitext-2/valid.txt)")
+    p.add_argument(
+        "--wikitext",
+        default=DEFAULT_WIKITEXT,
+        help="WikiText file for multiple-choice (default: ../shared/data/wikitext-2/valid.txt)",
+    )
     args = p.parse_args(argv)
     try:
         build_tasks(args.output, args.task, args.seed, args.wikitext)

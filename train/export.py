@@ -39,8 +39,17 @@ from train.config import TrainConfig
 FORMATS = ("hf", "flax")
 MODEL_DIR = "model"  # RUN_DIR/model/config.json: the model's HF config, written when a run starts
 
-def write_model(dst: str | Path, config: lj.LongformerConfig, params: Any, tokenizer: Any, *,
-                task: str = "masked-lm", output_format: str = "hf", overwrite: bool = False) -> None:
+
+def write_model(
+    dst: str | Path,
+    config: lj.LongformerConfig,
+    params: Any,
+    tokenizer: Any,
+    *,
+    task: str = "masked-lm",
+    output_format: str = "hf",
+    overwrite: bool = False,
+) -> None:
     """Writes `params` of the `task` model with `config` to `dst`, atomically.
 
     ``output_format="hf"``: config.json, model.safetensors and the tokenizer's files;
@@ -59,21 +68,26 @@ def write_model(dst: str | Path, config: lj.LongformerConfig, params: Any, token
 def _check_run_dir(run: Path) -> None:
     if not run.is_dir():
         raise ConversionError(f"run directory {run} does not exist; pass the --output-dir of a training run.")
-    for path, what in ((run / "config.json", "the run's settings"),
-                       (run / MODEL_DIR / "config.json", "the model's config"),
-                       (run / "checkpoints", "the checkpoints")):
+    for path, what in (
+        (run / "config.json", "the run's settings"),
+        (run / MODEL_DIR / "config.json", "the model's config"),
+        (run / "checkpoints", "the checkpoints"),
+    ):
         if not path.exists():
             raise ConversionError(
                 f"{run} is not a training run directory: {path} ({what}) is missing. Pass the --output-dir "
-                "of a run of python -m train.pretrain (runs from older versions: rerun them).")
+                "of a run of python -m train.pretrain (runs from older versions: rerun them)."
+            )
 
 
 def _run_tokenizer(run: Path, cfg: TrainConfig) -> Any:
     saved = run / data.RUN_TOKENIZER_DIR
     source = str(saved) if data.has_tokenizer_files(saved) else (cfg.tokenizer or cfg.init)
     if source is None:
-        raise ConversionError(f"{run}: no tokenizer ({saved} is missing and the run names none); copy the "
-                              f"run's tokenizer files into {saved}.")
+        raise ConversionError(
+            f"{run}: no tokenizer ({saved} is missing and the run names none); copy the "
+            f"run's tokenizer files into {saved}."
+        )
     return data.load_tokenizer(source, model_max_length=cfg.seq_len)
 
 
@@ -82,8 +96,10 @@ def _read_task(model_dir: Path) -> str:
     architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
     task = task_of_architecture(architectures[0]) if architectures else None
     if task is None:
-        raise ConversionError(f"{model_dir / 'config.json'}: architectures={architectures} names no model of "
-                              f"this library; expected one of {sorted(t.hf_architecture for t in TASKS.values())}.")
+        raise ConversionError(
+            f"{model_dir / 'config.json'}: architectures={architectures} names no model of "
+            f"this library; expected one of {sorted(t.hf_architecture for t in TASKS.values())}."
+        )
     return task
 
 
@@ -103,12 +119,15 @@ def restore_run_params(run_dir: str | Path, step: int | None = None) -> tuple[lj
     try:
         steps = ckpt.all_steps()
         if not steps:
-            raise ConversionError(f"{run / 'checkpoints'} holds no complete checkpoint; train for at least "
-                                  "--save-every steps first.")
+            raise ConversionError(
+                f"{run / 'checkpoints'} holds no complete checkpoint; train for at least --save-every steps first."
+            )
         step = max(steps) if step is None else step
         if step not in steps:
-            raise ConversionError(f"{run / 'checkpoints'} has no step {step}; the steps there are "
-                                  f"{', '.join(map(str, sorted(steps)))} (--step).")
+            raise ConversionError(
+                f"{run / 'checkpoints'} has no step {step}; the steps there are "
+                f"{', '.join(map(str, sorted(steps)))} (--step)."
+            )
         tx, _ = trainer.make_optimizer(cfg)
         model = lj.build_model(config, task)
         driver = trainer.MeshDriver(model, tx, None, dropout=False, devices=jax.devices()[:1])
@@ -116,15 +135,24 @@ def restore_run_params(run_dir: str | Path, step: int | None = None) -> tuple[lj
         try:
             state = ckpt.restore_state(step, abstract)
         except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ConversionError(f"{run / 'checkpoints' / str(step)} does not hold this version's train state "
-                                  f"(step, params, opt_state) of the model in {model_dir}: {e}") from e
+            raise ConversionError(
+                f"{run / 'checkpoints' / str(step)} does not hold this version's train state "
+                f"(step, params, opt_state) of the model in {model_dir}: {e}"
+            ) from e
         return config, task, driver.host_params(state), step
     finally:
         ckpt.close()
 
 
-def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None, output_format: str = "hf",
-               overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def export_run(
+    run_dir: str | Path,
+    dst: str | Path,
+    *,
+    step: int | None = None,
+    output_format: str = "hf",
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Writes checkpoint `step` (default: the latest) of the run in `run_dir` to `dst`.
 
     Returns ``{"dst", "step", "task", "format"}``. Bad input (no run there, no such step, an
@@ -139,8 +167,10 @@ def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None,
     tokenizer = _run_tokenizer(run, TrainConfig.load(run / "config.json"))
     config, task, params, step = restore_run_params(run, step)
     write_model(dst, config, params, tokenizer, task=task, output_format=output_format, overwrite=overwrite)
-    log(f"wrote {dst}: step {step} of {run} as {'an HF directory' if output_format == 'hf' else 'a Flax checkpoint'}"
-        f" ({task})")
+    log(
+        f"wrote {dst}: step {step} of {run} as {'an HF directory' if output_format == 'hf' else 'a Flax checkpoint'}"
+        f" ({task})"
+    )
     return {"dst": str(dst), "step": step, "task": task, "format": output_format}
 
 
@@ -150,13 +180,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train.export", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_dir", help="the --output-dir of a training run")
     p.add_argument("dst", help="output directory (must not exist or be empty, unless --overwrite)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: the latest)")
-    p.add_argument("--format", dest="output_format", default="hf", metavar="{hf,flax}",
-                   help="hf: config.json + model.safetensors + tokenizer (default); flax: a Flax checkpoint")
+    p.add_argument(
+        "--format",
+        dest="output_format",
+        default="hf",
+        metavar="{hf,flax}",
+        help="hf: config.json + model.safetensors + tokenizer (default); flax: a Flax checkpoint",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
@@ -167,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a bad option (1, its error line already printed)
         return int(e.code or 0)
     try:
-        export_run(args.run_dir, args.dst, step=args.step, output_format=args.output_format,
-                   overwrite=args.overwrite)
+        export_run(args.run_dir, args.dst, step=args.step, output_format=args.output_format, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1

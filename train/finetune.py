@@ -59,12 +59,32 @@ from train.config import TrainConfig
 from train.loop import LoopResult, NonFiniteError, TrainLoop
 
 POOLINGS = ("max", "attentive", "first", "last", "cls")
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "hf", "best", "curves.png", "eval_results.json",
-             "predictions.jsonl", data_lib.RUN_TOKENIZER_DIR, export.MODEL_DIR)
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tb",
+    "hf",
+    "best",
+    "curves.png",
+    "eval_results.json",
+    "predictions.jsonl",
+    data_lib.RUN_TOKENIZER_DIR,
+    export.MODEL_DIR,
+)
 # TrainConfig settings fine-tuning does not use (left out of its command line).
-_UNUSED = ("tokenizer_vocab_size", "min_doc_tokens", "eval_docs", "mlm_probability", "fill_mask_text",
-           "log_batch_fingerprints", "eval_batches", "distributed", "coordinator_address", "num_processes",
-           "process_id")
+_UNUSED = (
+    "tokenizer_vocab_size",
+    "min_doc_tokens",
+    "eval_docs",
+    "mlm_probability",
+    "fill_mask_text",
+    "log_batch_fingerprints",
+    "eval_batches",
+    "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+)
 _FIELDS = tuple(f"{f.name}_field" for f in dataclasses.fields(fd.Fields))
 
 
@@ -113,12 +133,19 @@ class FinetuneConfig(TrainConfig):
     output_dir: str = "runs/finetune"
 
     RESUMABLE_CHANGES: typing.ClassVar[tuple[str, ...]] = (
-        *TrainConfig.RESUMABLE_CHANGES, "test", "eval_batch_size", "predict", "predictions")
+        *TrainConfig.RESUMABLE_CHANGES,
+        "test",
+        "eval_batch_size",
+        "predict",
+        "predictions",
+    )
 
     @property
     def resolved(self) -> bool:
-        return all(getattr(self, k) is not None for k in ("layout", "seq_len", "block_size", "max_steps",
-                                                          "eval_every", "save_every"))
+        return all(
+            getattr(self, k) is not None
+            for k in ("layout", "seq_len", "block_size", "max_steps", "eval_every", "save_every")
+        )
 
     @property
     def fields(self) -> fd.Fields:
@@ -127,21 +154,32 @@ class FinetuneConfig(TrainConfig):
 
     @property
     def model_task(self) -> str:
-        return "sequence-classification" if self.task == "document-classification" and self.pooling == "cls" \
-            else self.task
+        return (
+            "sequence-classification" if self.task == "document-classification" and self.pooling == "cls" else self.task
+        )
 
     def validate(self) -> None:
         checks = (
             (self.task in fd.TASK_NAMES, f"task={self.task!r}; expected one of {', '.join(fd.TASK_NAMES)} (--task)."),
             (self.pooling in POOLINGS, f"pooling={self.pooling!r}; expected one of {', '.join(POOLINGS)} (--pooling)."),
-            (self.data is not None, "--data is required: the records to train on (or, with --predict, to predict): "
-             "a .jsonl/.csv/.parquet file, a task folder or hf:NAME[:CONFIG[:SPLIT]]."),
-            (self.init is not None, "--init is required: the model to fine-tune (an HF directory or hub id, a Flax "
-             "checkpoint, or a pretraining run directory)."),
-            (self.epochs >= 1 and self.patience >= 0, f"epochs={self.epochs} must be >= 1 and patience="
-             f"{self.patience} >= 0."),
-            (self.best_metric in (None, "accuracy", "micro_f1", "macro_f1", "f1", "exact_match"),
-             f"best_metric={self.best_metric!r}; expected accuracy, micro_f1, macro_f1, f1 or exact_match."),
+            (
+                self.data is not None,
+                "--data is required: the records to train on (or, with --predict, to predict): "
+                "a .jsonl/.csv/.parquet file, a task folder or hf:NAME[:CONFIG[:SPLIT]].",
+            ),
+            (
+                self.init is not None,
+                "--init is required: the model to fine-tune (an HF directory or hub id, a Flax "
+                "checkpoint, or a pretraining run directory).",
+            ),
+            (
+                self.epochs >= 1 and self.patience >= 0,
+                f"epochs={self.epochs} must be >= 1 and patience={self.patience} >= 0.",
+            ),
+            (
+                self.best_metric in (None, "accuracy", "micro_f1", "macro_f1", "f1", "exact_match"),
+                f"best_metric={self.best_metric!r}; expected accuracy, micro_f1, macro_f1, f1 or exact_match.",
+            ),
         )
         for ok, msg in checks:
             if not ok:
@@ -159,35 +197,96 @@ _HAT = dict(
     # lr 1e-5, linear schedule with 5% warmup, up to 20 epochs, early stopping with patience 3 on validation
     # micro-F1 (accuracy for multiple choice), batch 32; TrainingArguments' defaults otherwise (no weight
     # decay, clipping at 1.0).
-    preset="hat", learning_rate=1e-5, warmup_fraction=0.05, weight_decay=0.0, clip_norm=1.0, epochs=20, patience=3,
-    batch_size=32, grad_accum_steps=1, seed=42, dropout=True, dtype="float32", output_dir="runs/finetune",
-    log_every=10, keep_checkpoints=2,
+    preset="hat",
+    learning_rate=1e-5,
+    warmup_fraction=0.05,
+    weight_decay=0.0,
+    clip_norm=1.0,
+    epochs=20,
+    patience=3,
+    batch_size=32,
+    grad_accum_steps=1,
+    seed=42,
+    dropout=True,
+    dtype="float32",
+    output_dir="runs/finetune",
+    log_every=10,
+    keep_checkpoints=2,
 )
-_SEED = dict(init="kiddothe2b/longformer-base-4096", layout="blocks", seq_len=4096, block_size=128,
-             dtype="bfloat16", remat=True)
+_SEED = dict(
+    init="kiddothe2b/longformer-base-4096", layout="blocks", seq_len=4096, block_size=128, dtype="bfloat16", remat=True
+)
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     "hat": _HAT,
     # LexGLUE ECtHR-B (multi-label, max pooling; Longformer-base: 79.4 micro-F1 / 71.7 macro-F1).
-    "hat-ecthr": {**_HAT, **_SEED, "preset": "hat-ecthr", "task": "document-classification", "multi_label": True,
-                  "pooling": "max", "data": "hf:lex_glue:ecthr_b", "test": "hf:lex_glue:ecthr_b:test",
-                  "batch_size": 8, "grad_accum_steps": 4},
+    "hat-ecthr": {
+        **_HAT,
+        **_SEED,
+        "preset": "hat-ecthr",
+        "task": "document-classification",
+        "multi_label": True,
+        "pooling": "max",
+        "data": "hf:lex_glue:ecthr_b",
+        "test": "hf:lex_glue:ecthr_b:test",
+        "batch_size": 8,
+        "grad_accum_steps": 4,
+    },
     # MIMIC-III (multi-label, max pooling, batch 8); the data needs credentialed access: give --data.
-    "hat-mimic": {**_HAT, **_SEED, "preset": "hat-mimic", "task": "document-classification", "multi_label": True,
-                  "pooling": "max", "batch_size": 8},
+    "hat-mimic": {
+        **_HAT,
+        **_SEED,
+        "preset": "hat-mimic",
+        "task": "document-classification",
+        "multi_label": True,
+        "pooling": "max",
+        "batch_size": 8,
+    },
     # ContractNLI: the hypothesis in the last block, last-block pooling; give --data (the authors' local copy).
-    "hat-contractnli": {**_HAT, **_SEED, "preset": "hat-contractnli", "task": "document-classification",
-                        "pooling": "last", "text_field": "premise", "pair_field": "hypothesis", "batch_size": 8,
-                        "grad_accum_steps": 4},
+    "hat-contractnli": {
+        **_HAT,
+        **_SEED,
+        "preset": "hat-contractnli",
+        "task": "document-classification",
+        "pooling": "last",
+        "text_field": "premise",
+        "pair_field": "hypothesis",
+        "batch_size": 8,
+        "grad_accum_steps": 4,
+    },
     # QuALITY multiple choice (batch 2 x 4, accuracy): give --data (article, question, options, 0-based label).
-    "hat-quality": {**_HAT, **_SEED, "preset": "hat-quality", "task": "multiple-choice", "text_field": "article",
-                    "choices_field": "options", "batch_size": 2, "grad_accum_steps": 4},
+    "hat-quality": {
+        **_HAT,
+        **_SEED,
+        "preset": "hat-quality",
+        "task": "multiple-choice",
+        "text_field": "article",
+        "choices_field": "options",
+        "batch_size": 2,
+        "grad_accum_steps": 4,
+    },
     # ECtHR arguments: a label set per paragraph (lr 3e-5, batch 2 x 4); give --data.
-    "hat-ecthr-arguments": {**_HAT, **_SEED, "preset": "hat-ecthr-arguments",
-                            "task": "sequential-sentence-classification", "multi_label": True, "learning_rate": 3e-5,
-                            "batch_size": 2, "grad_accum_steps": 4},
+    "hat-ecthr-arguments": {
+        **_HAT,
+        **_SEED,
+        "preset": "hat-ecthr-arguments",
+        "task": "sequential-sentence-classification",
+        "multi_label": True,
+        "learning_rate": 3e-5,
+        "batch_size": 2,
+        "grad_accum_steps": 4,
+    },
     # A few CPU minutes on the offline tasks (python -m train.demo_tasks) from a `make demo` model.
-    "demo": {**_HAT, "preset": "demo", "learning_rate": 1e-4, "warmup_fraction": 0.1, "epochs": 3, "patience": 3,
-             "batch_size": 8, "output_dir": "runs/finetune-demo", "log_every": 5},
+    "demo": {
+        **_HAT,
+        "preset": "demo",
+        "learning_rate": 1e-4,
+        "warmup_fraction": 0.1,
+        "epochs": 3,
+        "patience": 3,
+        "batch_size": 8,
+        "output_dir": "runs/finetune-demo",
+        "log_every": 5,
+    },
 }
 
 
@@ -198,8 +297,14 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     parser = config_lib.build_parser(
-        FinetuneConfig, FINETUNE_PRESETS, prog="python -m train.finetune", default_preset="hat",
-        description=__doc__.split("\n\n")[0], hidden=_UNUSED, parser_class=_Parser)
+        FinetuneConfig,
+        FINETUNE_PRESETS,
+        prog="python -m train.finetune",
+        default_preset="hat",
+        description=__doc__.split("\n\n")[0],
+        hidden=_UNUSED,
+        parser_class=_Parser,
+    )
     return config_lib.parse_args(argv, FinetuneConfig, FINETUNE_PRESETS, parser)
 
 
@@ -222,8 +327,10 @@ def _hold_out(records: fd.Records, fraction: float, seed: int) -> tuple[fd.Recor
         raise fd.DataError(f"{records.source}: cannot hold out {k} of {n} records for validation; give --validation")
     held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
     pick = lambda keep: [r for i, r in enumerate(records.rows) if (i in held) != keep]  # noqa: E731
-    return (fd.Records(pick(True), records.source, records.class_names),
-            fd.Records(pick(False), f"{records.source} (held out)", records.class_names))
+    return (
+        fd.Records(pick(True), records.source, records.class_names),
+        fd.Records(pick(False), f"{records.source} (held out)", records.class_names),
+    )
 
 
 def read_splits(cfg: FinetuneConfig, log) -> Splits:
@@ -264,17 +371,21 @@ def label_set(cfg: FinetuneConfig, splits: Splits, init_labels: list[str] | None
         values = []
         for i, row in enumerate(splits.train.rows):
             if name not in row:
-                raise fd.DataError(f"{splits.train.where(i)}: no field {name!r} (fields: {sorted(row)}); name the "
-                                   f"label field with --{'labels' if name == fields.labels else 'label'}-field")
+                raise fd.DataError(
+                    f"{splits.train.where(i)}: no field {name!r} (fields: {sorted(row)}); name the "
+                    f"label field with --{'labels' if name == fields.labels else 'label'}-field"
+                )
             v = row[name]
             nested = cfg.task != "document-classification" and cfg.multi_label
             flat = [x for item in v for x in item] if nested else (v if isinstance(v, list) else [v])
             values += flat
         labels = fd.LabelSet.from_values(values, f"{splits.train.source} ({name!r})")
     if init_labels and sorted(init_labels) != sorted(labels.names):
-        raise fd.DataError(f"the labels of {labels.source} ({', '.join(labels.names[:10])}) differ from those of the "
-                           f"checkpoint {cfg.init} ({', '.join(init_labels[:10])}); pass --labels with the "
-                           "checkpoint's labels, or fine-tune from a model without this head")
+        raise fd.DataError(
+            f"the labels of {labels.source} ({', '.join(labels.names[:10])}) differ from those of the "
+            f"checkpoint {cfg.init} ({', '.join(init_labels[:10])}); pass --labels with the "
+            "checkpoint's labels, or fine-tune from a model without this head"
+        )
     return fd.LabelSet(tuple(init_labels), labels.source) if init_labels else labels
 
 
@@ -294,8 +405,11 @@ class Init:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / export.MODEL_DIR / "config.json").is_file() \
+    return (
+        (path / "config.json").is_file()
+        and (path / export.MODEL_DIR / "config.json").is_file()
         and (path / "checkpoints").is_dir()
+    )
 
 
 def load_init(cfg: FinetuneConfig) -> Init:
@@ -313,13 +427,16 @@ def load_init(cfg: FinetuneConfig) -> Init:
             config, params = convert_params(params, config, task, scan_layers=scan, allow_new_head=False)
         tok = path / data_lib.RUN_TOKENIZER_DIR
         layout = {"layout": run_cfg.layout, "seq_len": run_cfg.seq_len, "block_size": run_cfg.block_size}
-        return Init(config, task, params, str(tok if data_lib.has_tokenizer_files(tok) else run_cfg.tokenizer),
-                    layout)
+        return Init(config, task, params, str(tok if data_lib.has_tokenizer_files(tok) else run_cfg.tokenizer), layout)
     config, task, params, directory = load_checkpoint(str(path), **options)
     saved = config.extra.get(fe.SETTINGS_KEY) or {}
     layout = {k: saved[k] for k in ("layout", "seq_len", "block_size") if k in saved}
-    same = (task == cfg.model_task and saved.get("task") == cfg.task and saved.get("pooling") == cfg.pooling
-            and bool(saved.get("multi_label")) == cfg.multi_label)
+    same = (
+        task == cfg.model_task
+        and saved.get("task") == cfg.task
+        and saved.get("pooling") == cfg.pooling
+        and bool(saved.get("multi_label")) == cfg.multi_label
+    )
     labels = [config.id2label[i] for i in range(config.num_labels)] if same and config.id2label else None
     return Init(config, task, params, str(directory), layout, labels, same)
 
@@ -341,8 +458,16 @@ def resolve_layout(cfg: FinetuneConfig, init: Init) -> FinetuneConfig:
 
 def head_config(cfg: FinetuneConfig, init: Init, labels: fd.LabelSet | None) -> Any:
     """The model config with this run's head: labels, problem type, pooling, block size, fine-tuning settings."""
-    settings = fe.FinetuneSettings(cfg.task, cfg.layout, cfg.seq_len, cfg.block_size, cfg.multi_label, cfg.pooling,
-                                   cfg.max_answer_tokens, {k: v for k, v in dataclasses.asdict(cfg.fields).items()})
+    settings = fe.FinetuneSettings(
+        cfg.task,
+        cfg.layout,
+        cfg.seq_len,
+        cfg.block_size,
+        cfg.multi_label,
+        cfg.pooling,
+        cfg.max_answer_tokens,
+        {k: v for k, v in dataclasses.asdict(cfg.fields).items()},
+    )
     extra = {**init.config.extra, fe.SETTINGS_KEY: settings.to_dict()}
     if cfg.model_task in ("document-classification", "sequential-sentence-classification"):
         extra["sentence_block_size"] = cfg.block_size
@@ -350,9 +475,12 @@ def head_config(cfg: FinetuneConfig, init: Init, labels: fd.LabelSet | None) -> 
         extra["pooling"] = cfg.pooling
     changes: dict[str, Any] = {"extra": extra}
     if labels is not None:
-        changes.update(num_labels=len(labels), id2label=dict(enumerate(labels.names)),
-                       label2id={n: i for i, n in enumerate(labels.names)},
-                       problem_type="multi_label_classification" if cfg.multi_label else "single_label_classification")
+        changes.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels.names)),
+            label2id={n: i for i, n in enumerate(labels.names)},
+            problem_type="multi_label_classification" if cfg.multi_label else "single_label_classification",
+        )
     return init.config.replace(**changes)
 
 
@@ -363,8 +491,9 @@ def model_params(cfg: FinetuneConfig, init: Init, config: Any) -> Any:
         return init.params
     state = state_dict_from_params(init.params, init.config, init.task)
     encoder = {k: v for k, v in state.items() if k.split(".")[0] in ("longformer", "embeddings", "encoder", "pooler")}
-    return params_from_state_dict(encoder, config, cfg.model_task, rng=jax.random.PRNGKey(cfg.seed),
-                                  allow_new_head=True, source=str(cfg.init))
+    return params_from_state_dict(
+        encoder, config, cfg.model_task, rng=jax.random.PRNGKey(cfg.seed), allow_new_head=True, source=str(cfg.init)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,8 +564,7 @@ def _special_ids(tok: Any) -> tuple[int, int, int]:
 def setup(cfg: FinetuneConfig, log) -> Run:
     """Records, checkpoint, labels, tokenizer, laid-out examples, model, driver and checkpointer of a run."""
     if jax.process_count() > 1:
-        raise ValueError("fine-tuning runs on one host (any number of its devices); start it without "
-                         "jax.distributed")
+        raise ValueError("fine-tuning runs on one host (any number of its devices); start it without jax.distributed")
     splits = read_splits(cfg, log)
     init = load_init(cfg)
     cfg = resolve_layout(cfg, init)
@@ -444,8 +572,10 @@ def setup(cfg: FinetuneConfig, log) -> Run:
     tok = data_lib.load_tokenizer(cfg.tokenizer or init.tokenizer_source, model_max_length=cfg.seq_len)
     config = head_config(cfg, init, labels)
     if len(tok) > config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens but {cfg.init} only vocab_size={config.vocab_size}; "
-                         "use the model's own tokenizer (--tokenizer)")
+        raise ValueError(
+            f"the tokenizer has {len(tok)} tokens but {cfg.init} only vocab_size={config.vocab_size}; "
+            "use the model's own tokenizer (--tokenizer)"
+        )
     encoded, reports = encode_splits(cfg, splits, tok, labels, log)
     cfg = resolve_schedule(cfg, len(encoded["train"]))
     cfg.validate()
@@ -463,8 +593,23 @@ def setup(cfg: FinetuneConfig, log) -> Run:
     train_it = fd.train_iterator(encoded["train"].arrays, cfg.batch_size, cfg.seed)
     settings = fe.FinetuneSettings.from_dict(config.extra[fe.SETTINGS_KEY])
     key = np.asarray(jax.device_get(jax.random.split(jax.random.PRNGKey(cfg.seed))[1]))
-    return Run(cfg, out, tok, labels, settings, config, model, driver, ckpt, train_it, encoded, batches, reports,
-               model_params(cfg, init, config), key)
+    return Run(
+        cfg,
+        out,
+        tok,
+        labels,
+        settings,
+        config,
+        model,
+        driver,
+        ckpt,
+        train_it,
+        encoded,
+        batches,
+        reports,
+        model_params(cfg, init, config),
+        key,
+    )
 
 
 def write_run_files(r: Run) -> None:
@@ -517,16 +662,18 @@ class EarlyStopping:
 
 def write_best(r: Run, host_params: Any) -> None:
     """DIR/best: the model as a Flax checkpoint (replaced atomically)."""
-    export.write_model(r.out / "best", r.config, host_params, r.tok, task=r.cfg.model_task, output_format="flax",
-                       overwrite=True)
+    export.write_model(
+        r.out / "best", r.config, host_params, r.tok, task=r.cfg.model_task, output_format="flax", overwrite=True
+    )
 
 
 class FinetuneLoop(TrainLoop):
     """``TrainLoop`` whose evaluations score the validation predictions, keep the best model and stop early."""
 
     def __init__(self, r: Run, early: EarlyStopping, *, logger, progress):
-        super().__init__(r.cfg, r.driver, r.ckpt, r.train_it, r.batches["validation"], key=r.key, logger=logger,
-                         progress=progress)
+        super().__init__(
+            r.cfg, r.driver, r.ckpt, r.train_it, r.batches["validation"], key=r.key, logger=logger, progress=progress
+        )
         self.r, self.early = r, early
         self.best_metrics: dict[str, Any] | None = None  # the validation metrics of the best model, once seen
 
@@ -540,8 +687,10 @@ class FinetuneLoop(TrainLoop):
             write_best(self.r, self.driver.host_params(state))
             self.best_metrics = metrics
         elif e.stopped:
-            self.stop_reason = (f"early stopping: validation {e.metric} has not improved on {e.best:.4f} (step "
-                                f"{e.best_step}) for {e.patience} evaluations")
+            self.stop_reason = (
+                f"early stopping: validation {e.metric} has not improved on {e.best:.4f} (step "
+                f"{e.best_step}) for {e.patience} evaluations"
+            )
         return scalars
 
     def checkpoint_meta(self, step: int) -> dict[str, Any]:
@@ -563,9 +712,15 @@ def finish(r: Run, result: LoopResult, early: EarlyStopping, best_metrics: dict[
     host = jax.device_get(best)
     params = r.driver.put_params(host)
     results: dict[str, Any] = {
-        "task": r.cfg.task, "model_task": r.cfg.model_task, "best_metric": early.metric, "best_step": early.best_step,
-        "stopped_early": early.stopped, "steps": result.step, "labels": list(r.labels.names) if r.labels else None,
-        "best_dir": str(r.out / "best"), "hf_dir": None,
+        "task": r.cfg.task,
+        "model_task": r.cfg.model_task,
+        "best_metric": early.metric,
+        "best_step": early.best_step,
+        "stopped_early": early.stopped,
+        "steps": result.step,
+        "labels": list(r.labels.names) if r.labels else None,
+        "best_dir": str(r.out / "best"),
+        "hf_dir": None,
     }
     results["validation"] = best_metrics or evaluate_split(r, params, "validation")[0]
     if "test" in r.encoded:
@@ -580,8 +735,9 @@ def finish(r: Run, result: LoopResult, early: EarlyStopping, best_metrics: dict[
     tmp = r.out / ".eval_results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(r.out / "eval_results.json")
-    metrics_lib.plot_run(r.out, loss_label=f"{r.cfg.task} loss", metric=early.metric,
-                         metric_label=f"validation {early.metric}")
+    metrics_lib.plot_run(
+        r.out, loss_label=f"{r.cfg.task} loss", metric=early.metric, metric_label=f"validation {early.metric}"
+    )
     return results
 
 
@@ -607,11 +763,13 @@ def run(cfg: FinetuneConfig, log=_log) -> dict[str, Any]:
     logger = metrics_lib.MetricsLogger(r.out)
     progress = metrics_lib.Progress(r.cfg.max_steps, initial=resumed or 0, enabled=r.cfg.progress_bar)
     c = r.cfg
-    progress.write(f"{'resuming from step ' + str(resumed) if resumed is not None else 'starting'}: {c.task} "
-                   f"({c.model_task}), {len(r.encoded['train'])} train / {len(r.encoded['validation'])} validation "
-                   f"examples of {c.seq_len} tokens ({c.layout} layout), {len(r.labels) if r.labels else 0} labels, "
-                   f"batch {c.batch_size} x {c.grad_accum_steps}, {c.max_steps} steps, evaluation every "
-                   f"{c.eval_every}, {r.driver.num_devices} device(s) ({r.driver.name}) -> {r.out}")
+    progress.write(
+        f"{'resuming from step ' + str(resumed) if resumed is not None else 'starting'}: {c.task} "
+        f"({c.model_task}), {len(r.encoded['train'])} train / {len(r.encoded['validation'])} validation "
+        f"examples of {c.seq_len} tokens ({c.layout} layout), {len(r.labels) if r.labels else 0} labels, "
+        f"batch {c.batch_size} x {c.grad_accum_steps}, {c.max_steps} steps, evaluation every "
+        f"{c.eval_every}, {r.driver.num_devices} device(s) ({r.driver.name}) -> {r.out}"
+    )
     loop = FinetuneLoop(r, early, logger=logger, progress=progress)
     try:
         if early.stopped:
@@ -635,8 +793,9 @@ def predict(cfg: FinetuneConfig, log=_log) -> dict[str, Any]:
     if _is_run_dir(path):
         path = path / "best"
     given = {f[: -len("_field")]: getattr(cfg, f) for f in _FIELDS if getattr(cfg, f) is not None}
-    predictor = fe.Predictor(path, batch_size=cfg.eval_batch_size or cfg.batch_size, dtype=cfg.dtype,
-                             field_overrides=given)
+    predictor = fe.Predictor(
+        path, batch_size=cfg.eval_batch_size or cfg.batch_size, dtype=cfg.dtype, field_overrides=given
+    )
     records = fd.read_records(str(cfg.data), "test")
     predictions, enc, encoder = predictor.predict(records)
     for line in encoder.report.lines(len(records.rows), "predict"):
@@ -667,8 +826,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     if s["hf_dir"]:
         print(f"  HF model:    {s['hf_dir']} (transformers' {TASKS[s['model_task']].auto_class})")
     print(f"  results:     {out / 'eval_results.json'}" + (f", {s['predictions']}" if s.get("predictions") else ""))
-    print(f"  metrics:     {out / 'metrics.jsonl'}, {out / 'curves.png'} (TensorBoard: tensorboard --logdir "
-          f"{out / 'tb'})")
+    print(
+        f"  metrics:     {out / 'metrics.jsonl'}, {out / 'curves.png'} (TensorBoard: tensorboard --logdir {out / 'tb'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

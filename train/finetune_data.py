@@ -205,8 +205,10 @@ def read_records(spec: str | Path, split: str = "train") -> Records:
             raise DataError(f"task folder {path} has no {split} file ({', '.join(split + s for s in RECORD_SUFFIXES)})")
         path = file
     if not path.is_file():
-        raise DataError(f"{spec} does not exist; give a {'/'.join(RECORD_SUFFIXES)} file, a task folder "
-                        "(DIR/train.jsonl ...) or hf:NAME[:CONFIG[:SPLIT]]")
+        raise DataError(
+            f"{spec} does not exist; give a {'/'.join(RECORD_SUFFIXES)} file, a task folder "
+            "(DIR/train.jsonl ...) or hf:NAME[:CONFIG[:SPLIT]]"
+        )
     if not path.name.endswith(RECORD_SUFFIXES):
         raise DataError(f"{path} is not a {'/'.join(RECORD_SUFFIXES)} file")
     rows = _read_file(path)
@@ -247,8 +249,10 @@ class LabelSet:
             return self.names.index(name)
         except ValueError:
             shown = ", ".join(self.names[:20]) + (" ..." if len(self.names) > 20 else "")
-            raise DataError(f"{where}: label {name!r} is not one of the {len(self.names)} labels of {self.source} "
-                            f"({shown}); fix the record or give every label in --labels FILE") from None
+            raise DataError(
+                f"{where}: label {name!r} is not one of the {len(self.names)} labels of {self.source} "
+                f"({shown}); fix the record or give every label in --labels FILE"
+            ) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> LabelSet:
@@ -309,16 +313,23 @@ class Layout:
             return sum(len(p) for p in parts) <= self.num_blocks
         return sum(len(b) for p in parts for b in p) + 2 * len(parts) <= self.seq_len
 
-    def example(self, parts: Sequence[Sequence[Sequence[int]]], global_parts: Sequence[int] = (),
-                bos_global: bool = True) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+    def example(
+        self, parts: Sequence[Sequence[Sequence[int]]], global_parts: Sequence[int] = (), bos_global: bool = True
+    ) -> tuple[dict[str, np.ndarray], list[list[int]]]:
         """The arrays of one example and, per part and block, the position of the block's first token
         (the content follows it contiguously). Global attention: the block starts (``"blocks"``) or
         ``<s>`` when ``bos_global`` (``"contiguous"``), plus every token of ``global_parts``."""
         offsets: list[list[int]] = []
         if self.kind == "blocks":
             flat = [b for p in parts for b in p]
-            ex = blocks_example(flat, seq_len=self.seq_len, block_size=self.block_size, bos_id=self.bos,
-                                eos_id=self.eos, pad_id=self.pad)
+            ex = blocks_example(
+                flat,
+                seq_len=self.seq_len,
+                block_size=self.block_size,
+                bos_id=self.bos,
+                eos_id=self.eos,
+                pad_id=self.pad,
+            )
             j = 0
             for p in parts:
                 offsets.append([(j + k) * self.block_size + 1 for k in range(len(p))])
@@ -334,18 +345,21 @@ class Layout:
                     ids += list(b)
             ids.append(self.eos)
             n = len(ids)
-            ex = {"input_ids": np.asarray(ids + [self.pad] * (self.seq_len - n), np.int32),
-                  "attention_mask": np.asarray([1] * n + [0] * (self.seq_len - n), np.int32),
-                  "global_attention_mask": np.zeros((self.seq_len,), np.int32)}
+            ex = {
+                "input_ids": np.asarray(ids + [self.pad] * (self.seq_len - n), np.int32),
+                "attention_mask": np.asarray([1] * n + [0] * (self.seq_len - n), np.int32),
+                "global_attention_mask": np.zeros((self.seq_len,), np.int32),
+            }
             ex["global_attention_mask"][0] = int(bos_global)
         for i in global_parts:
             for start, b in zip(offsets[i], parts[i]):
-                ex["global_attention_mask"][start:start + len(b)] = 1
+                ex["global_attention_mask"][start : start + len(b)] = 1
         return ex, offsets
 
     def prefix(self, blocks: list[list[int]], others: Sequence[Sequence[Sequence[int]]], first: bool = True):
         """The longest run of ``blocks`` that fits beside the parts ``others`` (``first``: placed before
         them), from the start; ``"contiguous"`` fills the rest with the start of the next block."""
+
         def fits(k):
             part = [blocks[:k]]
             return self.fits(part + list(others) if first else list(others) + part)
@@ -372,14 +386,15 @@ class Layout:
                     a, b, grown = a2, b2, True
         return [list(x) for x in blocks[a:b]] if self.fits([blocks[a:b], *others]) else []
 
-    def windows(self, n: int, others: Sequence[Sequence[Sequence[int]]], blocks: Sequence[Sequence[int]],
-                overlap: int = 0) -> list[tuple[int, int]]:
+    def windows(
+        self, n: int, others: Sequence[Sequence[Sequence[int]]], blocks: Sequence[Sequence[int]], overlap: int = 0
+    ) -> list[tuple[int, int]]:
         """[a, b) ranges of ``blocks`` (n of them) that each fit after ``others``, covering all,
         consecutive ranges sharing ``overlap`` blocks."""
         out, a = [], 0
         while True:
             b = a
-            while b < n and self.fits([*others, blocks[a:b + 1]]):
+            while b < n and self.fits([*others, blocks[a : b + 1]]):
                 b += 1
             if b == a:  # a single block does not fit beside the others: take it cut (cannot happen in "blocks")
                 b = a + 1
@@ -462,8 +477,15 @@ class TaskEncoder:
       multi_label: labels are sets (document and sequential sentence classification).
     """
 
-    def __init__(self, task: str, tokenizer: Any, layout: Layout, fields: Fields = Fields(),
-                 labels: LabelSet | None = None, multi_label: bool = False):
+    def __init__(
+        self,
+        task: str,
+        tokenizer: Any,
+        layout: Layout,
+        fields: Fields = Fields(),
+        labels: LabelSet | None = None,
+        multi_label: bool = False,
+    ):
         if task not in TASK_NAMES:
             raise DataError(f"task={task!r}; expected one of {TASK_NAMES}")
         if task in LABELLED_TASKS and labels is None:
@@ -482,8 +504,9 @@ class TaskEncoder:
     def _tokens(self, texts: list[str], offsets: bool = False):
         if not texts:
             return ([], []) if offsets else []
-        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=offsets, return_attention_mask=False,
-                       verbose=False)
+        enc = self.tok(
+            texts, add_special_tokens=False, return_offsets_mapping=offsets, return_attention_mask=False, verbose=False
+        )
         return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
 
     def _field(self, row: dict, name: str | None, where: str, required: bool = True) -> Any:
@@ -491,8 +514,10 @@ class TaskEncoder:
             return row[name]
         if required:
             flag = next((f.name for f in dataclasses.fields(self.fields) if getattr(self.fields, f.name) == name), "")
-            raise DataError(f"{where}: no field {name!r} (fields: {sorted(row)}); add it, or name the field that "
-                            f"holds it with --{flag.replace('_', '-')}-field")
+            raise DataError(
+                f"{where}: no field {name!r} (fields: {sorted(row)}); add it, or name the field that "
+                f"holds it with --{flag.replace('_', '-')}-field"
+            )
         return None
 
     def _text(self, row: dict, where: str, name: str | None = None) -> str | list[str]:
@@ -503,8 +528,9 @@ class TaskEncoder:
                 raise DataError(f"{where}: field {name!r} is empty; fill it or drop the record")
             return text
         if not isinstance(text, str):
-            raise DataError(f"{where}: field {name!r} is a {type(text).__name__}; expected a string or a list of "
-                            "strings")
+            raise DataError(
+                f"{where}: field {name!r} is a {type(text).__name__}; expected a string or a list of strings"
+            )
         if not text.strip():
             raise DataError(f"{where}: field {name!r} is empty; fill it or drop the record")
         return text
@@ -518,8 +544,9 @@ class TaskEncoder:
 
     def _one_block(self, tokens: list[int], what: str) -> list[int]:
         if len(tokens) > self.layout.content:
-            self.report.add(f"{what} longer than a block of {self.layout.content} tokens: cut",
-                            len(tokens) - self.layout.content)
+            self.report.add(
+                f"{what} longer than a block of {self.layout.content} tokens: cut", len(tokens) - self.layout.content
+            )
         return list(tokens[: self.layout.content])
 
     def _target(self, value: Any, where: str) -> Any:
@@ -558,23 +585,27 @@ class TaskEncoder:
     def _sequence(self, row: dict, where: str, targets: bool):
         text = self._text(row, where)
         if isinstance(text, str):
-            raise DataError(f"{where}: field {self.fields.text!r} must be a list of blocks (one label each) for "
-                            "sequential sentence classification")
+            raise DataError(
+                f"{where}: field {self.fields.text!r} must be a list of blocks (one label each) for "
+                "sequential sentence classification"
+            )
         values = self._field(row, self.fields.labels, where, targets)
         if values is not None and (not isinstance(values, list) or len(values) != len(text)):
-            raise DataError(f"{where}: field {self.fields.labels!r} must be a list with one label per block "
-                            f"({len(text)} blocks, got {len(values) if isinstance(values, list) else values!r})")
+            raise DataError(
+                f"{where}: field {self.fields.labels!r} must be a list with one label per block "
+                f"({len(text)} blocks, got {len(values) if isinstance(values, list) else values!r})"
+            )
         blocks = [self._one_block(t, "block") for t in self._tokens(list(text))]
         gold = None if values is None else [self._target(v, where) for v in values]
         n = self.layout.num_blocks
         examples, positions = [], []
         for a in range(0, len(blocks), n):
-            ex, _ = self.layout.example([blocks[a:a + n]])
+            ex, _ = self.layout.example([blocks[a : a + n]])
             ex["labels"] = self._empty_target((n,))
             pos = np.full((n,), -1, np.int32)
-            pos[: len(blocks[a:a + n])] = np.arange(a, min(a + n, len(blocks)))
+            pos[: len(blocks[a : a + n])] = np.arange(a, min(a + n, len(blocks)))
             if gold is not None:
-                ex["labels"][: len(gold[a:a + n])] = np.asarray(gold[a:a + n])
+                ex["labels"][: len(gold[a : a + n])] = np.asarray(gold[a : a + n])
             examples.append(ex)
             positions.append(pos)
         if len(examples) > 1:
@@ -596,8 +627,7 @@ class TaskEncoder:
         kept = self.layout.prefix(blocks, others) if center is None else self.layout.around(blocks, center, others)
         dropped = sum(len(b) for b in blocks) - sum(len(b) for b in kept)
         if dropped:
-            self.report.add(f"context longer than the input: cut{'' if center is None else ' around <mask>'}",
-                            dropped)
+            self.report.add(f"context longer than the input: cut{'' if center is None else ' around <mask>'}", dropped)
         # transformers' rule: the question and the choice are global, <s> is not ("contiguous"); the blocks
         # layout keeps every block start global, <s> included, as the model was pretrained (with <s> local a
         # 2-layer model sees the context only through the other block starts, and learns far more slowly).
@@ -612,8 +642,10 @@ class TaskEncoder:
             except (TypeError, ValueError):
                 gold = -1
             if not 0 <= gold < len(choices):
-                raise DataError(f"{where}: label {value!r} is not the index of one of its {len(choices)} choices "
-                                f"(0 to {len(choices) - 1})")
+                raise DataError(
+                    f"{where}: label {value!r} is not the index of one of its {len(choices)} choices "
+                    f"(0 to {len(choices) - 1})"
+                )
         ex["labels"] = np.asarray(IGNORE_INDEX if gold is None else gold, np.int32)
         return [ex], None, gold, None
 
@@ -624,14 +656,18 @@ class TaskEncoder:
             value = {"text": [row["answer"]], "answer_start": [row.get("answer_start")]}
         if value is None:
             if targets:
-                raise DataError(f"{where}: no field {self.fields.answers!r} (or 'answer' and 'answer_start'); name "
-                                "the answers field with --answers-field")
+                raise DataError(
+                    f"{where}: no field {self.fields.answers!r} (or 'answer' and 'answer_start'); name "
+                    "the answers field with --answers-field"
+                )
             return None
         if isinstance(value, list):
             value = {"text": [v.get("text") for v in value], "answer_start": [v.get("answer_start") for v in value]}
         if not isinstance(value, dict):
-            raise DataError(f"{where}: field {self.fields.answers!r} must be SQuAD's {{'text': [...], "
-                            f"'answer_start': [...]}}, got {type(value).__name__}")
+            raise DataError(
+                f"{where}: field {self.fields.answers!r} must be SQuAD's {{'text': [...], "
+                f"'answer_start': [...]}}, got {type(value).__name__}"
+            )
         texts, starts = value.get("text"), value.get("answer_start")
         texts = [texts] if isinstance(texts, str) else list(texts or [])
         starts = [starts] if isinstance(starts, int) else list(starts or [None] * len(texts))
@@ -641,8 +677,8 @@ class TaskEncoder:
         for text, start in zip(texts, starts + [None] * (len(texts) - len(starts))):
             text = str(text)
             found = context.find(text) if start is None else int(start)
-            if not text.strip() or found < 0 or context[found:found + len(text)] != text:
-                at = "" if start is None else f" at answer_start {start} (found {context[found:found + len(text)]!r})"
+            if not text.strip() or found < 0 or context[found : found + len(text)] != text:
+                at = "" if start is None else f" at answer_start {start} (found {context[found : found + len(text)]!r})"
                 raise DataError(f"{where}: answer {text!r} is not in its context{at}; fix the answer or its start")
             out.append((text, found))
         return out
@@ -686,8 +722,12 @@ class TaskEncoder:
         examples, positions = [], []
         for a, b in windows:
             ex, offsets = self.layout.example([*q, blocks[a:b]], global_parts=[0])
-            where_pos = {i: offsets[1][j] + k for j, blk in enumerate(block_idx[a:b]) for k, i in enumerate(blk)
-                         if offsets[1][j] + k < self.layout.seq_len}
+            where_pos = {
+                i: offsets[1][j] + k
+                for j, blk in enumerate(block_idx[a:b])
+                for k, i in enumerate(blk)
+                if offsets[1][j] + k < self.layout.seq_len
+            }
             span = np.full((self.layout.seq_len, 2), -1, np.int32)
             for i, p in where_pos.items():
                 span[p] = spans[i]
@@ -706,8 +746,9 @@ class TaskEncoder:
             raise DataError(f"{where}: field {self.fields.text!r} holds an empty word; drop it")
         values = self._field(row, self.fields.labels, where, targets)
         if values is not None and (not isinstance(values, list) or len(values) != len(words)):
-            raise DataError(f"{where}: field {self.fields.labels!r} must be a list with one label per word "
-                            f"({len(words)} words)")
+            raise DataError(
+                f"{where}: field {self.fields.labels!r} must be a list with one label per word ({len(words)} words)"
+            )
         gold = None if values is None else [self.labels.index(v, where) for v in values]
         starts, pos = [], 0
         for w in words:
@@ -743,8 +784,11 @@ class TaskEncoder:
     def encode(self, records: Records, split: str, targets: bool = True) -> Encoded:
         """The examples of ``records``; ``targets=False`` (prediction) makes the target fields optional."""
         method: Callable = {
-            "document-classification": self._document, "sequential-sentence-classification": self._sequence,
-            "multiple-choice": self._choice, "question-answering": self._span, "token-classification": self._words,
+            "document-classification": self._document,
+            "sequential-sentence-classification": self._sequence,
+            "multiple-choice": self._choice,
+            "question-answering": self._span,
+            "token-classification": self._words,
         }[self.task]
         examples, positions, record, ids, gold, units, contexts = [], [], [], [], [], [], []
         for i, row in enumerate(records.rows):
@@ -759,17 +803,26 @@ class TaskEncoder:
             record += [i] * len(exs)
         if len(set(ids)) < len(ids):
             dup = next(k for k, c in Counter(ids).items() if c > 1)
-            raise DataError(f"{records.source}: id {dup!r} appears more than once; ids must be unique "
-                            f"(field {self.fields.id!r})")
+            raise DataError(
+                f"{records.source}: id {dup!r} appears more than once; ids must be unique (field {self.fields.id!r})"
+            )
         shapes = {np.shape(e["input_ids"]) for e in examples}
         if len(shapes) > 1:
-            raise DataError(f"{records.source}: records with different numbers of choices "
-                            f"({sorted(s[0] for s in shapes)}); every record needs the same number")
+            raise DataError(
+                f"{records.source}: records with different numbers of choices "
+                f"({sorted(s[0] for s in shapes)}); every record needs the same number"
+            )
         arrays = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-        return Encoded(self.task, arrays, np.asarray(record, np.int32),
-                       np.stack(positions) if positions else None, ids, gold,
-                       contexts if self.task == "question-answering" else None,
-                       None if self.task == "question-answering" else units)
+        return Encoded(
+            self.task,
+            arrays,
+            np.asarray(record, np.int32),
+            np.stack(positions) if positions else None,
+            ids,
+            gold,
+            contexts if self.task == "question-answering" else None,
+            None if self.task == "question-answering" else units,
+        )
 
 
 def limit_negative_windows(enc: Encoded, keep: int, seed: int) -> Encoded:
@@ -781,8 +834,12 @@ def limit_negative_windows(enc: Encoded, keep: int, seed: int) -> Encoded:
     for r in np.unique(enc.record):
         idx = np.nonzero(negative & (enc.record == r))[0]
         kept[rng.permutation(idx)[:keep]] = True
-    return dataclasses.replace(enc, arrays={k: v[kept] for k, v in enc.arrays.items()}, record=enc.record[kept],
-                               positions=None if enc.positions is None else enc.positions[kept])
+    return dataclasses.replace(
+        enc,
+        arrays={k: v[kept] for k, v in enc.arrays.items()},
+        record=enc.record[kept],
+        positions=None if enc.positions is None else enc.positions[kept],
+    )
 
 
 # ----------------------------------------------------------------------------------------------

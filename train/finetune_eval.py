@@ -85,8 +85,9 @@ def objective_for(task: str, num_global_slots: int, multi_label: bool = False) -
 
 def global_slots(*arrays: dict[str, np.ndarray]) -> int:
     """The static bound of global tokens per row: the most any row holds, rounded up to a power of two."""
-    most = max(int(a["global_attention_mask"].reshape(-1, a["global_attention_mask"].shape[-1]).sum(-1).max())
-               for a in arrays)
+    most = max(
+        int(a["global_attention_mask"].reshape(-1, a["global_attention_mask"].shape[-1]).sum(-1).max()) for a in arrays
+    )
     return pow2_bucket(most)
 
 
@@ -159,19 +160,24 @@ def _decode_units(enc: fd.Encoded, logits: np.ndarray, names: Sequence[str], mul
         for p, u in enumerate(enc.positions[e]):
             if u >= 0 and per[r][u] is None:
                 per[r][u] = _label_prediction(logits[e][p], names, multi_label)
-    return [{"id": rid, "prediction": [u[0] for u in units], "scores": [u[1] for u in units]}
-            for rid, units in zip(enc.ids, per)]
+    return [
+        {"id": rid, "prediction": [u[0] for u in units], "scores": [u[1] for u in units]}
+        for rid, units in zip(enc.ids, per)
+    ]
 
 
-def decode(enc: fd.Encoded, outputs: dict[str, np.ndarray], settings: FinetuneSettings,
-           labels: fd.LabelSet | None) -> list[dict]:
+def decode(
+    enc: fd.Encoded, outputs: dict[str, np.ndarray], settings: FinetuneSettings, labels: fd.LabelSet | None
+) -> list[dict]:
     """One ``{"id", "prediction", "scores"}`` per record from the per-example outputs (see the module docstring)."""
     if enc.task == "question-answering":
         return _decode_spans(enc, outputs, settings.max_answer_tokens)
     logits = outputs["logits"]
     if enc.task == "multiple-choice":
-        return [{"id": rid, "prediction": int(np.argmax(logits[e])), "scores": [float(p) for p in _softmax(logits[e])]}
-                for rid, e in zip(enc.ids, range(len(enc.ids)))]
+        return [
+            {"id": rid, "prediction": int(np.argmax(logits[e])), "scores": [float(p) for p in _softmax(logits[e])]}
+            for rid, e in zip(enc.ids, range(len(enc.ids)))
+        ]
     if enc.task == "document-classification":
         out = []
         for rid, e in zip(enc.ids, range(len(enc.ids))):
@@ -225,9 +231,14 @@ def label_scores(y_true: Any, y_pred: Any, names: Sequence[str] | None = None) -
             present = list(range(len(names)))
         else:
             present = sorted(set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist()))
-        out["report"] = classification_report(y_true, y_pred, labels=list(present),
-                                              target_names=[names[i] for i in present], output_dict=True,
-                                              zero_division=0)
+        out["report"] = classification_report(
+            y_true,
+            y_pred,
+            labels=list(present),
+            target_names=[names[i] for i in present],
+            output_dict=True,
+            zero_division=0,
+        )
     return out
 
 
@@ -247,8 +258,9 @@ def _gold_names(gold: Any, labels: fd.LabelSet, multi_label: bool) -> Any:
     return labels.names[int(gold)]
 
 
-def score(enc: fd.Encoded, predictions: list[dict], labels: fd.LabelSet | None, multi_label: bool = False,
-          report: bool = True) -> dict[str, Any]:
+def score(
+    enc: fd.Encoded, predictions: list[dict], labels: fd.LabelSet | None, multi_label: bool = False, report: bool = True
+) -> dict[str, Any]:
     """The metrics of ``predictions`` (``decode``'s) against the gold targets of ``enc``."""
     if enc.task == "question-answering":
         return squad_scores([p["prediction"] for p in predictions], enc.gold)
@@ -260,8 +272,9 @@ def score(enc: fd.Encoded, predictions: list[dict], labels: fd.LabelSet | None, 
     else:
         gold = [_gold_names(g, labels, multi_label) for gs in enc.gold for g in gs]
         pred = [u for p in predictions for u in p["prediction"]]
-    return label_scores(_indices(gold, labels, multi_label), _indices(pred, labels, multi_label),
-                        labels.names if report else None)
+    return label_scores(
+        _indices(gold, labels, multi_label), _indices(pred, labels, multi_label), labels.names if report else None
+    )
 
 
 def best_metric_name(task: str) -> str:
@@ -292,14 +305,22 @@ class Predictor:
     made elsewhere has none: it is read as document classification on ``<s>`` in the contiguous layout.
     """
 
-    def __init__(self, model_dir: str | Path, *, batch_size: int = 8, dtype: str = "float32",
-                 field_overrides: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        field_overrides: dict[str, str] | None = None,
+    ):
         directory = resolve_source(model_dir)
         config, task, params, _ = load_checkpoint(directory, dtype=dtype)
         self.settings = settings_of(config, task)
         if self.settings.model_task != task:
-            raise ValueError(f"{directory}: config.json's finetuning settings say {self.settings.task!r} "
-                             f"(pooling {self.settings.pooling!r}) but the weights are a {task!r} model")
+            raise ValueError(
+                f"{directory}: config.json's finetuning settings say {self.settings.task!r} "
+                f"(pooling {self.settings.pooling!r}) but the weights are a {task!r} model"
+            )
         self.model, self.params = build_model(config, task), params
         self.tok = data_lib.load_tokenizer(str(directory), model_max_length=self.settings.seq_len)
         names = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
@@ -311,8 +332,14 @@ class Predictor:
         self._steps: dict[int, Any] = {}
 
     def encoder(self) -> fd.TaskEncoder:
-        return fd.TaskEncoder(self.settings.task, self.tok, self.settings.layout_of(self.tok), self.fields,
-                              self.labels, self.settings.multi_label)
+        return fd.TaskEncoder(
+            self.settings.task,
+            self.tok,
+            self.settings.layout_of(self.tok),
+            self.fields,
+            self.labels,
+            self.settings.multi_label,
+        )
 
     def _step(self, slots: int):
         if slots not in self._steps:
@@ -325,19 +352,22 @@ class Predictor:
         encoder = self.encoder()
         enc = encoder.encode(records, "predict", targets=False)
         step = self._step(global_slots(enc.arrays))
-        _, outputs = collect(fd.eval_batches(enc.arrays, self.batch_size), len(enc),
-                             lambda b: jax.device_get(step(self.params, b)))
+        _, outputs = collect(
+            fd.eval_batches(enc.arrays, self.batch_size), len(enc), lambda b: jax.device_get(step(self.params, b))
+        )
         return decode(enc, outputs, self.settings, self.labels), enc, encoder
-
 
     def classify(self, texts: Any, pairs: Any = None) -> Any:
         """:func:`classify` on this model: ``{"label", "scores"}`` per text (one text: one dict)."""
         task = self.settings.task
         if task not in fd.LABELLED_TASKS:
-            raise ValueError(f"this is a {task} model; classify takes classification models (predict the others "
-                             "with python -m train.finetune --predict).")
-        single = isinstance(texts, str) or (task != "document-classification" and bool(texts)
-                                            and isinstance(texts[0], str))
+            raise ValueError(
+                f"this is a {task} model; classify takes classification models (predict the others "
+                "with python -m train.finetune --predict)."
+            )
+        single = isinstance(texts, str) or (
+            task != "document-classification" and bool(texts) and isinstance(texts[0], str)
+        )
         texts = [texts] if single else list(texts)
         rows = [{self.fields.text: t} for t in texts]
         if pairs is not None:
@@ -380,8 +410,15 @@ def settings_of(config: Any, task: str) -> FinetuneSettings:
         return FinetuneSettings.from_dict(saved)
     guess = {"sequence-classification": "document-classification"}.get(task, task)
     if guess not in fd.TASK_NAMES or guess == "sequential-sentence-classification":
-        raise ValueError(f"a {task!r} model without fine-tuning settings in its config.json cannot predict; use a "
-                         "model written by python -m train.finetune (RUN/best or RUN/hf)")
-    return FinetuneSettings(guess, "contiguous", min(4096, config.max_sequence_length), 128,
-                            config.problem_type == "multi_label_classification",
-                            "cls" if task == "sequence-classification" else config.extra.get("pooling", "max"))
+        raise ValueError(
+            f"a {task!r} model without fine-tuning settings in its config.json cannot predict; use a "
+            "model written by python -m train.finetune (RUN/best or RUN/hf)"
+        )
+    return FinetuneSettings(
+        guess,
+        "contiguous",
+        min(4096, config.max_sequence_length),
+        128,
+        config.problem_type == "multi_label_classification",
+        "cls" if task == "sequence-classification" else config.extra.get("pooling", "max"),
+    )

@@ -105,8 +105,9 @@ def blocks_example(
     """One example from at most ``seq_len // block_size`` blocks of at most ``block_size - 1`` tokens."""
     lengths = np.asarray([len(b) for b in blocks], np.int64)
     tokens = np.asarray([t for b in blocks for t in b], np.int32)
-    return expand_blocks(lengths, tokens, seq_len=seq_len, block_size=block_size, bos_id=bos_id, eos_id=eos_id,
-                         pad_id=pad_id)
+    return expand_blocks(
+        lengths, tokens, seq_len=seq_len, block_size=block_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id
+    )
 
 
 def document_blocks(

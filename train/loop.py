@@ -58,8 +58,10 @@ def row_fingerprints(batch: dict[str, Any]) -> list[str]:
     """A short hash of each row's ``input_ids`` and ``labels``: compares the examples of runs with
     any number of processes (each process logs its rows of every global batch)."""
     ids, labels = np.asarray(batch["input_ids"]), np.asarray(batch["labels"])
-    return [hashlib.sha1(np.ascontiguousarray(i).tobytes() + np.ascontiguousarray(lab).tobytes()).hexdigest()[:12]
-            for i, lab in zip(ids.reshape(len(ids), -1), labels.reshape(len(labels), -1), strict=True)]
+    return [
+        hashlib.sha1(np.ascontiguousarray(i).tobytes() + np.ascontiguousarray(lab).tobytes()).hexdigest()[:12]
+        for i, lab in zip(ids.reshape(len(ids), -1), labels.reshape(len(labels), -1), strict=True)
+    ]
 
 
 class TrainLoop:
@@ -94,11 +96,13 @@ class TrainLoop:
                 b = next(self.train_it)
             except StopIteration:
                 raise ValueError(
-                    f"the training data ran out at step {step}; the train iterator must repeat "
-                    "(epochs) - check --data.") from None
+                    f"the training data ran out at step {step}; the train iterator must repeat (epochs) - check --data."
+                ) from None
             if self.batch_log is not None:
-                self.batch_log.write(json.dumps({"step": step, "micro": a, "hash": batch_fingerprint(b),
-                                                 "rows": row_fingerprints(b)}) + "\n")
+                self.batch_log.write(
+                    json.dumps({"step": step, "micro": a, "hash": batch_fingerprint(b), "rows": row_fingerprints(b)})
+                    + "\n"
+                )
             micro.append(b)
         return trainer.stack_micro_batches(micro)
 
@@ -115,7 +119,8 @@ class TrainLoop:
                     f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; the run "
                     f"stopped without saving this state. The last good checkpoint is "
                     f"{'step ' + str(good) if good is not None else 'none'} in {self.ckpt.directory}. "
-                    "Lower --learning-rate, check the data, or train in --dtype float32.")
+                    "Lower --learning-rate, check the data, or train in --dtype float32."
+                )
             self._log_step(step, m)
 
     def _log_step(self, step: int, m: dict[str, float]) -> None:
@@ -127,8 +132,12 @@ class TrainLoop:
         if step % self.cfg.log_every == 0 or step == self.cfg.max_steps:
             n = self._interval.pop("steps")
             rec = {k: self._interval.pop(k) / n for k in names}
-            rec.update(grad_norm=m["grad_norm"], lr=m.get("lr", float("nan")), tokens_per_s=tps,
-                       examples_seen=step * self.cfg.global_batch_size)
+            rec.update(
+                grad_norm=m["grad_norm"],
+                lr=m.get("lr", float("nan")),
+                tokens_per_s=tps,
+                examples_seen=step * self.cfg.global_batch_size,
+            )
             self.logger.write("train", step, rec)
 
     def evaluate(self, state, step: int) -> dict[str, float]:
@@ -184,8 +193,9 @@ class TrainLoop:
                 if self._stop_signal is not None:
                     self.ckpt.wait()
                     status = "preempted"
-                    self.progress.write(f"SIGTERM: saved step {step} to {self.ckpt.directory}; rerun the same "
-                                        "command to resume.")
+                    self.progress.write(
+                        f"SIGTERM: saved step {step} to {self.ckpt.directory}; rerun the same command to resume."
+                    )
                     break
             self.drain()
             train_seconds = time.perf_counter() - t_loop

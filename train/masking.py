@@ -53,9 +53,7 @@ class MaskingSpec:
 
     def __post_init__(self):
         if not 0.0 < self.mlm_probability < 1.0:
-            raise ValueError(
-                f"mlm_probability={self.mlm_probability} must lie in (0, 1); RoBERTa uses 0.15"
-            )
+            raise ValueError(f"mlm_probability={self.mlm_probability} must lie in (0, 1); RoBERTa uses 0.15")
         fractions = (self.mask_fraction, self.random_fraction)
         if min(fractions) < 0 or sum(fractions) > 1:
             raise ValueError(
@@ -137,8 +135,9 @@ def mask_tokens(
     out["input_ids"] = new_ids.astype(np.int32)
     out["labels"] = np.where(chosen, ids, IGNORE_INDEX).astype(np.int32)
     out["masked_positions"] = positions.astype(np.int32)
-    out["masked_labels"] = np.where(used, np.take_along_axis(ids, np.maximum(positions, 0), -1),
-                                    IGNORE_INDEX).astype(np.int32)
+    out["masked_labels"] = np.where(used, np.take_along_axis(ids, np.maximum(positions, 0), -1), IGNORE_INDEX).astype(
+        np.int32
+    )
     return out
 
 
@@ -153,8 +152,10 @@ def masked_slots(labels, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
     labelled = flat != IGNORE_INDEX
     most = int(labelled.sum(-1).max(initial=0))
     if most > num_slots:
-        raise ValueError(f"a row holds {most} labels but only num_slots={num_slots} slots were asked for; "
-                         f"use at least {most} (train.masking.max_masked gives the bound of mask_tokens)")
+        raise ValueError(
+            f"a row holds {most} labels but only num_slots={num_slots} slots were asked for; "
+            f"use at least {most} (train.masking.max_masked gives the bound of mask_tokens)"
+        )
     order = np.argsort(~labelled, axis=-1, kind="stable")[:, :num_slots]  # labelled positions first, in order
     used = np.take_along_axis(labelled, order, -1)
     positions = np.full((len(flat), num_slots), UNUSED_SLOT, np.int32)

@@ -74,8 +74,9 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, smoothing=0.1)
+            self.bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, smoothing=0.1
+            )
         self._last_t = time.perf_counter()
         self._tokens = 0
 
@@ -117,8 +118,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return recs
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None, *, loss_label: str = "MLM loss (nats / masked token)",
-             metric: str = "accuracy", metric_label: str = "masked-token accuracy") -> Path:
+def plot_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    loss_label: str = "MLM loss (nats / masked token)",
+    metric: str = "accuracy",
+    metric_label: str = "masked-token accuracy",
+) -> Path:
     """Draws train/eval loss, train/eval `metric` (where the records hold it) and learning rate of a run into a PNG."""
     import matplotlib
 
@@ -171,8 +178,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, *, loss_label: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.metrics",
-                                description="Plot the training and evaluation curves of a run.")
+    p = argparse.ArgumentParser(
+        prog="python -m train.metrics", description="Plot the training and evaluation curves of a run."
+    )
     p.add_argument("run_dir", help="the --output-dir of a training run (holds metrics.jsonl)")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
     args = p.parse_args(argv)

@@ -51,14 +51,22 @@ class Objective:
     predict: Callable[..., tuple[dict[str, jax.Array], dict[str, jax.Array]]] | None = None
 
 
-def forward(model, params, batch: Batch, rng: jax.Array | None, deterministic: bool, *, num_global_slots: int,
-            **head_args):
+def forward(
+    model, params, batch: Batch, rng: jax.Array | None, deterministic: bool, *, num_global_slots: int, **head_args
+):
     """`model.apply` on a batch's ``input_ids``, ``attention_mask`` and ``global_attention_mask``
     (``head_args``: further keywords of the head, e.g. ``masked_positions``)."""
     masks = {k: batch[k] for k in ("attention_mask", "global_attention_mask")}
     rngs = None if deterministic else {"dropout": rng}
-    return model.apply({"params": params}, batch["input_ids"], **masks, deterministic=deterministic,
-                       num_global_slots=num_global_slots, rngs=rngs, **head_args)
+    return model.apply(
+        {"params": params},
+        batch["input_ids"],
+        **masks,
+        deterministic=deterministic,
+        num_global_slots=num_global_slots,
+        rngs=rngs,
+        **head_args,
+    )
 
 
 def bits_per_token(means: dict[str, float]) -> dict[str, float]:
@@ -86,6 +94,7 @@ def mlm_objective(num_global_slots: int) -> Objective:
 
     ``num_global_slots``: the static bound of global tokens per row (see ``LongformerModel``).
     """
+
     def sums(model, params, batch: Batch, rng, deterministic: bool):
         head_args = {"masked_positions": batch["masked_positions"]} if "masked_positions" in batch else {}
         out = forward(model, params, batch, rng, deterministic, num_global_slots=num_global_slots, **head_args)
@@ -125,12 +134,14 @@ def classification_objective(num_global_slots: int, multi_label: bool = False) -
 
     Metric ``accuracy`` (per labelled position); ``predict`` gives the ``logits``.
     """
+
     def logits_of(model, params, batch, rng, deterministic):
         return forward(model, params, batch, rng, deterministic, num_global_slots=num_global_slots).logits
 
     def sums(model, params, batch: Batch, rng, deterministic: bool):
-        loss_sum, correct = _label_sums(logits_of(model, params, batch, rng, deterministic), batch["labels"],
-                                        multi_label)
+        loss_sum, correct = _label_sums(
+            logits_of(model, params, batch, rng, deterministic), batch["labels"], multi_label
+        )
         return loss_sum, {"accuracy": correct}
 
     def predict(model, params, batch: Batch):
@@ -151,11 +162,13 @@ def span_objective(num_global_slots: int) -> Objective:
 
     Metric ``exact`` (start and end both the argmax); ``predict`` gives ``start_logits``, ``end_logits``.
     """
+
     def span_sums(out, batch: Batch):
         ls, cs, _ = cross_entropy_sums(out.start_logits, batch["start_positions"])
         le, _, _ = cross_entropy_sums(out.end_logits, batch["end_positions"])
-        hit = ((jnp.argmax(out.start_logits, -1) == batch["start_positions"])
-               & (jnp.argmax(out.end_logits, -1) == batch["end_positions"]))
+        hit = (jnp.argmax(out.start_logits, -1) == batch["start_positions"]) & (
+            jnp.argmax(out.end_logits, -1) == batch["end_positions"]
+        )
         return (ls + le) / 2, {"exact": jnp.sum(hit).astype(jnp.float32)}
 
     def sums(model, params, batch: Batch, rng, deterministic: bool):
@@ -164,8 +177,10 @@ def span_objective(num_global_slots: int) -> Objective:
     def predict(model, params, batch: Batch):
         out = forward(model, params, batch, None, True, num_global_slots=num_global_slots)
         loss_sum, metrics = span_sums(out, batch)
-        return {"loss": loss_sum, **metrics}, {"start_logits": out.start_logits.astype(jnp.float32),
-                                               "end_logits": out.end_logits.astype(jnp.float32)}
+        return {"loss": loss_sum, **metrics}, {
+            "start_logits": out.start_logits.astype(jnp.float32),
+            "end_logits": out.end_logits.astype(jnp.float32),
+        }
 
     def count(batch: Batch) -> jax.Array:
         return jnp.sum(batch["start_positions"] != IGNORE_INDEX).astype(jnp.float32)

@@ -84,8 +84,10 @@ def check_shard_args(num_shards: int, shard_index: int) -> None:
     if num_shards < 1:
         raise ValueError(f"--num-shards {num_shards} must be at least 1")
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index {shard_index} is out of range for --num-shards {num_shards}; "
-                         f"use an index in 0..{num_shards - 1}")
+        raise ValueError(
+            f"--shard-index {shard_index} is out of range for --num-shards {num_shards}; "
+            f"use an index in 0..{num_shards - 1}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,8 +117,9 @@ class DocumentEncoder:
             elif s.layout == "contiguous":
                 out.append((len(ids), ids))
             else:
-                examples = document_blocks(sentence_ids(doc, self._encode), seq_len=s.seq_len,
-                                           block_size=s.block_size, min_blocks=s.min_blocks)
+                examples = document_blocks(
+                    sentence_ids(doc, self._encode), seq_len=s.seq_len, block_size=s.block_size, min_blocks=s.min_blocks
+                )
                 out.append((len(ids), [self.layout.encode_blocks(blocks) for blocks in examples]))
         return out
 
@@ -179,8 +182,13 @@ class Counts:
     documents: int = 0  # kept documents
 
     def to_json(self, file: str, size: int) -> dict[str, Any]:
-        return {"file": file, "examples": self.examples, "tokens": self.tokens, "documents": self.documents,
-                "bytes": size}
+        return {
+            "file": file,
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "bytes": size,
+        }
 
 
 class RecordSink:
@@ -224,8 +232,17 @@ class _Progress:
         self.bar.close()
 
 
-def prepare_unit(unit: SourceUnit, index: int, count: int, output: Path, encoder: DocumentEncoder, *,
-                 settings: dict[str, Any], pool: Any = None, progress: bool = True) -> dict[str, Any]:
+def prepare_unit(
+    unit: SourceUnit,
+    index: int,
+    count: int,
+    output: Path,
+    encoder: DocumentEncoder,
+    *,
+    settings: dict[str, Any],
+    pool: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Writes output shard ``index`` (and, for unit 0, the evaluation file); returns its counts."""
     layout, eval_docs = encoder.layout, encoder.settings.eval_docs if index == 0 else 0
     sinks = {"train": RecordSink(output / records.shard_name(index, count), layout)}
@@ -243,10 +260,16 @@ def prepare_unit(unit: SourceUnit, index: int, count: int, output: Path, encoder
                 held_out = eval_sink is not None and eval_sink.counts.documents < eval_docs
                 (eval_sink if held_out else sinks["train"]).add(payload)
             bar.update(n_tokens)
-        info = {"settings_hash": records.canonical_hash(settings), "unit": index, "source": unit.name,
-                "settings": {k: v for k, v in settings.items() if k != "units"}, "documents_read": read,
-                "tokens_read": tokens_read, "longest_document_tokens": longest,
-                **{name: sink.commit() for name, sink in sinks.items()}}
+        info = {
+            "settings_hash": records.canonical_hash(settings),
+            "unit": index,
+            "source": unit.name,
+            "settings": {k: v for k, v in settings.items() if k != "units"},
+            "documents_read": read,
+            "tokens_read": tokens_read,
+            "longest_document_tokens": longest,
+            **{name: sink.commit() for name, sink in sinks.items()},
+        }
     except BaseException:
         for sink in sinks.values():
             sink.writer.abort()
@@ -265,37 +288,52 @@ def settings_content(settings: Settings, tok: Any, units: list[SourceUnit]) -> d
     """The manifest's ``settings``: everything that decides the prepared content."""
     ids = token_ids(tok)
     layout = records.RecordLayout(
-        layout=settings.layout, seq_len=settings.seq_len, block_size=settings.block_size, bos_id=ids.bos,
-        eos_id=ids.eos, pad_id=ids.pad,
-        dtype=records.token_dtype(ids.vocab_size, settings.seq_len, settings.block_size))
+        layout=settings.layout,
+        seq_len=settings.seq_len,
+        block_size=settings.block_size,
+        bos_id=ids.bos,
+        eos_id=ids.eos,
+        pad_id=ids.pad,
+        dtype=records.token_dtype(ids.vocab_size, settings.seq_len, settings.block_size),
+    )
     return {
         "tokenizer": {"sha256": tokenizer_hash(tok), "vocab_size": ids.vocab_size, "mask_id": ids.mask},
         "record_layout": layout.to_json(),
-        "min_doc_tokens": settings.min_doc_tokens, "min_blocks": settings.min_blocks,
-        "eval_docs": settings.eval_docs, "text_field": settings.text_field,
+        "min_doc_tokens": settings.min_doc_tokens,
+        "min_blocks": settings.min_blocks,
+        "eval_docs": settings.eval_docs,
+        "text_field": settings.text_field,
         "units": [[u.name, u.size] for u in units],
     }
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
     keys = sorted(set(saved) | set(now))
-    shown = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in keys
-             if k not in ("units", "tokenizer") and saved.get(k) != now.get(k)]
+    shown = [
+        f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in keys
+        if k not in ("units", "tokenizer") and saved.get(k) != now.get(k)
+    ]
     if saved.get("tokenizer", {}).get("sha256") != now.get("tokenizer", {}).get("sha256"):
-        shown.append(f"tokenizer: saved sha256 {saved.get('tokenizer', {}).get('sha256', '?')[:12]}, now sha256 "
-                     f"{now['tokenizer']['sha256'][:12]}")
+        shown.append(
+            f"tokenizer: saved sha256 {saved.get('tokenizer', {}).get('sha256', '?')[:12]}, now sha256 "
+            f"{now['tokenizer']['sha256'][:12]}"
+        )
     if saved.get("units") != now.get("units") and (saved.get("units") is not None or not shown):
         shown.append("the input files or their sizes")
     return "; ".join(shown)
 
 
 def _other_settings_error(output: Path, saved: dict[str, Any], now: dict[str, Any]) -> ValueError:
-    return ValueError(f"{output} holds data prepared with other settings ({_differences(saved, now)}); "
-                      "choose another --output, or delete it to prepare anew")
+    return ValueError(
+        f"{output} holds data prepared with other settings ({_differences(saved, now)}); "
+        "choose another --output, or delete it to prepare anew"
+    )
 
 
-def _complete_shard(output: Path, index: int, count: int, settings_hash: str,
-                    settings: dict[str, Any]) -> dict[str, Any] | None:
+def _complete_shard(
+    output: Path, index: int, count: int, settings_hash: str, settings: dict[str, Any]
+) -> dict[str, Any] | None:
     """The counts of shard ``index`` if it is complete (an error if made with other settings)."""
     info_path = output / records.shard_info_name(index, count)
     if not info_path.is_file():
@@ -322,16 +360,19 @@ def _empty_corpus_error(infos: list[dict[str, Any]], settings: Settings) -> Empt
         return EmptyCorpusError(
             f"the corpus is empty after the length filter: {read} documents read, none with at least "
             f"min_doc_tokens={settings.min_doc_tokens} tokens (the longest has {longest}); lower --min-doc-tokens "
-            "or use a corpus of longer documents")
+            "or use a corpus of longer documents"
+        )
     held_out = sum(i.get("eval", {}).get("documents", 0) for i in infos)
     return EmptyCorpusError(
         f"no training example: {kept} documents kept ({held_out} of them held out by --eval-docs) "
         f"make no {settings.layout!r} example of seq_len={settings.seq_len}; lower --eval-docs or --seq-len, "
-        "or add documents")
+        "or add documents"
+    )
 
 
-def write_manifest(output: Path, tok: Any, spec: str, settings: Settings, content: dict[str, Any],
-                   infos: list[dict[str, Any]]) -> records.Manifest:
+def write_manifest(
+    output: Path, tok: Any, spec: str, settings: Settings, content: dict[str, Any], infos: list[dict[str, Any]]
+) -> records.Manifest:
     """``tokenizer/`` and ``manifest.json`` of a directory whose shards are all complete."""
     if sum(i["train"]["examples"] for i in infos) == 0:
         raise _empty_corpus_error(infos, settings)
@@ -343,19 +384,33 @@ def write_manifest(output: Path, tok: Any, spec: str, settings: Settings, conten
             os.replace(tmp, tok_dir)
         except OSError:  # another process wrote it first
             shutil.rmtree(tmp, ignore_errors=True)
-    shards = [{**i["train"], "source": i["source"], "documents_read": i["documents_read"],
-               "tokens_read": i.get("tokens_read", 0)} for i in infos]
+    shards = [
+        {
+            **i["train"],
+            "source": i["source"],
+            "documents_read": i["documents_read"],
+            "tokens_read": i.get("tokens_read", 0),
+        }
+        for i in infos
+    ]
     evaluation = infos[0].get("eval") if infos else None
     totals = {
-        "train_examples": sum(s["examples"] for s in shards), "train_tokens": sum(s["tokens"] for s in shards),
+        "train_examples": sum(s["examples"] for s in shards),
+        "train_tokens": sum(s["tokens"] for s in shards),
         "train_documents": sum(s["documents"] for s in shards),
         "documents_read": sum(s["documents_read"] for s in shards),
         "tokens_read": sum(s["tokens_read"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards) + (evaluation["bytes"] if evaluation else 0),
     }
-    manifest = {"format": records.FORMAT, "format_version": records.FORMAT_VERSION, "settings": content,
-                "settings_hash": records.canonical_hash(content), "shards": shards, "eval": evaluation,
-                "totals": totals}
+    manifest = {
+        "format": records.FORMAT,
+        "format_version": records.FORMAT_VERSION,
+        "settings": content,
+        "settings_hash": records.canonical_hash(content),
+        "shards": shards,
+        "eval": evaluation,
+        "totals": totals,
+    }
     manifest["fingerprint"] = records.canonical_hash(manifest)
     # Informational, not in the fingerprint: the spec (the units and their sizes are) and the tokenizer's
     # name (its hash is).
@@ -364,8 +419,17 @@ def write_manifest(output: Path, tok: Any, spec: str, settings: Settings, conten
     return records.read_manifest(output)
 
 
-def prepare(spec: str, tok: Any, output: str | os.PathLike, settings: Settings, *, num_shards: int = 1,
-            shard_index: int = 0, workers: int = 1, progress: bool = True) -> records.Manifest | None:
+def prepare(
+    spec: str,
+    tok: Any,
+    output: str | os.PathLike,
+    settings: Settings,
+    *,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> records.Manifest | None:
     """Prepares this process's shards of ``spec`` into ``output``; the manifest once every shard is done.
 
     Returns the ``Manifest`` when the directory is complete (now or before), ``None`` while
@@ -392,16 +456,22 @@ def prepare(spec: str, tok: Any, output: str | os.PathLike, settings: Settings, 
     encoder = DocumentEncoder(tok, settings, records.RecordLayout(**content["record_layout"]))
     count = len(units)
     try:
-        todo = [i for i in range(shard_index, count, num_shards)
-                if _complete_shard(output, i, count, settings_hash, content) is None]
+        todo = [
+            i
+            for i in range(shard_index, count, num_shards)
+            if _complete_shard(output, i, count, settings_hash, content) is None
+        ]
         with worker_pool(encoder, workers if todo else 1) as pool:
             for i in todo:
                 prepare_unit(units[i], i, count, output, encoder, settings=content, pool=pool, progress=progress)
         infos = [_complete_shard(output, i, count, settings_hash, content) for i in range(count)]
         if any(info is None for info in infos):
             done = sum(info is not None for info in infos)
-            print(f"{done} of {count} shards of {output} are complete; the process that completes the last one "
-                  "writes manifest.json", file=sys.stderr)
+            print(
+                f"{done} of {count} shards of {output} are complete; the process that completes the last one "
+                "writes manifest.json",
+                file=sys.stderr,
+            )
             return None
         return write_manifest(output, tok, spec, settings, content, infos)
     except BaseException as e:
@@ -426,15 +496,23 @@ def _remove_outputs(output: Path, count: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.prepare_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="corpus: file or directory of .txt/.jsonl(.gz)/.json.gz/.parquet, "
-                                                 "hf:NAME[:CONFIG[:SPLIT]], or builtin:python-docs")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="corpus: file or directory of .txt/.jsonl(.gz)/.json.gz/.parquet, "
+        "hf:NAME[:CONFIG[:SPLIT]], or builtin:python-docs",
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id (e.g. roberta-base)")
     p.add_argument("--output", required=True, help="directory of the prepared shards and manifest.json")
     p.add_argument("--layout", default="blocks", choices=("blocks", "contiguous"))
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=128, help="tokens per sentence block (blocks layout)")
-    p.add_argument("--min-doc-tokens", type=int, default=DEFAULT_MIN_DOC_TOKENS,
-                   help="drop documents with fewer subword tokens (default: %(default)s, the seed's)")
+    p.add_argument(
+        "--min-doc-tokens",
+        type=int,
+        default=DEFAULT_MIN_DOC_TOKENS,
+        help="drop documents with fewer subword tokens (default: %(default)s, the seed's)",
+    )
     p.add_argument("--eval-docs", type=int, default=0, help="kept documents of input 0 held out for evaluation")
     p.add_argument("--num-shards", type=int, default=1, help="processes (machines) sharing the work")
     p.add_argument("--shard-index", type=int, default=0, help="this process among --num-shards")
@@ -446,8 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings(layout=args.layout, seq_len=args.seq_len, block_size=args.block_size,
-                        min_doc_tokens=args.min_doc_tokens, eval_docs=args.eval_docs, text_field=args.text_field)
+    settings = Settings(
+        layout=args.layout,
+        seq_len=args.seq_len,
+        block_size=args.block_size,
+        min_doc_tokens=args.min_doc_tokens,
+        eval_docs=args.eval_docs,
+        text_field=args.text_field,
+    )
     try:
         settings.validate()
         check_shard_args(args.num_shards, args.shard_index)
@@ -455,17 +539,27 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--workers {args.workers} must be at least 1")
         tok = load_tokenizer(args.tokenizer, model_max_length=args.seq_len)
         t0 = time.perf_counter()
-        manifest = prepare(args.data, tok, args.output, settings, num_shards=args.num_shards,
-                           shard_index=args.shard_index, workers=args.workers, progress=not args.no_progress)
+        manifest = prepare(
+            args.data,
+            tok,
+            args.output,
+            settings,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if manifest is not None:
         t = manifest.content["totals"]
-        print(f"{args.output}: {t['train_examples']:,} training examples ({t['train_tokens']:,} tokens) from "
-              f"{t['train_documents']:,} of {t['documents_read']:,} documents, {manifest.num_eval:,} evaluation "
-              f"examples, {t['bytes'] / 2**20:,.1f} MiB in {len(manifest.content['shards'])} shards; "
-              f"{time.perf_counter() - t0:,.1f} s; fingerprint {manifest.fingerprint}")
+        print(
+            f"{args.output}: {t['train_examples']:,} training examples ({t['train_tokens']:,} tokens) from "
+            f"{t['train_documents']:,} of {t['documents_read']:,} documents, {manifest.num_eval:,} evaluation "
+            f"examples, {t['bytes'] / 2**20:,.1f} MiB in {len(manifest.content['shards'])} shards; "
+            f"{time.perf_counter() - t0:,.1f} s; fingerprint {manifest.fingerprint}"
+        )
     return 0
 
 

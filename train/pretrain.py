@@ -41,8 +41,17 @@ from train.loop import NonFiniteError, TrainLoop
 from train.objectives import mlm_objective
 
 # What --overwrite deletes: every file a run writes (config.json and model/ are rewritten).
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "hf", "curves.png", "batches.jsonl", data.RUN_TOKENIZER_DIR,
-             data.RUN_DATA_DIR, export.MODEL_DIR)
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tb",
+    "hf",
+    "curves.png",
+    "batches.jsonl",
+    data.RUN_TOKENIZER_DIR,
+    data.RUN_DATA_DIR,
+    export.MODEL_DIR,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,8 +74,9 @@ def maybe_initialize_distributed(cfg: config_lib.TrainConfig) -> None:
         return
     kwargs = {}
     if cfg.coordinator_address:
-        kwargs = dict(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
-                      process_id=cfg.process_id)
+        kwargs = dict(
+            coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes, process_id=cfg.process_id
+        )
     jax.distributed.initialize(**kwargs)
 
 
@@ -92,8 +102,10 @@ def load_tokenizer(cfg: config_lib.TrainConfig, out: Path):
         data.open_prepared(cfg.data)  # an unfinished or damaged directory: its error, before anything else
     source = cfg.tokenizer or cfg.init or (str(Path(cfg.data) / data.TOKENIZER_DIR) if prepared else None)
     if source is None and cfg.data.startswith("hf:"):
-        raise ValueError(f"--data {cfg.data} is streamed: pass --tokenizer (a tokenizer is trained only on a local "
-                         "corpus), or prepare the data first with python -m train.prepare_data")
+        raise ValueError(
+            f"--data {cfg.data} is streamed: pass --tokenizer (a tokenizer is trained only on a local "
+            "corpus), or prepare the data first with python -m train.prepare_data"
+        )
     if _is_main() and not data.has_tokenizer_files(saved):
         if source:
             data.load_tokenizer(source, model_max_length=cfg.seq_len).save_pretrained(str(saved))
@@ -112,8 +124,13 @@ def open_data(cfg: config_lib.TrainConfig, out: Path, tok) -> data.Manifest:
     else:
         directory = out / data.RUN_DATA_DIR
         if _is_main():
-            settings = prepare_data.Settings(layout=cfg.layout, seq_len=cfg.seq_len, block_size=cfg.block_size,
-                                             min_doc_tokens=cfg.min_doc_tokens, eval_docs=cfg.eval_docs)
+            settings = prepare_data.Settings(
+                layout=cfg.layout,
+                seq_len=cfg.seq_len,
+                block_size=cfg.block_size,
+                min_doc_tokens=cfg.min_doc_tokens,
+                eval_docs=cfg.eval_docs,
+            )
             prepare_data.prepare(cfg.data, tok, directory, settings, progress=cfg.progress_bar)
         _sync("data")
     return data.open_prepared(directory, tok, layout=cfg.layout, seq_len=cfg.seq_len, block_size=cfg.block_size)
@@ -133,22 +150,32 @@ def build_model(cfg: config_lib.TrainConfig, tok):
             raise ValueError(f"--init {cfg.init}{given}: {e}") from e
     else:
         ids = data.token_ids(tok)
-        tokens = dict(vocab_size=len(tok), pad_token_id=ids.pad, bos_token_id=ids.bos, eos_token_id=ids.eos,
-                      sep_token_id=tok.sep_token_id if tok.sep_token_id is not None else ids.eos,
-                      max_position_embeddings=cfg.seq_len + ids.pad + 1)
+        tokens = dict(
+            vocab_size=len(tok),
+            pad_token_id=ids.pad,
+            bos_token_id=ids.bos,
+            eos_token_id=ids.eos,
+            sep_token_id=tok.sep_token_id if tok.sep_token_id is not None else ids.eos,
+            max_position_embeddings=cfg.seq_len + ids.pad + 1,
+        )
         model, params = lj.LongformerForMaskedLM(lj.LongformerConfig(**{**tokens, **cfg.model_options()})), None
     mc, name = model.config, cfg.init or "--model"
     if cfg.seq_len > mc.max_sequence_length:
         raise ValueError(
             f"seq_len={cfg.seq_len} is longer than {name!r} allows ({mc.max_sequence_length} tokens from its "
             f"max_position_embeddings={mc.max_position_embeddings}); lower --seq-len or extend the model's "
-            "positions first (convert/).")
+            "positions first (convert/)."
+        )
     if cfg.seq_len % mc.max_window:
-        raise ValueError(f"seq_len={cfg.seq_len} is not a multiple of the model's attention window "
-                         f"{mc.max_window}; pick --seq-len as a multiple of {mc.max_window}.")
+        raise ValueError(
+            f"seq_len={cfg.seq_len} is not a multiple of the model's attention window "
+            f"{mc.max_window}; pick --seq-len as a multiple of {mc.max_window}."
+        )
     if len(tok) > mc.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model ({name}) only vocab_size="
-                         f"{mc.vocab_size}; use the model's own tokenizer, or a larger model.vocab_size.")
+        raise ValueError(
+            f"the tokenizer has {len(tok)} tokens but the model ({name}) only vocab_size="
+            f"{mc.vocab_size}; use the model's own tokenizer, or a larger model.vocab_size."
+        )
     return model, params
 
 
@@ -177,8 +204,7 @@ def setup(cfg: config_lib.TrainConfig) -> Setup:
     trainer.check_batch_split(cfg, jax.device_count())
     pi, pc = jax.process_index(), jax.process_count()
     if cfg.batch_size % pc:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {pc} processes; "
-                         f"use a multiple of {pc}.")
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {pc} processes; use a multiple of {pc}.")
     out = Path(cfg.output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     prepare_output_dir(cfg, out)
@@ -200,9 +226,20 @@ def setup(cfg: config_lib.TrainConfig) -> Setup:
         make_params, param_inputs = (lambda key: lj.init_params(model, key)), (param_key,)
     else:
         make_params, param_inputs = (lambda params: params), (init_params,)
-    return Setup(out, tok, model, driver, ckpt, train_it, eval_batches, make_params, param_inputs,
-                 np.asarray(jax.device_get(dropout_key)), (prepared.num_train, prepared.num_eval),
-                 prepared.fingerprint)
+    return Setup(
+        out,
+        tok,
+        model,
+        driver,
+        ckpt,
+        train_it,
+        eval_batches,
+        make_params,
+        param_inputs,
+        np.asarray(jax.device_get(dropout_key)),
+        (prepared.num_train, prepared.num_eval),
+        prepared.fingerprint,
+    )
 
 
 def write_run_files(cfg: config_lib.TrainConfig, s: Setup) -> None:
@@ -217,10 +254,12 @@ def write_run_files(cfg: config_lib.TrainConfig, s: Setup) -> None:
 def _announce(cfg: config_lib.TrainConfig, s: Setup, state, resumed_from: int | None) -> str:
     skip = 1 if s.driver.name == "pmap" else 0
     n_params = sum(int(np.prod(x.shape[skip:])) for x in jax.tree.leaves(state.params))
-    return (f"{'resuming from step ' + str(resumed_from) if resumed_from is not None else 'starting'}: "
-            f"{n_params / 1e6:.2f}M params, {s.num_examples[0]} train / {s.num_examples[1]} eval examples of "
-            f"{cfg.seq_len} tokens, {s.driver.num_devices} device(s) ({s.driver.name}), batch "
-            f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation, {cfg.max_steps} steps -> {s.out}")
+    return (
+        f"{'resuming from step ' + str(resumed_from) if resumed_from is not None else 'starting'}: "
+        f"{n_params / 1e6:.2f}M params, {s.num_examples[0]} train / {s.num_examples[1]} eval examples of "
+        f"{cfg.seq_len} tokens, {s.driver.num_devices} device(s) ({s.driver.name}), batch "
+        f"{cfg.batch_size} x {cfg.grad_accum_steps} accumulation, {cfg.max_steps} steps -> {s.out}"
+    )
 
 
 def batch_log_name() -> str:
@@ -238,19 +277,28 @@ def run(cfg: config_lib.TrainConfig) -> dict[str, Any]:
     cfg.validate()
     t_start = time.time()
     s = setup(cfg)
-    state, resumed_from = ckpt_lib.restore_or_init(s.ckpt, s.driver, s.make_params, *s.param_inputs,
-                                                   data_iterator=s.train_it)
+    state, resumed_from = ckpt_lib.restore_or_init(
+        s.ckpt, s.driver, s.make_params, *s.param_inputs, data_iterator=s.train_it
+    )
     s.param_inputs = ()  # the initial parameters are in the state now
     write_run_files(cfg, s)
 
     main_proc = _is_main()
     logger = metrics_lib.MetricsLogger(s.out, enabled=main_proc)
-    progress = metrics_lib.Progress(cfg.max_steps, initial=resumed_from or 0,
-                                    enabled=main_proc and cfg.progress_bar)
+    progress = metrics_lib.Progress(cfg.max_steps, initial=resumed_from or 0, enabled=main_proc and cfg.progress_bar)
     progress.write(_announce(cfg, s, state, resumed_from))
     batch_log = open(s.out / batch_log_name(), "a", buffering=1) if cfg.log_batch_fingerprints else None
-    loop = TrainLoop(cfg, s.driver, s.ckpt, s.train_it, s.eval_batches, key=s.key, logger=logger,
-                     progress=progress, batch_log=batch_log)
+    loop = TrainLoop(
+        cfg,
+        s.driver,
+        s.ckpt,
+        s.train_it,
+        s.eval_batches,
+        key=s.key,
+        logger=logger,
+        progress=progress,
+        batch_log=batch_log,
+    )
     try:
         r = loop.run(state, resumed_from or 0)
     finally:
@@ -261,8 +309,13 @@ def run(cfg: config_lib.TrainConfig) -> dict[str, Any]:
 
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     summary: dict[str, Any] = {
-        "status": r.status, "step": r.step, "output_dir": str(s.out), "resumed_from": resumed_from,
-        "first_eval": r.first_eval, "final_eval": r.final_eval, "train_seconds": r.train_seconds,
+        "status": r.status,
+        "step": r.step,
+        "output_dir": str(s.out),
+        "resumed_from": resumed_from,
+        "first_eval": r.first_eval,
+        "final_eval": r.final_eval,
+        "train_seconds": r.train_seconds,
         "steps_run": r.steps_timed,
         "tokens_per_s": r.steps_timed * tokens_per_step / r.train_seconds if r.steps_timed else None,
     }
@@ -272,16 +325,20 @@ def run(cfg: config_lib.TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def export_final(cfg: config_lib.TrainConfig, s: Setup, state, logger, summary: dict[str, Any],
-                 t_start: float) -> dict[str, Any]:
+def export_final(
+    cfg: config_lib.TrainConfig, s: Setup, state, logger, summary: dict[str, Any], t_start: float
+) -> dict[str, Any]:
     """DIR/hf (`train.export.write_model`), the summary record and the plot of a finished run."""
     params = s.driver.host_params(state)  # on every process (a collective with several)
     hf_dir = s.out / "hf"
     extra: dict[str, Any] = {"hf_dir": str(hf_dir), "final_params": params}
     if _is_main():
         export.write_model(hf_dir, s.model.config, params, s.tok, task="masked-lm", overwrite=True)
-        logger.write("summary", summary["step"], {"wall_seconds": time.time() - t_start,
-                                                  "tokens_per_s": summary["tokens_per_s"] or float("nan")})
+        logger.write(
+            "summary",
+            summary["step"],
+            {"wall_seconds": time.time() - t_start, "tokens_per_s": summary["tokens_per_s"] or float("nan")},
+        )
         extra["plot"] = str(metrics_lib.plot_run(s.out))
     return extra
 
@@ -306,13 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(summary["output_dir"])
     fe, le = summary.get("first_eval") or {}, summary.get("final_eval") or {}
     if fe and le:
-        print(f"eval loss {fe['loss']:.4f} -> {le['loss']:.4f} (bpc {fe['bpc']:.3f} -> {le['bpc']:.3f}, "
-              f"accuracy {fe['accuracy']:.3f} -> {le['accuracy']:.3f})")
+        print(
+            f"eval loss {fe['loss']:.4f} -> {le['loss']:.4f} (bpc {fe['bpc']:.3f} -> {le['bpc']:.3f}, "
+            f"accuracy {fe['accuracy']:.3f} -> {le['accuracy']:.3f})"
+        )
     elif le:
         print(f"eval loss {le['loss']:.4f} (bpc {le['bpc']:.3f}, accuracy {le['accuracy']:.3f})")
     if summary.get("tokens_per_s"):
-        print(f"{summary['steps_run']} steps in {summary['train_seconds']:.0f}s "
-              f"({summary['tokens_per_s']:,.0f} tokens/s)")
+        print(
+            f"{summary['steps_run']} steps in {summary['train_seconds']:.0f}s ({summary['tokens_per_s']:,.0f} tokens/s)"
+        )
     if cfg.fill_mask_text:
         fill_mask_demo(summary["hf_dir"], cfg.fill_mask_text, data.load_tokenizer(summary["hf_dir"]))
     print(f"run directory: {out}")

@@ -111,8 +111,15 @@ class RecordLayout:
         if self.layout == "contiguous":
             return expand_contiguous(values, bos_id=self.bos_id)
         n = int(values[0])
-        return expand_blocks(values[1 : 1 + n], values[1 + n :], seq_len=self.seq_len, block_size=self.block_size,
-                             bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
+        return expand_blocks(
+            values[1 : 1 + n],
+            values[1 + n :],
+            seq_len=self.seq_len,
+            block_size=self.block_size,
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+        )
 
     def content_tokens(self, record: bytes) -> int:
         """The number of content tokens (no block starts, no padding) a record holds."""
@@ -206,15 +213,18 @@ class Manifest:
             entries.append(self.content["eval"])
         for entry in entries:
             path = self.directory / entry["file"]
-            redo = (f"prepare it again (rerun the train.prepare_data command that made {self.directory}: it "
-                    "rewrites every shard that is missing or incomplete), or restore the file")
+            redo = (
+                f"prepare it again (rerun the train.prepare_data command that made {self.directory}: it "
+                "rewrites every shard that is missing or incomplete), or restore the file"
+            )
             if not path.is_file():
                 raise ValueError(f"prepared data {self.directory}: shard {entry['file']} is missing; {redo}")
             size = path.stat().st_size
             if size != entry["bytes"]:
                 raise ValueError(
                     f"prepared data {self.directory}: shard {entry['file']} is truncated or damaged ({size:,} bytes, "
-                    f"the manifest says {entry['bytes']:,}); {redo}")
+                    f"the manifest says {entry['bytes']:,}); {redo}"
+                )
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -235,7 +245,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise ValueError(
             f"{directory} holds no {MANIFEST}: not prepared data, or a preparation that has not finished "
-            "(rerun python -m train.prepare_data with the same arguments to complete it)")
+            "(rerun python -m train.prepare_data with the same arguments to complete it)"
+        )
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -243,5 +254,6 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     if content.get("format") != FORMAT or content.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} is not a {FORMAT} manifest of version {FORMAT_VERSION} (found {content.get('format')!r} "
-            f"version {content.get('format_version')!r}); prepare the data again with this version")
+            f"version {content.get('format_version')!r}); prepare the data again with this version"
+        )
     return Manifest(directory, content)

@@ -61,8 +61,12 @@ def token_ids(tok: Any) -> TokenIds:
         )
     special = sorted(set(tok.all_special_ids) | {bos, eos, tok.pad_token_id, tok.mask_token_id})
     return TokenIds(
-        bos=int(bos), eos=int(eos), pad=int(tok.pad_token_id), mask=int(tok.mask_token_id),
-        vocab_size=len(tok), special=np.asarray(special, np.int32),
+        bos=int(bos),
+        eos=int(eos),
+        pad=int(tok.pad_token_id),
+        mask=int(tok.mask_token_id),
+        vocab_size=len(tok),
+        special=np.asarray(special, np.int32),
     )
 
 
@@ -131,29 +135,39 @@ def train_demo_tokenizer(
 
     min_vocab = len(ROBERTA_SPECIAL_TOKENS) + 256
     if vocab_size < min_vocab:
-        raise ValueError(
-            f"vocab_size={vocab_size} is below {min_vocab} (256 bytes + 5 special tokens); use e.g. 8192"
-        )
+        raise ValueError(f"vocab_size={vocab_size} is below {min_vocab} (256 bytes + 5 special tokens); use e.g. 8192")
     mask = AddedToken("<mask>", lstrip=True, rstrip=False, single_word=False, normalized=False, special=True)
     specials = [*ROBERTA_SPECIAL_TOKENS[:-1], mask]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(iter(texts), trainer=trainer)
     for i, t in enumerate(ROBERTA_SPECIAL_TOKENS):
         if bpe.token_to_id(t) != i:
             raise RuntimeError(f"special token {t} got id {bpe.token_to_id(t)}, expected {i}")
     bpe.post_processor = processors.RobertaProcessing(
-        ("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")),
-        trim_offsets=True, add_prefix_space=False,
+        ("</s>", bpe.token_to_id("</s>")),
+        ("<s>", bpe.token_to_id("<s>")),
+        trim_offsets=True,
+        add_prefix_space=False,
     )
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token=mask, model_max_length=model_max_length,
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token=mask,
+        model_max_length=model_max_length,
     )
     os.makedirs(out_dir, exist_ok=True)
     hf.save_pretrained(out_dir)
@@ -168,8 +182,6 @@ def encode(tok: Any, texts: list[str]) -> list[list[int]]:
     if backend is not None and backend.truncation is None and backend.padding is None:
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-
-
 
 
 def tokenizer_hash(tok: Any) -> str:

@@ -65,6 +65,7 @@ def decay_mask(params: Any) -> Any:
     This is the HF Trainer's rule (no decay on `*bias` and LayerNorm weights) in Flax names:
     LayerNorm weights are `scale`, every bias is `bias` (`lm_head/bias` included).
     """
+
     def is_decayed(kp, _):
         return shd.path_str(kp).rsplit("/", 1)[-1] in ("kernel", "embedding")
 
@@ -73,6 +74,7 @@ def decay_mask(params: Any) -> Any:
 
 def lr_schedule(peak_lr: float, max_steps: int, warmup_steps: int) -> Callable[[Any], jax.Array]:
     """HF `get_linear_schedule_with_warmup`: 0 -> peak over warmup, then linear to 0 at max_steps."""
+
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = step / max(1, warmup_steps)
@@ -88,8 +90,16 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable]:
     parts = []
     if cfg.clip_norm is not None and cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=cfg.adam_beta1,
+            b2=cfg.adam_beta2,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts), schedule
 
 
@@ -97,13 +107,21 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, Callable]:
 # Steps
 
 
-def make_train_step(model, tx: optax.GradientTransformation, objective: Objective, *, dropout: bool,
-                    schedule: Callable | None = None, axis_name: str | None = None):
+def make_train_step(
+    model,
+    tx: optax.GradientTransformation,
+    objective: Objective,
+    *,
+    dropout: bool,
+    schedule: Callable | None = None,
+    axis_name: str | None = None,
+):
     """The pure step `train_step(state, batch, rng) -> (state, metrics)`; batch arrays (A, B, ...).
 
     `rng`: the run's dropout key (the step folds in `state.step`). `axis_name`: the pmap axis
     over which gradients, sums and counts are summed (None under jit).
     """
+
     def train_step(state: TrainState, batch: Batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         count = objective.count(batch)
@@ -148,6 +166,7 @@ def make_eval_step(model, objective: Objective, *, axis_name: str | None = None)
 
     Sums (not means) so that the mean over many batches (and devices) is exact: see `finish_eval`.
     """
+
     def eval_step(params, batch: Batch):
         loss_sum, metric_sums = objective.sums(model, params, batch, None, True)
         sums = {"loss": loss_sum, **metric_sums, "count": objective.count(batch)}
@@ -217,8 +236,15 @@ class Driver:
 
     name = "driver"
 
-    def __init__(self, model, tx: optax.GradientTransformation, objective: Objective | None, *, dropout: bool,
-                 schedule: Callable | None = None):
+    def __init__(
+        self,
+        model,
+        tx: optax.GradientTransformation,
+        objective: Objective | None,
+        *,
+        dropout: bool,
+        schedule: Callable | None = None,
+    ):
         self.model, self.tx, self.objective = model, tx, objective
         self._step_kw = dict(dropout=dropout, schedule=schedule)
 
@@ -264,17 +290,30 @@ class MeshDriver(Driver):
 
     name = "mesh"
 
-    def __init__(self, model, tx, objective: Objective, *, dropout: bool, schedule=None,
-                 mesh_data: int = -1, mesh_fsdp: int = 1, mesh_sequence: int = 1, devices=None):
+    def __init__(
+        self,
+        model,
+        tx,
+        objective: Objective,
+        *,
+        dropout: bool,
+        schedule=None,
+        mesh_data: int = -1,
+        mesh_fsdp: int = 1,
+        mesh_sequence: int = 1,
+        devices=None,
+    ):
         super().__init__(model, tx, objective, dropout=dropout, schedule=schedule)
         self.mesh = shd.make_mesh(mesh_data, mesh_fsdp, mesh_sequence, devices=devices)
         self.num_devices = self.mesh.size
         self.sequence_devices = self.mesh.shape[shd.SEQUENCE_AXIS]
         self.batch_devices = self.num_devices // self.sequence_devices  # data x fsdp: the rows split over them
         if jax.process_count() > 1 and jax.local_device_count() % self.sequence_devices:
-            raise ValueError(f"mesh sequence={self.sequence_devices} spans several hosts ({jax.local_device_count()} "
-                             "devices each); every host feeds whole rows, so the sequence axis must divide a host's "
-                             "devices: use a smaller --mesh sequence=N.")
+            raise ValueError(
+                f"mesh sequence={self.sequence_devices} spans several hosts ({jax.local_device_count()} "
+                "devices each); every host feeds whole rows, so the sequence axis must divide a host's "
+                "devices: use a smaller --mesh sequence=N."
+            )
         self.replicated = NamedSharding(self.mesh, P())
         self._train_step = make_train_step(model, tx, objective, **self._step_kw)
         self._eval_step = make_eval_step(model, objective)
@@ -315,8 +354,11 @@ class MeshDriver(Driver):
             v = np.asarray(v)
             global_shape = list(v.shape)
             global_shape[batch_dim] *= jax.process_count()
-            split = (self.sequence_devices > 1 and v.ndim > batch_dim + 1
-                     and v.shape[batch_dim + 1] % self.sequence_devices == 0)
+            split = (
+                self.sequence_devices > 1
+                and v.ndim > batch_dim + 1
+                and v.shape[batch_dim + 1] % self.sequence_devices == 0
+            )
             sharding = shd.batch_sharding(self.mesh, v.ndim, batch_dim, batch_dim + 1 if split else None)
             out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(global_shape))
         return out
@@ -344,8 +386,9 @@ class MeshDriver(Driver):
         The outputs are gathered whole on every process."""
         batch = self.put_batch(host_batch_BxL, batch_dim=0)
         if self._jit_predict is None:
-            self._jit_predict = jax.jit(make_predict_step(self.model, self.objective),
-                                        out_shardings=(self.replicated, self.replicated))
+            self._jit_predict = jax.jit(
+                make_predict_step(self.model, self.objective), out_shardings=(self.replicated, self.replicated)
+            )
         return jax.device_get(self._jit_predict(params, batch))
 
     def evaluate(self, state: TrainState, host_batch_BxL: Batch):
@@ -373,8 +416,9 @@ class PmapDriver(Driver):
         self.num_devices = self.batch_devices = self.num_local * jax.process_count()
         step = make_train_step(model, tx, objective, axis_name=self.axis, **self._step_kw)
         ev = make_eval_step(model, objective, axis_name=self.axis)
-        self._p_train = jax.pmap(step, axis_name=self.axis, in_axes=(0, 0, None),
-                                 devices=self.devices, donate_argnums=(0,))
+        self._p_train = jax.pmap(
+            step, axis_name=self.axis, in_axes=(0, 0, None), devices=self.devices, donate_argnums=(0,)
+        )
         self._p_eval = jax.pmap(ev, axis_name=self.axis, devices=self.devices)
         self._p_predict = None
 
@@ -406,7 +450,7 @@ class PmapDriver(Driver):
         for k, v in host_batch.items():
             v = np.asarray(v)
             b = v.shape[batch_dim]
-            shape = v.shape[:batch_dim] + (self.num_local, b // self.num_local) + v.shape[batch_dim + 1:]
+            shape = v.shape[:batch_dim] + (self.num_local, b // self.num_local) + v.shape[batch_dim + 1 :]
             out[k] = np.moveaxis(v.reshape(shape), batch_dim, 0)
         return out
 
@@ -425,8 +469,11 @@ class PmapDriver(Driver):
     def predict(self, params: Any, host_batch_BxL: Batch) -> tuple[dict[str, Any], dict[str, Any]]:
         """(sums, per-row outputs) of `make_predict_step` on the host, rows in the order of the batch."""
         if self._p_predict is None:
-            self._p_predict = jax.pmap(make_predict_step(self.model, self.objective, axis_name=self.axis),
-                                       axis_name=self.axis, devices=self.devices)
+            self._p_predict = jax.pmap(
+                make_predict_step(self.model, self.objective, axis_name=self.axis),
+                axis_name=self.axis,
+                devices=self.devices,
+            )
         sums, outputs = jax.device_get(self._p_predict(params, self._split(host_batch_BxL, 0)))
         return jax.tree.map(lambda x: x[0], sums), jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), outputs)
 
@@ -438,8 +485,12 @@ def check_batch_split(cfg, num_devices: int) -> None:
     if n == 1:
         shd.check_batch_divisible(cfg.batch_size, num_devices, "batch_size")
     else:
-        shd.check_batch_divisible(cfg.batch_size, max(1, num_devices // n), "batch_size",
-                                  f"data x fsdp devices (the {n} devices of the sequence axis share each row)")
+        shd.check_batch_divisible(
+            cfg.batch_size,
+            max(1, num_devices // n),
+            "batch_size",
+            f"data x fsdp devices (the {n} devices of the sequence axis share each row)",
+        )
 
 
 def make_driver(cfg, model, tx, objective: Objective, schedule=None, devices=None) -> Driver:
@@ -449,18 +500,38 @@ def make_driver(cfg, model, tx, objective: Objective, schedule=None, devices=Non
     if cfg.driver == "pmap":
         drv = PmapDriver(model, tx, objective, **kw)
     else:
-        drv = MeshDriver(model, tx, objective, mesh_data=cfg.mesh_data, mesh_fsdp=cfg.mesh_fsdp,
-                         mesh_sequence=cfg.mesh_sequence, **kw)
+        drv = MeshDriver(
+            model,
+            tx,
+            objective,
+            mesh_data=cfg.mesh_data,
+            mesh_fsdp=cfg.mesh_fsdp,
+            mesh_sequence=cfg.mesh_sequence,
+            **kw,
+        )
         if drv.sequence_devices > 1:
             mc = model.config
             for window, dilation in dict.fromkeys(zip(mc.attention_windows, mc.attention_dilations, strict=True)):
-                sequence_parallel.check_sequence_split(cfg.seq_len, window, drv.sequence_devices,
-                                                       mc.attention_implementation, dilation)
+                sequence_parallel.check_sequence_split(
+                    cfg.seq_len, window, drv.sequence_devices, mc.attention_implementation, dilation
+                )
     check_batch_split(cfg, drv.num_devices)
     return drv
 
 
 __all__ = [
-    "Driver", "MeshDriver", "PmapDriver", "TrainState", "check_batch_split", "decay_mask", "finish_eval", "lr_schedule",
-    "make_driver", "make_eval_step", "make_optimizer", "make_predict_step", "make_train_step", "stack_micro_batches",
+    "Driver",
+    "MeshDriver",
+    "PmapDriver",
+    "TrainState",
+    "check_batch_split",
+    "decay_mask",
+    "finish_eval",
+    "lr_schedule",
+    "make_driver",
+    "make_eval_step",
+    "make_optimizer",
+    "make_predict_step",
+    "make_train_step",
+    "stack_micro_batches",
 ]

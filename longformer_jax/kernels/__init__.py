@@ -95,8 +95,9 @@ def available_implementations(backend: str | None = None) -> tuple[str, ...]:
     return tuple(n for n in IMPLEMENTATIONS[:-1] if b in NATIVE_BACKENDS[n])
 
 
-def resolve_implementation(name: str, backend: str | None = None, *, dropout: bool = False,
-                           pattern: bool = False) -> str:
+def resolve_implementation(
+    name: str, backend: str | None = None, *, dropout: bool = False, pattern: bool = False
+) -> str:
     """``name`` itself, or for ``"auto"`` the implementation it stands for on ``backend``.
 
     ``dropout``: whether attention dropout is applied (then ``auto`` never picks a kernel without it);
@@ -115,7 +116,8 @@ def _check_pattern(impl: str, dilation, causal: bool) -> None:
     if impl == "blocked" or attention.is_plain_band(dilation, causal):
         return
     settings = ([] if attention.is_plain_band(dilation) else [f"attention_dilation={dilation!r}"]) + (
-        ["causal_attention=True"] if causal else [])
+        ["causal_attention=True"] if causal else []
+    )
     raise ValueError(
         f"attention_implementation={impl!r} implements only the two-sided, undilated band, but "
         f"{' and '.join(settings)} asked for another. Use attention_implementation='blocked' (or 'auto', "
@@ -123,8 +125,15 @@ def _check_pattern(impl: str, dilation, causal: bool) -> None:
     )
 
 
-def check_implementation(name: str, backend: str | None = None, *, dropout: bool = False,
-                         interpret: bool | None = None, dilation=1, causal: bool = False) -> tuple[str, bool]:
+def check_implementation(
+    name: str,
+    backend: str | None = None,
+    *,
+    dropout: bool = False,
+    interpret: bool | None = None,
+    dilation=1,
+    causal: bool = False,
+) -> tuple[str, bool]:
     """(resolved name, interpret) for a request, or a ValueError that says what to change.
 
     ``dilation`` (an int or one per head) and ``causal``: the band's pattern; kernels refuse any but the
@@ -195,12 +204,17 @@ def band_attention(
     (``jax.set_mesh``) whose batch axes divide the batch (:func:`batch_shard_axes`), it runs on each
     device's rows in a ``shard_map``, and a row's dropout mask stays the one it draws on one device."""
     dropout = dropout_rng is not None and float(dropout_rate) > 0.0
-    impl, interpret = check_implementation(implementation, dropout=dropout, interpret=interpret, dilation=dilation,
-                                           causal=causal)
+    impl, interpret = check_implementation(
+        implementation, dropout=dropout, interpret=interpret, dilation=dilation, causal=causal
+    )
     args = (q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, one_sided_window, slots)
     if impl == "blocked":
         return attention.lean_band_attention_heads(
-            *args, block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng, dilation=dilation,
+            *args,
+            block_size=block_size,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            dilation=dilation,
             causal=causal,
         )
     B, H = q_BxHxLxD.shape[:2]
@@ -210,8 +224,17 @@ def band_attention(
     def kernel(q, k, v, mask, slots, streams):
         if impl == "splash":
             return splash.band_attention(q, k, v, mask, w, slots, interpret=interpret)
-        return pallas_gpu.band_attention(q, k, v, mask, w, slots, dropout_rate=dropout_rate if dropout else 0.0,
-                                         dropout_streams_BxH=streams, interpret=interpret)
+        return pallas_gpu.band_attention(
+            q,
+            k,
+            v,
+            mask,
+            w,
+            slots,
+            dropout_rate=dropout_rate if dropout else 0.0,
+            dropout_streams_BxH=streams,
+            interpret=interpret,
+        )
 
     operands = (q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_BxL, slots, streams)
     axes = batch_shard_axes(B)

@@ -215,7 +215,11 @@ def _dkv_kernel(*refs, s: _Spec):
         q, do = q_ref[pl.ds(start, s.bq), :], do_ref[pl.ds(start, s.bq), :]
         scores = _dot(q, k.T) + _band_bias(rows, cols, own, key_is_local, s.w)
         ds, pd = _grad_tile(
-            s, scores, lse_ref[pl.ds(start, s.bq)], delta_ref[pl.ds(start, s.bq)], _dot(do, v.T),
+            s,
+            scores,
+            lse_ref[pl.ds(start, s.bq)],
+            delta_ref[pl.ds(start, s.bq)],
+            _dot(do, v.T),
             _band_keep(s, stream, rows, cols),
         )
         return dk + _dot(ds.astype(q.dtype).T, q), dv + _dot(pd.astype(do.dtype).T, do)
@@ -300,8 +304,9 @@ def _backward(s: _Spec, res, do):
     in_specs = [seq, k_tile, k_tile, mask_spec, seq, row_seq, row_seq] + _extra_specs(s._replace(Gp=0), D)
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     seed_arg = (seeds,) if s.rate else ()
-    dk, dv = _call(_dkv_kernel, s, L // s.bk, in_specs, [k_tile, k_tile], out_shape,
-                   (q, k, v, mask, do, lse, delta) + seed_arg)
+    dk, dv = _call(
+        _dkv_kernel, s, L // s.bk, in_specs, [k_tile, k_tile], out_shape, (q, k, v, mask, do, lse, delta) + seed_arg
+    )
     zeros_gbias = None if gbias is None else jnp.zeros_like(gbias)
     return dq, dk, dv, None, dkg, dvg, zeros_gbias, None
 
