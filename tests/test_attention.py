@@ -63,6 +63,7 @@ def blocked(q, k, v, qg_full, kg, vg, mask, w, num_slots, block_size=None, retur
         (1, 40, 10, 5, (0,)),
     ],
 )
+@pytest.mark.slow
 def test_blocked_equals_dense(B, L, w, block, n_global):
     q, k, v, qg, kg, vg, mask = random_case(B * L + w, B, L, w, n_global)
     num_slots = max(max(n_global), 1) + 1  # spare slots must change nothing
@@ -115,6 +116,7 @@ def test_global_slots_in_order_with_overflow():
     assert s0.index_BxG.shape == (3, 0) and np.asarray(s0.overflow_B).tolist() == [True, False, True]
 
 
+@pytest.mark.slow
 def test_gradients_match_dense():
     q, k, v, qg, kg, vg, mask = random_case(3, 2, 24, 3, (2, 1))
 
@@ -130,6 +132,7 @@ def test_gradients_match_dense():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmap_over_examples_equals_batch():
     q, k, v, qg, kg, vg, mask = random_case(4, 3, 16, 4, (1, 2, 0))
     slots = A.global_slots(mask == 2, 2)
@@ -143,6 +146,7 @@ def test_vmap_over_examples_equals_batch():
     np.testing.assert_allclose(np.asarray(mapped), np.asarray(full), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_on_probabilities():
     q, k, v, qg, kg, vg, mask = random_case(5, 1, 32, 4, (2,))
     slots = A.global_slots(mask == 2, 2)
@@ -200,6 +204,7 @@ def test_memory_grows_linearly_with_length():
         (1, 40, 10, 5, (0,), 0, 10),  # no global slots at all
     ],
 )
+@pytest.mark.slow
 def test_lean_band_equals_materialised_band(B, L, w, block, n_global, slots, chunk):
     """The memory-lean path (chunks, recomputing backward) gives the same outputs and gradients."""
     q, k, v, _, _, _, mask = random_case(B * L + w, B, L, w, n_global)
@@ -220,6 +225,7 @@ def test_lean_band_equals_materialised_band(B, L, w, block, n_global, slots, chu
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lean_band_dropout_gradient_matches_autodiff():
     """With dropout, the custom backward equals autodiff of the same forward (same masks)."""
     q, k, v, _, _, _, mask = random_case(5, 1, 32, 4, (2,))

@@ -44,6 +44,7 @@ def test_report_is_rebuilt_from_results_json(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_accelerator_bench_smoke(tmp_path):
     """bench.accelerator end to end at tiny sizes: the blocked path, a kernel (interpreted) and transformers."""
     from bench import accelerator

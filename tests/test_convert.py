@@ -52,6 +52,7 @@ CUSTOM_TASKS = ("document-classification", "sequential-sentence-classification")
 
 
 # ---------------------------------------------------------------------------------------- round trips
+@pytest.mark.slow
 def test_round_trip_masked_lm_via_commands(tmp_path, tokenizer_dir):  # noqa: F811
     """HF -> Flax -> HF with the two commands as subprocesses; identical tensors, loads with no
     missing or unexpected keys, tokenizer files carried along, --verify printed."""
@@ -91,6 +92,7 @@ def test_round_trip_masked_lm_via_commands(tmp_path, tokenizer_dir):  # noqa: F8
     assert (tmp_path / "back" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", [t for t in HF_TASKS if t != "masked-lm"])
 def test_round_trip_every_head(tmp_path, task):
     """Each head: HF -> Flax (command entry point, --verify) -> HF gives identical tensors."""
@@ -110,6 +112,7 @@ def test_round_trip_every_head(tmp_path, task):
         assert torch.equal(ref[k], got[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", CUSTOM_TASKS)
 def test_round_trip_custom_heads(tmp_path, task):
     """The heads with no transformers class: Flax params -> HF dir -> Flax -> HF, identical tensors."""
@@ -230,6 +233,7 @@ def test_malicious_bin_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_bad_inputs_fail_cleanly(tmp_path, tokenizer_dir):  # noqa: F811
     """Each bad input: exit code != 0, one clear message naming the file or key, no DST left."""
     out = tmp_path / "dst"

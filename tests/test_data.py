@@ -77,6 +77,7 @@ def test_builtin_corpus_is_deterministic_and_clean():
         assert not re.search(r"0x[0-9a-f]{8}", text) and "\nFILE\n" not in text and "|  " not in text
 
 
+@pytest.mark.slow
 def test_builtin_corpus_full_is_several_megabytes():
     docs = list(data.read_documents("builtin:python-docs"))
     assert len(docs) > 200

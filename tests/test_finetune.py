@@ -104,6 +104,7 @@ def rescore(task: str, gold_rows: list[dict], predictions: list[dict]) -> dict[s
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_task_trains_and_its_scores_are_sklearns(space, task):
     out = run_task(space, task)
@@ -128,6 +129,7 @@ def test_task_trains_and_its_scores_are_sklearns(space, task):
         assert config["problem_type"] == "multi_label_classification"
 
 
+@pytest.mark.slow
 def test_predict_and_classify_give_the_runs_predictions(space, tmp_path):
     out = run_task(space, "document-classification")
     test = space["root"] / "tasks" / "document-classification" / "test.jsonl"
@@ -170,6 +172,7 @@ HF = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(HF))
 def test_hf_export_equals_the_flax_model(space, task, torch):
     transformers = pytest.importorskip("transformers")

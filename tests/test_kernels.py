@@ -126,6 +126,7 @@ def blocked_reference(case_name: str, dtype: str):
 
 
 # ------------------------------------------------------------------------------------- the band
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case_name", list(CASES))
 @pytest.mark.parametrize("impl", KERNELS)
@@ -199,6 +200,7 @@ def test_dense_reference_is_the_blocked_band():
     assert scaled_error(dense_band(q, k, v, mask, case.w, slots), want) <= 1e-5
 
 
+@pytest.mark.slow
 def test_pallas_gpu_dropout_equals_dense_reference_with_the_same_mask():
     case = CASES["pads+globals,w8"]
     q, k, v, mask, slots = band_inputs(case, "float32")
@@ -318,6 +320,7 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kernels_run_on_each_batch_shard_of_a_mesh():
     """On a 2 x 2 ("data", "fsdp") mesh (4 CPU devices) the kernels run per batch shard (shard_map) with
     the numbers of one device, dropout masks included, and gradients flow."""
@@ -452,6 +455,7 @@ def test_bfloat16_model_with_a_kernel_equals_the_blocked_model(impl):
     assert_trees_close(grads, want_grads, TOL["bfloat16"], f"bfloat16 with {impl}")
 
 
+@pytest.mark.slow
 def test_the_setting_is_validated_saved_with_flax_checkpoints_and_kept_out_of_config_json(tmp_path):
     with pytest.raises(ValueError, match=r"attention_implementation='flash' is not known.*'blocked'"):
         tiny_config("flash")

@@ -91,6 +91,7 @@ def compare_outputs(jo, to, logits_fields):
             assert max_diff(a, b) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["mixed", "no-global", "blocks", "many-global"])
 def test_masked_lm_parity(torch, case):
     tm, model, params, cfg = make_pair(torch, "masked-lm")
@@ -142,6 +143,7 @@ def test_base_model_with_pooler_parity(torch):
     compare_outputs(jo, to, [("last_hidden_state", "last_hidden_state"), ("pooler_output", "pooler_output")])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", ["single_label_classification", "regression", "multi_label_classification"])
 def test_sequence_classification_parity(torch, problem):
     num_labels = 1 if problem == "regression" else 3
@@ -170,6 +172,7 @@ def test_sequence_classification_parity(torch, problem):
     assert abs(float(jo.loss) - float(to.loss)) <= TOL
 
 
+@pytest.mark.slow
 def test_token_classification_parity(torch):
     tm, model, params, cfg = make_pair(torch, "token-classification")
     rng = np.random.default_rng(5)
@@ -209,6 +212,7 @@ def qa_ids(rng, B=3, L=23):
     return np.where(am == 0, 1, ids), am
 
 
+@pytest.mark.slow
 def test_question_answering_parity(torch):
     tm, model, params, cfg = make_pair(torch, "question-answering", num_labels=2)
     rng = np.random.default_rng(6)
@@ -236,6 +240,7 @@ def test_question_answering_parity(torch):
     assert abs(float(jo.loss) - float(to.loss)) <= TOL
 
 
+@pytest.mark.slow
 def test_multiple_choice_parity(torch):
     tm, model, params, cfg = make_pair(torch, "multiple-choice")
     rng = np.random.default_rng(7)
@@ -259,6 +264,7 @@ def test_multiple_choice_parity(torch):
     assert abs(float(jo.loss) - float(to.loss)) <= TOL
 
 
+@pytest.mark.slow
 def test_one_window_for_all_layers_parity(torch):
     tm, model, params, cfg = make_pair(torch, "masked-lm", attention_window=6 * 2)
     ids, am, gm = batch("mixed", np.random.default_rng(8))
@@ -281,6 +287,7 @@ def test_one_window_for_all_layers_parity(torch):
     compare_outputs(jo, to, [("logits", "logits")])
 
 
+@pytest.mark.slow
 def test_mlm_gradients_match_pytorch(torch):
     tm, model, params, cfg = make_pair(torch, "masked-lm")
     tm.train()  # dropout probabilities are 0.1: turn them off for an exact comparison
@@ -324,6 +331,7 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / scale) if scale else float(np.linalg.norm(a))
 
 
+@pytest.mark.slow
 def test_masked_positions_loss_and_gradients_equal_full_logits(torch):
     """The head at the masked slots only: the same loss and the same gradient of every parameter
     (<= 1e-6 relative) as the full-vocabulary logits at every position with the same labels."""
@@ -366,6 +374,7 @@ def test_masked_positions_loss_and_gradients_equal_full_logits(torch):
     assert max_diff(slot_logits[used], full_logits[rows, positions[used]]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_masked_positions_bad_input(torch):
     _, model, params, cfg = make_pair(torch, "masked-lm")
     ids = np.full((2, 10), 5)
@@ -388,6 +397,7 @@ def test_masked_positions_bad_input(torch):
         tc.apply({"params": tc_params}, ids, masked_positions=pos)
 
 
+@pytest.mark.slow
 def test_scan_and_remat_match_the_layer_loop(torch):
     tm, model, params, cfg = make_pair(torch, "masked-lm", attention_window=8)
     ids, am, gm = batch("blocks", np.random.default_rng(11))
@@ -432,6 +442,7 @@ def test_scan_layers_needs_one_window():
         lj.LongformerConfig(num_hidden_layers=2, attention_window=[4, 8], scan_layers=True)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(torch):
     tm, model, params, cfg = make_pair(torch, "masked-lm")
     ids, am, gm = batch("mixed", np.random.default_rng(12))
@@ -488,6 +499,7 @@ def test_traced_masks_need_explicit_slots(torch):
         )
 
 
+@pytest.mark.slow
 def test_bad_input_errors(torch):
     _, model, params, cfg = make_pair(torch, "masked-lm")
     ok = np.full((1, 10), 5)
@@ -529,6 +541,7 @@ def test_inputs_embeds_matches_input_ids(torch):
     assert max_diff(b, to) <= TOL
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_when_not_deterministic(torch):
     _, model, params, cfg = make_pair(torch, "masked-lm")
     ids, am, gm = batch("mixed", np.random.default_rng(18))

@@ -61,6 +61,7 @@ def blocked_attention(q, k, v, qg, kg, vg, mask, w, dilation, causal, *, lean, n
     return heads(A.scatter_global_rows_heads(out, out_g, slots)), probs, slots
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dilation,causal,n_global", PATTERNS)
 @pytest.mark.parametrize("lean", [False, True])
 def test_band_equals_dense_values_and_gradients(dilation, causal, n_global, lean):
@@ -109,6 +110,7 @@ def test_probabilities_in_hf_layout(dilation, causal, n_global):
         assert np.all(probs[..., G + w + 1 :] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal,dilation", [(True, 1), (True, (2, 1)), (False, 2)])
 def test_lean_band_dropout_gradient_matches_autodiff(causal, dilation):
     """With dropout, the recomputing backward of a causal or dilated band equals autodiff of its forward."""
@@ -246,6 +248,7 @@ MODEL_PATTERNS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", MODEL_PATTERNS)
 def test_model_equals_dense_reference_model(kw):
     cfg = small_config(**kw)
@@ -268,6 +271,7 @@ def test_model_equals_dense_reference_model(kw):
         )
 
 
+@pytest.mark.slow
 def test_causal_model_does_not_see_the_future_and_eager_equals_jit():
     """Changing a token changes no output before it (globals included, as they are causal too)."""
     cfg = small_config(causal_attention=True, attention_dilation=(2, (1, 2, 1, 3)))
@@ -284,6 +288,7 @@ def test_causal_model_does_not_see_the_future_and_eager_equals_jit():
     assert not np.allclose(np.asarray(a[0, 25:]), np.asarray(b[0, 25:]))
 
 
+@pytest.mark.slow
 def test_scanned_layers_and_output_attentions():
     cfg = small_config(attention_window=8, attention_dilation=2, causal_attention=True)
     ids, am, gm = small_batch(2)
@@ -303,6 +308,7 @@ def test_scanned_layers_and_output_attentions():
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.slow
 def test_flax_round_trip_and_hf_export_refused(tmp_path, capsys):
     from convert import flax_to_hf
 
@@ -371,6 +377,7 @@ def test_kernels_refuse_patterns_and_auto_takes_blocked():
         (dict(attention_window=8, attention_dilation=2, causal_attention=True), (2, 0), True),
     ],
 )
+@pytest.mark.slow
 def test_probed_pattern_equals_dense_mask(kw, n_global, pads):
     cfg = small_config(num_hidden_layers=1, **kw)
     rng = np.random.default_rng(5)
@@ -394,6 +401,7 @@ def test_probed_pattern_equals_dense_mask(kw, n_global, pads):
     np.testing.assert_array_equal(probed, np.asarray(want))
 
 
+@pytest.mark.slow
 def test_picture_program_writes_the_patterns(tmp_path, capsys, monkeypatch):
     drawn = {}
     draw = patterns.draw

@@ -84,6 +84,7 @@ def _reference_topk(pt, text, k, global_positions):
     return values.numpy(), idx.numpy()
 
 
+@pytest.mark.slow
 def test_global_attention_default_and_long_text(pipe, pt):
     """Default global attention on <s>, explicit positions, and a text at the model's full length."""
     text = "Long documents need long <mask>: sliding windows and a few global tokens."
@@ -142,6 +143,7 @@ def test_bucket_lengths():
     assert _bucket_length(4096, 128, 4096) == 4096
 
 
+@pytest.mark.slow
 def test_fill_mask_function_and_command(mlm_dir, pt, tmp_path):
     """lj.fill_mask on an HF dir and on a converted Flax checkpoint; the command prints the same."""
     ref = transformers.pipeline("fill-mask", model=pt[0], tokenizer=pt[1])

@@ -154,6 +154,7 @@ def _cli(*args) -> tuple[int, str]:
     ],
     ids=["seq-len", "shard-index", "empty-after-filter", "no-example"],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_error_line_and_no_output(source, tok, tmp_path, args, message):
     out = tmp_path / "out"
     base = [

@@ -100,6 +100,7 @@ def test_unsafe_pickle_is_refused(torch, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["max", "attentive", "first", "last"])
 def test_document_classification_pools_block_starts(torch, tmp_path, pooling):
     import transformers
@@ -146,6 +147,7 @@ def test_document_classification_pools_block_starts(torch, tmp_path, pooling):
     assert enc_only.config.attention_window == [4, 8]
 
 
+@pytest.mark.slow
 def test_sequential_sentence_classification(torch):
     cfg = lj.LongformerConfig.from_dict(tiny_hf_config().to_dict())
     model = lj.LongformerForSequentialSentenceClassification(cfg, sentence_block_size=8)
@@ -166,6 +168,7 @@ def test_sequential_sentence_classification(torch):
 
 
 # ---------------------------------------------------------------------------------------- Flax format
+@pytest.mark.slow
 def test_flax_checkpoint_restores_sharded(torch, tmp_path):
     """load_flax_checkpoint reads the params straight into a target sharding."""
     tm, model, params, cfg = make_pair(torch, "masked-lm")

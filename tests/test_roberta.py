@@ -33,6 +33,7 @@ def tiny_roberta(model_class: str, max_position_embeddings: int, num_hidden_laye
     return cfg, {k: v.numpy() for k, v in getattr(transformers, model_class)(cfg).state_dict().items()}
 
 
+@pytest.mark.slow
 def test_roberta_to_longformer_is_exact(tmp_path, tokenizer_dir):  # noqa: F811
     """Below RoBERTa's old limit, with a window covering the whole input and no global tokens, the
     long model (HF and Flax) gives RoBERTa's outputs; above it, it runs at the new length."""

@@ -87,6 +87,7 @@ def test_agreement_counts_misses_and_extras():
         spans(text, ["A b.", " X."])
 
 
+@pytest.mark.slow
 def test_bench_program_prints_every_candidate(tmp_path):
     for name in CANDIDATES:
         pytest.importorskip(name, reason="pip install -e '.[sentence-bench]'")

@@ -169,6 +169,7 @@ def check_equal(report: dict) -> None:
         assert r["grad"] <= 1e-4 and r["grad"] <= 1e-5 * r["grad_scale"], (name, r)
 
 
+@pytest.mark.slow
 def test_outputs_and_gradients_equal_one_device(short_document):
     check_equal(short_document["model"])
     check_equal(short_document["scan_remat"])

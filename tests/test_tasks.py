@@ -65,6 +65,7 @@ def _inputs(task):
     return ids, am
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 def test_automatic_global_attention_is_what_the_head_does(task):
     """Passing automatic_global_attention_mask explicitly gives the head's own default output."""

@@ -29,6 +29,7 @@ def train_records(out: Path) -> list[dict]:
     return [r for r in recs if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_bfloat16_remat_and_accumulation(tmp_path, capsys, corpus):
     out = tmp_path / "bf16"
     rc, err = cli(
@@ -58,6 +59,7 @@ def test_bfloat16_remat_and_accumulation(tmp_path, capsys, corpus):
     assert recs[-1]["examples_seen"] == 8
 
 
+@pytest.mark.slow
 def test_pmap_checkpoint_resumes_under_mesh(tmp_path, capsys, corpus):
     out = tmp_path / "run"
     args = [
@@ -114,6 +116,7 @@ def test_pmap_checkpoint_resumes_under_mesh(tmp_path, capsys, corpus):
     assert json.loads((out2 / "config.json").read_text())["init"] == str(out / "hf")
 
 
+@pytest.mark.slow
 def test_the_step_takes_any_objective_and_accumulation_is_exact():
     """A row-level objective (count: rows, not tokens) through the same train step: 2 x 2 micro-batches
     give the update of 1 x 4, and the step's loss is the objective's mean over the whole step."""

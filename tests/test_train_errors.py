@@ -88,6 +88,7 @@ def test_batch_not_divisible_by_devices(tmp_path, corpus):
     assert "batch_size=6 is not divisible by the 8 devices" in p.stderr and "multiple of 8" in p.stderr
 
 
+@pytest.mark.slow
 def test_output_dir_of_another_run_and_overwrite(tmp_path, capsys, corpus):
     out = tmp_path / "run"
     base = [
@@ -115,6 +116,7 @@ def test_output_dir_of_another_run_and_overwrite(tmp_path, capsys, corpus):
     assert rc == 0 and "starting:" in err
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, corpus):
     out = tmp_path / "run"
     rc, err = cli(
@@ -224,6 +226,7 @@ def test_prepared_data_of_another_tokenizer_or_layout(tmp_path, capsys, prepared
     assert rc == 1 and "was made with --seq-len 64 (not 128)" in err
 
 
+@pytest.mark.slow
 def test_resume_on_other_data_is_refused_and_keeps_the_checkpoints(tmp_path, capsys, prepared):
     from train import data, prepare_data
 

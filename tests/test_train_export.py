@@ -73,6 +73,7 @@ def flax_logits(config, params, ids, am, gm):
     return np.asarray(model.apply({"params": params}, ids, attention_mask=am, global_attention_mask=gm).logits)
 
 
+@pytest.mark.slow
 def test_export_of_a_run_dir_loads_in_transformers_with_equal_logits(run_dir, tmp_path):
     run, saved = run_dir
     logs = []
@@ -134,6 +135,7 @@ def test_export_of_a_given_step_as_flax_and_by_the_command(run_dir, tmp_path):
     assert again.keys() == want.keys() and all(np.array_equal(again[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_error_line_and_leave_nothing(run_dir, tmp_path, capsys):
     run, _ = run_dir
     dst = tmp_path / "out"
@@ -177,6 +179,7 @@ def test_bad_inputs_are_one_error_line_and_leave_nothing(run_dir, tmp_path, caps
     assert "Traceback" not in p.stderr and not dst.exists()
 
 
+@pytest.mark.slow
 def test_the_end_of_run_export_equals_the_export_of_its_last_checkpoint(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=8)
     out = tmp_path / "run"

@@ -178,6 +178,7 @@ def test_schedule_matches_hf():
     assert config_lib.preset("seed-recipe").warmup_steps == 5000
 
 
+@pytest.mark.slow
 def test_twenty_steps_match_pytorch(setup):
     hf_model, model, params = setup
     batches = masked_batches(STEPS)
