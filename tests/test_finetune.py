@@ -20,6 +20,7 @@ from tests.finetune_fixtures import LABELS, build_base_model, finetune_args, wri
 from train import finetune
 from train import finetune_data as fd
 from train.finetune_eval import classify
+from train.objectives import choice_token_scores as lj_choice_scores
 
 TASKS = (
     "document-classification",
@@ -195,6 +196,59 @@ def test_hf_export_equals_the_flax_model(space, task, torch):
         assert max_diff(getattr(flax_out, name), getattr(torch_out, name)) <= 1e-5, name
 
 
+@pytest.mark.slow
+def test_masked_lm_choice_scoring_trains_predicts_and_exports(space, torch):
+    """--choice-scoring masked-lm: the choices scored by the LM head at the context's <mask>; the run trains,
+    its test metrics are sklearn's, --predict gives its predictions, and the HF masked-LM export gives the
+    same scores in transformers (computed here from its logits)."""
+    transformers = pytest.importorskip("transformers")
+    from train.finetune_eval import Predictor
+
+    folder = space["root"] / "tasks" / "multiple-choice"
+    # evaluated on its training records: a tiny random model fits them in 24 steps (the loss that must fall)
+    out = run_task(
+        space, "multiple-choice", "--choice-scoring", "masked-lm", "--validation", str(folder / "train.jsonl")
+    )
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals[-1]["loss"] < 0.9 * evals[0]["loss"], [e["loss"] for e in evals]
+    results = json.loads((out / "eval_results.json").read_text())
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert results["test"]["accuracy"] == pytest.approx(
+        rescore("multiple-choice", read_jsonl(folder / "test.jsonl"), predictions)["accuracy"], abs=1e-12
+    )
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["finetuning"]["choice_scoring"] == "masked-lm"
+    assert config["architectures"] == ["LongformerForMaskedLM"]
+
+    predictor = Predictor(out / "best")
+    again, enc, _ = predictor.predict(fd.read_records(folder, "test"))
+    assert [p["prediction"] for p in again] == [p["prediction"] for p in predictions]
+    assert max_diff(np.array([p["scores"] for p in again]), np.array([p["scores"] for p in predictions])) <= 1e-6
+
+    a = {k: v[:4] for k, v in enc.arrays.items()}
+    flax_logits = predictor.model.apply(
+        {"params": predictor.params},
+        **{k: a[k] for k in ("input_ids", "attention_mask", "global_attention_mask", "masked_positions")},
+    ).logits[:, 0]
+    flax_scores = np.asarray(lj_choice_scores(flax_logits, a["choice_ids"], a["choice_mask"]))
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(out / "hf").eval()
+    with torch.no_grad():
+        torch_logits = hf(
+            **{
+                k: torch.tensor(np.asarray(a[k]), dtype=torch.long)
+                for k in ("input_ids", "attention_mask", "global_attention_mask")
+            }
+        ).logits.numpy()
+    at = torch_logits[np.arange(4), a["masked_positions"][:, 0]]
+    assert max_diff(flax_logits, at) <= 1e-5
+    log_probs = at - np.log(np.exp(at - at.max(-1, keepdims=True)).sum(-1, keepdims=True)) - at.max(-1, keepdims=True)
+    picked = np.take_along_axis(log_probs[:, None, :], a["choice_ids"], axis=-1)
+    torch_scores = (picked * a["choice_mask"]).sum(-1) / a["choice_mask"].sum(-1)
+    assert max_diff(flax_scores, torch_scores) <= 1e-5
+    best = int(np.argmax(torch_scores[0]))
+    assert again[0]["prediction"] == best
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {
@@ -258,3 +312,6 @@ def test_options_are_checked(capsys):
     assert "task='nope'" in _error(capsys, ["--task", "nope", "--init", "x", "--data", "y"])
     assert "--data is required" in _error(capsys, ["--init", "x"])
     assert "pooling='mean'" in _error(capsys, ["--pooling", "mean", "--init", "x", "--data", "y"])
+    assert "--choice-scoring masked-lm applies to multiple choice, not document-classification" in _error(
+        capsys, ["--choice-scoring", "masked-lm", "--init", "x", "--data", "y"]
+    )

@@ -25,9 +25,11 @@ def layout(tok, kind="blocks", seq_len=SEQ_LEN, block=BLOCK):
     return fd.Layout(kind, seq_len, block, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
 
-def encode(tok, task, rows, kind="blocks", labels=LABELS, multi=False, fields=fd.Fields(), targets=True, **kw):
+def encode(
+    tok, task, rows, kind="blocks", labels=LABELS, multi=False, fields=fd.Fields(), targets=True, scoring="cls", **kw
+):
     enc = fd.TaskEncoder(
-        task, tok, layout(tok, kind, **kw), fields, fd.LabelSet(tuple(labels)) if labels else None, multi
+        task, tok, layout(tok, kind, **kw), fields, fd.LabelSet(tuple(labels)) if labels else None, multi, scoring
     )
     return enc.encode(fd.Records(rows, "records"), "train", targets), enc
 
@@ -160,14 +162,15 @@ def test_sequential_sentences_every_block_once(tok):
         encode(tok, "sequential-sentence-classification", rows, kind="contiguous")
 
 
+def gap_context(seed: int) -> str:
+    """Ten food sentences, ``<mask>``, ten music sentences: longer than the input, the gap in the middle."""
+    rng = random.Random(seed)
+    return " <mask> ".join(" ".join(sentence(rng, topic) for _ in range(10)) for topic in ("food", "music"))
+
+
 @pytest.mark.parametrize("kind", ["blocks", "contiguous"])
 def test_multiple_choice_keeps_the_mask(tok, kind):
-    rng = random.Random(0)
-    context = (
-        " ".join(sentence(rng, "food") for _ in range(10))
-        + " <mask> "
-        + " ".join(sentence(rng, "music") for _ in range(10))
-    )
+    context = gap_context(0)
     rows = [{"text": context, "choices": ["Bread salt.", "Song note.", "Goal ball."], "label": 1}]
     enc, encoder = encode(tok, "multiple-choice", rows, kind=kind, labels=None)
     ids = enc.arrays["input_ids"]
@@ -185,6 +188,33 @@ def test_multiple_choice_keeps_the_mask(tok, kind):
         assert gm[0] == 0
     with pytest.raises(fd.DataError, match="not the index of one of its 3 choices"):
         encode(tok, "multiple-choice", [{**rows[0], "label": 3}], labels=None)
+
+
+@pytest.mark.parametrize("kind", ["blocks", "contiguous"])
+def test_masked_lm_choice_scoring_is_one_row_around_the_mask(tok, kind):
+    context = gap_context(1)
+    choices = ["Bread salt.", "Song note played twice.", "Goal ball."]
+    rows = [{"text": context, "choices": choices, "question": "Which one?", "label": 2}]
+    enc, encoder = encode(tok, "multiple-choice", rows, kind=kind, labels=None, scoring="masked-lm")
+    a = enc.arrays
+    assert a["input_ids"].shape == (1, SEQ_LEN) and a["labels"].tolist() == [2]
+    (position,) = a["masked_positions"][0]
+    assert a["input_ids"][0, position] == tok.mask_token_id and (a["input_ids"][0] == tok.mask_token_id).sum() == 1
+    assert a["choice_ids"].shape == a["choice_mask"].shape == (1, 3, BLOCK - 1)
+    for i, c in enumerate(choices):  # each choice's tokens as they follow a space (the <mask> takes the space)
+        want = tok(" " + c, add_special_tokens=False)["input_ids"][: BLOCK - 1]
+        assert a["choice_ids"][0, i][a["choice_mask"][0, i] == 1].tolist() == want
+        assert a["choice_mask"][0, i].sum() == len(want) and not a["choice_ids"][0, i][len(want) :].any()
+    question = tok("Which one?", add_special_tokens=False)["input_ids"]
+    row = a["input_ids"][0].tolist()
+    start = next(i for i in range(SEQ_LEN) if row[i : i + len(question)] == question)
+    assert a["global_attention_mask"][0, start : start + len(question)].tolist() == [1] * len(question)
+    report = " ".join(encoder.report.lines(1, "train"))
+    assert "context longer than the input: cut around <mask>" in report and "choice longer than a block" in report
+    with pytest.raises(fd.DataError, match="this context has none: put it where the answer goes"):
+        encode(tok, "multiple-choice", [{**rows[0], "text": "No gap here."}], labels=None, scoring="masked-lm")
+    with pytest.raises(fd.DataError, match="choice_scoring='masked-lm'"):
+        encode(tok, "document-classification", [{"text": "x", "label": "food"}], scoring="masked-lm")
 
 
 @pytest.mark.parametrize("kind", ["blocks", "contiguous"])

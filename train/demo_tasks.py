@@ -479,7 +479,7 @@ def _mc_records(
     return records
 
 
-def multiple_choice(wikitext: str, seed: int = 42, *, per_article: int = 20, context_words: int = 1024) -> Task:
+def multiple_choice(wikitext: str, seed: int = 42, *, per_article: int = 100, context_words: int = 1024) -> Task:
     """Cut-sentence multiple choice on the articles of a WikiText file (the file's text)."""
     articles = [a for a in _wikitext_articles(wikitext) if len(a.eligible) >= 2]
     if len(articles) < 3:

@@ -3,7 +3,9 @@
 Tasks (``--task``): ``document-classification`` (single-label, or ``--multi-label``; ``--pooling`` of the
 block starts: ``max``, ``attentive``, ``first``, ``last``, or ``cls``: HF's classifier on ``<s>``),
 ``sequential-sentence-classification`` (a label, or with ``--multi-label`` a label set, per block),
-``multiple-choice``, ``question-answering`` (extractive) and ``token-classification``. The records and
+``multiple-choice`` (``--choice-scoring cls``: HF's head on ``<s>`` of each choice's row; ``masked-lm``: the
+masked-LM head at the context's ``<mask>``, for cloze-style tasks), ``question-answering`` (extractive) and
+``token-classification``. The records and
 how they are laid out: ``train.finetune_data``; the predictions and their scores: ``train.finetune_eval``.
 
 ``--init``: an HF directory or hub id, a Flax checkpoint, a pretraining run directory (its latest
@@ -21,7 +23,8 @@ evaluations without a better ``--best-metric``. A finished run leaves:
   DIR/best/                the best evaluation's model as a Flax checkpoint (every head; what --init and
                            --predict take), config.json holding id2label/label2id and the "finetuning" settings
   DIR/hf/                  the same as an HF directory, where transformers has the head (sequence classification
-                           = --pooling cls, token classification, multiple choice, question answering)
+                           = --pooling cls, token classification, multiple choice, question answering; masked LM
+                           for --choice-scoring masked-lm)
   DIR/eval_results.json    validation (best step) and test metrics, the per-label report, truncation counts
   DIR/predictions.jsonl    one {"id", "prediction", "scores"} per test record (with --test)
   DIR/metrics.jsonl, DIR/tb/, DIR/curves.png
@@ -59,6 +62,7 @@ from train.config import TrainConfig
 from train.loop import LoopResult, NonFiniteError, TrainLoop
 
 POOLINGS = ("max", "attentive", "first", "last", "cls")
+CHOICE_SCORINGS = fe.CHOICE_SCORINGS
 RUN_FILES = (
     "checkpoints",
     "metrics.jsonl",
@@ -105,6 +109,7 @@ class FinetuneConfig(TrainConfig):
     labels: str | None = None  # label names, one per line (None: the task folder's labels.txt, else from the data)
     multi_label: bool = False
     pooling: str = "max"  # document classification: max | attentive | first | last (block starts) | cls (<s>)
+    choice_scoring: str = "cls"  # multiple choice: cls (HF's head on <s>) | masked-lm (the LM head at the <mask>)
     id_field: str | None = None
     text_field: str | None = None
     label_field: str | None = None
@@ -154,14 +159,21 @@ class FinetuneConfig(TrainConfig):
 
     @property
     def model_task(self) -> str:
-        return (
-            "sequence-classification" if self.task == "document-classification" and self.pooling == "cls" else self.task
-        )
+        return fe.model_task_of(self.task, self.pooling, self.choice_scoring)
 
     def validate(self) -> None:
         checks = (
             (self.task in fd.TASK_NAMES, f"task={self.task!r}; expected one of {', '.join(fd.TASK_NAMES)} (--task)."),
             (self.pooling in POOLINGS, f"pooling={self.pooling!r}; expected one of {', '.join(POOLINGS)} (--pooling)."),
+            (
+                self.choice_scoring in CHOICE_SCORINGS,
+                f"choice_scoring={self.choice_scoring!r}; expected one of {', '.join(CHOICE_SCORINGS)} "
+                "(--choice-scoring).",
+            ),
+            (
+                self.choice_scoring == "cls" or self.task == "multiple-choice",
+                f"--choice-scoring {self.choice_scoring} applies to multiple choice, not {self.task}; leave it out.",
+            ),
             (
                 self.data is not None,
                 "--data is required: the records to train on (or, with --predict, to predict): "
@@ -435,6 +447,7 @@ def load_init(cfg: FinetuneConfig) -> Init:
         task == cfg.model_task
         and saved.get("task") == cfg.task
         and saved.get("pooling") == cfg.pooling
+        and saved.get("choice_scoring", "cls") == cfg.choice_scoring
         and bool(saved.get("multi_label")) == cfg.multi_label
     )
     labels = [config.id2label[i] for i in range(config.num_labels)] if same and config.id2label else None
@@ -467,6 +480,7 @@ def head_config(cfg: FinetuneConfig, init: Init, labels: fd.LabelSet | None) -> 
         cfg.pooling,
         cfg.max_answer_tokens,
         {k: v for k, v in dataclasses.asdict(cfg.fields).items()},
+        cfg.choice_scoring,
     )
     extra = {**init.config.extra, fe.SETTINGS_KEY: settings.to_dict()}
     if cfg.model_task in ("document-classification", "sequential-sentence-classification"):
@@ -487,8 +501,13 @@ def head_config(cfg: FinetuneConfig, init: Init, labels: fd.LabelSet | None) -> 
 def model_params(cfg: FinetuneConfig, init: Init, config: Any) -> Any:
     """The checkpoint's parameters with this run's head: kept when the checkpoint was fine-tuned for the same
     task (and labels), else a new head on its encoder (initialised as ``transformers`` does)."""
-    if init.same_head:
+    if init.same_head or cfg.model_task == init.task == "masked-lm":  # masked-LM scoring keeps the LM head
         return init.params
+    if cfg.model_task == "masked-lm":
+        raise ValueError(
+            f"--choice-scoring masked-lm fine-tunes the masked-LM head of --init, and {cfg.init} is a "
+            f"{init.task!r} model without one; start from a masked-LM checkpoint or use --choice-scoring cls"
+        )
     state = state_dict_from_params(init.params, init.config, init.task)
     encoder = {k: v for k, v in state.items() if k.split(".")[0] in ("longformer", "embeddings", "encoder", "pooler")}
     return params_from_state_dict(
@@ -546,7 +565,7 @@ def encode_splits(cfg: FinetuneConfig, splits: Splits, tok: Any, labels: fd.Labe
         records = getattr(splits, split)
         if records is None:
             continue
-        encoder = fd.TaskEncoder(cfg.task, tok, layout, cfg.fields, labels, cfg.multi_label)
+        encoder = fd.TaskEncoder(cfg.task, tok, layout, cfg.fields, labels, cfg.multi_label, cfg.choice_scoring)
         enc = encoder.encode(records, split)
         if split == "train" and cfg.max_negative_windows is not None and cfg.task == "question-answering":
             enc = fd.limit_negative_windows(enc, cfg.max_negative_windows, cfg.seed)
@@ -584,7 +603,9 @@ def setup(cfg: FinetuneConfig, log) -> Run:
     model = build_model(config, cfg.model_task)
     slots = fe.global_slots(*(e.arrays for e in encoded.values()))
     tx, schedule = trainer.make_optimizer(cfg)
-    driver = trainer.make_driver(cfg, model, tx, fe.objective_for(cfg.task, slots, cfg.multi_label), schedule)
+    driver = trainer.make_driver(
+        cfg, model, tx, fe.objective_for(cfg.task, slots, cfg.multi_label, cfg.choice_scoring), schedule
+    )
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     if eval_batch % driver.num_devices:
         raise ValueError(f"eval_batch_size={eval_batch} is not divisible by the {driver.num_devices} devices")

@@ -36,7 +36,9 @@ inner padding). A list ``text`` puts each item in blocks of its own (paragraphs 
   context holds one, else the first), the question block, the choice block: (choices, seq_len) rows;
   global attention on the question and the choice (``transformers``' rule); ``"blocks"``: also on every
   block start, ``<s>`` included (the pretraining layout, which ``transformers`` cannot infer, so the mask is
-  always given), ``"contiguous"``: not on ``<s>`` (``transformers``' rule);
+  always given), ``"contiguous"``: not on ``<s>`` (``transformers``' rule); with ``choice_scoring="masked-lm"``
+  one row per record instead: the context around its ``<mask>`` (then the question, global), where the
+  masked-LM head scores each choice's tokens (``masked_positions``, ``choice_ids``, ``choice_mask``);
 - question answering: the question in the first block (global attention on it, as ``transformers``),
   the context in windows of the remaining blocks overlapping by one block; a window without the
   answer points at ``<s>`` (HF's rule); the best span over all windows is the prediction;
@@ -77,6 +79,12 @@ SPLITS = ("train", "validation", "test")
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 LABELS_FILE = "labels.txt"
 TARGET_KEYS = ("labels", "start_positions", "end_positions")
+
+
+# How a multiple-choice model scores its choices: "cls", transformers' head (each choice laid out beside the
+# context, <s> pooled, one logit); "masked-lm", the masked-LM head at the context's <mask> (one row per record,
+# a choice's score the mean log-probability of its tokens there: cloze-style tasks).
+CHOICE_SCORINGS = ("cls", "masked-lm")
 
 
 class DataError(ValueError):
@@ -475,6 +483,8 @@ class TaskEncoder:
       fields: the record fields.
       labels: the label set (labelled tasks).
       multi_label: labels are sets (document and sequential sentence classification).
+      choice_scoring: multiple choice: ``"cls"`` (a row per choice) or ``"masked-lm"`` (one row, the choices
+        scored at the context's ``<mask>``).
     """
 
     def __init__(
@@ -485,6 +495,7 @@ class TaskEncoder:
         fields: Fields = Fields(),
         labels: LabelSet | None = None,
         multi_label: bool = False,
+        choice_scoring: str = "cls",
     ):
         if task not in TASK_NAMES:
             raise DataError(f"task={task!r}; expected one of {TASK_NAMES}")
@@ -492,10 +503,14 @@ class TaskEncoder:
             raise DataError(f"{task} needs a label set")
         if multi_label and task not in ("document-classification", "sequential-sentence-classification"):
             raise DataError(f"--multi-label applies to document and sequential sentence classification, not {task}")
+        if choice_scoring not in CHOICE_SCORINGS or (choice_scoring != "cls" and task != "multiple-choice"):
+            raise DataError(
+                f"choice_scoring={choice_scoring!r}: {CHOICE_SCORINGS} for multiple choice, 'cls' otherwise"
+            )
         if task == "sequential-sentence-classification" and layout.kind != "blocks":
             raise DataError("sequential sentence classification predicts one label per block: it needs --layout blocks")
         self.task, self.tok, self.layout, self.fields = task, tokenizer, layout, fields
-        self.labels, self.multi_label = labels, multi_label
+        self.labels, self.multi_label, self.choice_scoring = labels, multi_label, choice_scoring
         self.mask_id = getattr(tokenizer, "mask_token_id", None)
         self.report = Truncation()
         self._contexts: dict[str, tuple] = {}  # the last context's tokens (question answering)
@@ -620,20 +635,11 @@ class TaskEncoder:
         question = self._field(row, self.fields.question, where, required=False)
         blocks = self._blocks(context)
         q = [[self._one_block(self._tokens([str(question)])[0], "question")]] if question else []
-        choice_blocks = [self._one_block(t, "choice") for t in self._tokens([str(c) for c in choices])]
-        widest = [max(choice_blocks, key=len)]
-        others = [*q, widest]
         center = next((i for i, b in enumerate(blocks) if self.mask_id in b), None)
-        kept = self.layout.prefix(blocks, others) if center is None else self.layout.around(blocks, center, others)
-        dropped = sum(len(b) for b in blocks) - sum(len(b) for b in kept)
-        if dropped:
-            self.report.add(f"context longer than the input: cut{'' if center is None else ' around <mask>'}", dropped)
-        # transformers' rule: the question and the choice are global, <s> is not ("contiguous"); the blocks
-        # layout keeps every block start global, <s> included, as the model was pretrained (with <s> local a
-        # 2-layer model sees the context only through the other block starts, and learns far more slowly).
-        global_parts = list(range(1, len(q) + 2))
-        rows = [self.layout.example([kept, *q, [c]], global_parts, bos_global=False)[0] for c in choice_blocks]
-        ex = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        if self.choice_scoring == "masked-lm":
+            ex = self._cloze_row(blocks, center, q, [str(c) for c in choices], where)
+        else:
+            ex = self._choice_rows(blocks, center, q, [str(c) for c in choices])
         value = self._field(row, self.fields.label, where, targets)
         gold = None
         if value is not None:
@@ -648,6 +654,52 @@ class TaskEncoder:
                 )
         ex["labels"] = np.asarray(IGNORE_INDEX if gold is None else gold, np.int32)
         return [ex], None, gold, None
+
+    def _context_around(self, blocks: list[list[int]], center: int | None, others) -> list[list[int]]:
+        """The context blocks that fit beside ``others``: around the first ``<mask>`` block, else the first."""
+        kept = self.layout.prefix(blocks, others) if center is None else self.layout.around(blocks, center, others)
+        dropped = sum(len(b) for b in blocks) - sum(len(b) for b in kept)
+        if dropped:
+            self.report.add(f"context longer than the input: cut{'' if center is None else ' around <mask>'}", dropped)
+        return kept
+
+    def _choice_rows(self, blocks, center, q, choices: list[str]) -> dict[str, np.ndarray]:
+        """``choice_scoring="cls"``: per choice, a row of the context, the question and the choice."""
+        choice_blocks = [self._one_block(t, "choice") for t in self._tokens(choices)]
+        kept = self._context_around(blocks, center, [*q, [max(choice_blocks, key=len)]])
+        # transformers' rule: the question and the choice are global, <s> is not ("contiguous"); the blocks
+        # layout keeps every block start global, <s> included, as the model was pretrained (with <s> local a
+        # 2-layer model sees the context only through the other block starts, and learns far more slowly).
+        global_parts = list(range(1, len(q) + 2))
+        rows = [self.layout.example([kept, *q, [c]], global_parts, bos_global=False)[0] for c in choice_blocks]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def _cloze_row(self, blocks, center, q, choices: list[str], where: str) -> dict[str, np.ndarray]:
+        """``choice_scoring="masked-lm"``: one row, the context around its ``<mask>`` (then the question, global),
+        ``masked_positions`` (1,) where the ``<mask>`` is, and each choice's tokens as they would follow a space
+        (``choice_ids`` / ``choice_mask`` (choices, block_size - 1))."""
+        if center is None:
+            raise DataError(
+                f"{where}: --choice-scoring masked-lm scores the choices at the context's mask token "
+                f"({getattr(self.tok, 'mask_token', None)!r}) and this context has none: put it where the answer "
+                "goes, or use --choice-scoring cls"
+            )
+        kept = self._context_around(blocks, center, q)
+        at = next((i for i, b in enumerate(kept) if self.mask_id in b), None)
+        if at is None:
+            raise DataError(f"{where}: the question leaves no room for the context's mask token; shorten the question")
+        ex, offsets = self.layout.example([kept, *q], list(range(1, len(q) + 1)))
+        ex["masked_positions"] = np.asarray([offsets[0][at] + kept[at].index(self.mask_id)], np.int32)
+        width = self.layout.content
+        ex["choice_ids"] = np.zeros((len(choices), width), np.int32)
+        ex["choice_mask"] = np.zeros((len(choices), width), np.int32)
+        for i, t in enumerate(self._tokens([" " + c.lstrip() for c in choices])):
+            if not t:
+                raise DataError(f"{where}: choice {i} is empty; every choice needs text")
+            t = self._one_block(t, "choice")
+            ex["choice_ids"][i, : len(t)] = t
+            ex["choice_mask"][i, : len(t)] = 1
+        return ex
 
     def _answers(self, row: dict, where: str, context: str, targets: bool) -> list[tuple[str, int]] | None:
         """(text, character start) of every gold answer, checked against the context."""

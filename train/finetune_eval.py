@@ -35,13 +35,23 @@ from longformer_jax.pretrained import load_checkpoint, resolve_source
 from longformer_jax.tasks import build_model
 from train import data as data_lib
 from train import finetune_data as fd
-from train.objectives import Objective, classification_objective, span_objective
+from train.objectives import Objective, classification_objective, masked_lm_choice_objective, span_objective
 from train.trainer import make_predict_step
 
 SETTINGS_KEY = "finetuning"  # config.json key of the FinetuneSettings
 # The metric early stopping and the best checkpoint follow, per task (the authors' choice).
 BEST_METRIC = {"multiple-choice": "accuracy", "question-answering": "f1"}
 DEFAULT_BEST_METRIC = "micro_f1"
+CHOICE_SCORINGS = fd.CHOICE_SCORINGS
+
+
+def model_task_of(task: str, pooling: str = "max", choice_scoring: str = "cls") -> str:
+    """The head (``longformer_jax.TASKS``) of a fine-tuning task with its pooling / choice scoring."""
+    if task == "document-classification" and pooling == "cls":
+        return "sequence-classification"
+    if task == "multiple-choice" and choice_scoring == "masked-lm":
+        return "masked-lm"
+    return task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +66,11 @@ class FinetuneSettings:
     pooling: str = "max"
     max_answer_tokens: int = 30
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    choice_scoring: str = "cls"
 
     @property
     def model_task(self) -> str:
-        if self.task == "document-classification" and self.pooling == "cls":
-            return "sequence-classification"
-        return self.task
+        return model_task_of(self.task, self.pooling, self.choice_scoring)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,10 +85,14 @@ class FinetuneSettings:
         return fd.Layout(self.layout, self.seq_len, self.block_size, ids.bos, ids.eos, ids.pad)
 
 
-def objective_for(task: str, num_global_slots: int, multi_label: bool = False) -> Objective:
+def objective_for(
+    task: str, num_global_slots: int, multi_label: bool = False, choice_scoring: str = "cls"
+) -> Objective:
     """The fine-tuning objective of a task (``train.objectives``)."""
     if task == "question-answering":
         return span_objective(num_global_slots)
+    if task == "multiple-choice" and choice_scoring == "masked-lm":
+        return masked_lm_choice_objective(num_global_slots)
     return classification_objective(num_global_slots, multi_label)
 
 
@@ -339,11 +352,14 @@ class Predictor:
             self.fields,
             self.labels,
             self.settings.multi_label,
+            self.settings.choice_scoring,
         )
 
     def _step(self, slots: int):
         if slots not in self._steps:
-            objective = objective_for(self.settings.task, slots, self.settings.multi_label)
+            objective = objective_for(
+                self.settings.task, slots, self.settings.multi_label, self.settings.choice_scoring
+            )
             self._steps[slots] = jax.jit(make_predict_step(self.model, objective))
         return self._steps[slots]
 

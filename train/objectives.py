@@ -16,8 +16,9 @@ An `Objective` tells the trainer's steps (`train.trainer`) what to compute on a 
   for scoring predictions on the host (`train.trainer.make_predict_step`).
 
 `mlm_objective` is masked-LM cross-entropy, the pretraining objective; `classification_objective`
-(every head with ``logits``, single- or multi-label) and `span_objective` (extractive question
-answering) are those of fine-tuning (`train.finetune`).
+(every head with ``logits``, single- or multi-label), `span_objective` (extractive question
+answering) and `masked_lm_choice_objective` (multiple choice scored by the masked-LM head at a
+``<mask>``) are those of fine-tuning (`train.finetune`).
 """
 
 from __future__ import annotations
@@ -186,3 +187,48 @@ def span_objective(num_global_slots: int) -> Objective:
         return jnp.sum(batch["start_positions"] != IGNORE_INDEX).astype(jnp.float32)
 
     return Objective(sums=sums, count=count, metrics=("exact",), predict=predict)
+
+
+def choice_token_scores(logits: jax.Array, choice_ids: jax.Array, choice_mask: jax.Array) -> jax.Array:
+    """(B, C): each choice's mean log-probability of its tokens under the masked-LM ``logits`` (B, V) of
+    one position; ``choice_ids`` / ``choice_mask`` (B, C, T), the mask 1 on a choice's tokens."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    b, c, t = choice_ids.shape
+    picked = jnp.take_along_axis(log_probs, choice_ids.reshape(b, c * t), axis=-1).reshape(b, c, t)
+    weight = choice_mask.astype(jnp.float32)
+    return jnp.sum(picked * weight, axis=-1) / jnp.maximum(jnp.sum(weight, axis=-1), 1.0)
+
+
+def masked_lm_choice_objective(num_global_slots: int) -> Objective:
+    """Multiple choice scored by the masked-LM head at the context's ``<mask>`` (cloze-style tasks): one row
+    per record (``masked_positions`` (B, 1)), a choice's score the mean log-probability of its tokens there
+    (``choice_token_scores``), cross-entropy over the choices against ``labels`` (B,).
+
+    Metric ``accuracy``; ``predict`` gives the scores as ``logits`` (B, choices), as the ``cls`` head does.
+    """
+
+    def scores_of(model, params, batch: Batch, rng, deterministic: bool) -> jax.Array:
+        out = forward(
+            model,
+            params,
+            batch,
+            rng,
+            deterministic,
+            num_global_slots=num_global_slots,
+            masked_positions=batch["masked_positions"],
+        )
+        return choice_token_scores(out.logits[:, 0], batch["choice_ids"], batch["choice_mask"])
+
+    def sums(model, params, batch: Batch, rng, deterministic: bool):
+        loss_sum, correct = _label_sums(scores_of(model, params, batch, rng, deterministic), batch["labels"], False)
+        return loss_sum, {"accuracy": correct}
+
+    def predict(model, params, batch: Batch):
+        scores = scores_of(model, params, batch, None, True)
+        loss_sum, correct = _label_sums(scores, batch["labels"], False)
+        return {"loss": loss_sum, "accuracy": correct}, {"logits": scores}
+
+    def count(batch: Batch) -> jax.Array:
+        return jnp.sum(batch["labels"] != IGNORE_INDEX).astype(jnp.float32)
+
+    return Objective(sums=sums, count=count, metrics=("accuracy",), predict=predict)
