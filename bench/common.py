@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from longformer_jax import flops
+
 # The base model (kiddothe2b/longformer-base-4096 and allenai/longformer-base-4096 sizes).
 BASE = dict(
     vocab_size=50265,
@@ -133,38 +135,30 @@ def masked_tokens(case: dict) -> int:
 
 
 def forward_flops(case: dict, dense: bool = False) -> float:
-    """Matrix-product FLOPs of one forward pass of the encoder (per batch), of the exact model.
-
-    The band counts ``2w + 1`` keys per query (what the model needs, not what an implementation
-    computes); global tokens add their columns to every query and their rows over every key, and
-    the global queries meet every key at the cheaper of the two exact formulations: projecting
-    the global keys and values of the whole sequence (HF's way) or folding those projections into
-    the ``G`` queries (this project's way while ``H G < E + G``). ``dense``: the plain O(L^2)
+    """Matrix-product FLOPs of one forward pass of the encoder (per batch), of the exact model
+    (``longformer_jax.flops``, which the sizing reports of ``train.aot`` use too). ``dense``: the plain O(L^2)
     attention of the same sizes, without the global projections. Sizes other than the base model's
     come from the case (``hidden_size``, ``intermediate_size``, ``num_attention_heads``). The head is
     the token classifier of the train step, or for the masked-LM case the LM head at the
     ``masked_tokens`` labelled tokens (what the loss needs; a full-vocabulary head at every position
     does more)."""
     E = case.get("hidden_size", BASE["hidden_size"])
-    F = case.get("intermediate_size", BASE["intermediate_size"])
-    L, B, G = case["length"], case["batch"], case["globals"]
-    w = case["window"] // 2
-    per_layer = 2 * L * E * E * 4 + 2 * L * E * F * 2  # q, k, v, output; feed-forward
-    if dense:
-        per_layer += 2 * 2 * L * L * E
-    else:
-        per_layer += 2 * 2 * L * (2 * w + 1) * E  # band scores and values
-        if G:
-            H = case.get("num_attention_heads", BASE["num_attention_heads"])
-            per_layer += 2 * G * E * E  # query_global
-            per_layer += 2 * 2 * L * G * E  # global columns of every query
-            projected = 2 * L * E * E * 2 + 2 * 2 * G * L * E  # key_global, value_global; scores, values
-            folded = 2 * 2 * H * G * E * L + 2 * 2 * H * G * E * (E // H)  # (H G) x E x L twice; fold, unfold
-            per_layer += min(projected, folded)  # global queries over every key
+    L, B = case["length"], case["batch"]
+    per_layer = flops.encoder_layer_flops(
+        hidden=E,
+        intermediate=case.get("intermediate_size", BASE["intermediate_size"]),
+        heads=case.get("num_attention_heads", BASE["num_attention_heads"]),
+        length=L,
+        window=case["window"],
+        globals_=case["globals"],
+        dense=dense,
+    )
     head = 2 * L * E * NUM_LABELS if case.get("mode") == "train" else 0
     if case.get("task") == "mlm":  # the LM head (dense, decoder) where a token is masked
         V = case.get("vocab_size", BASE["vocab_size"])
-        return float(B * case["layers"] * per_layer + 2 * case["masked_tokens"] * (E * E + E * V))
+        return float(
+            B * case["layers"] * per_layer + flops.mlm_head_flops(hidden=E, vocab_size=V, tokens=case["masked_tokens"])
+        )
     return float(B * (case["layers"] * per_layer + head))
 
 

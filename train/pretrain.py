@@ -33,9 +33,9 @@ import jax
 import numpy as np
 
 import longformer_jax as lj
+from train import aot, data, export, prepare_data, trainer
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
-from train import data, export, prepare_data, trainer
 from train import metrics as metrics_lib
 from train.loop import NonFiniteError, TrainLoop
 from train.objectives import mlm_objective
@@ -352,12 +352,21 @@ def fill_mask_demo(hf_dir: str, text: str, tok) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    request = None
     try:
+        request, argv = aot.split_args(argv)
         cfg = config_lib.parse_args(argv)
+        if request is not None:  # --target NAME --compile-only: sized for the target, nothing trained
+            return aot.main(request, aot.pretrain_plan(cfg))
         summary = run(cfg)
     except (ValueError, FileNotFoundError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteError) else 1
+    except RuntimeError as e:  # compiling for a target: its compiler is missing, or refused the program
+        if request is None:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     if summary["status"] != "finished" or jax.process_index() != 0:
         return 0
     out = Path(summary["output_dir"])
@@ -387,5 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from longformer_jax.compile_options import use_training_xla_flags
 
+    if "--target" in sys.argv:
+        aot.use_cpu_host()  # compiles for another machine: JAX runs on this host's CPU
     use_training_xla_flags()  # before the first JAX computation (XLA reads XLA_FLAGS once)
     sys.exit(main())

@@ -354,27 +354,47 @@ class MeshDriver(Driver):
             v = np.asarray(v)
             global_shape = list(v.shape)
             global_shape[batch_dim] *= jax.process_count()
-            split = (
-                self.sequence_devices > 1
-                and v.ndim > batch_dim + 1
-                and v.shape[batch_dim + 1] % self.sequence_devices == 0
-            )
-            sharding = shd.batch_sharding(self.mesh, v.ndim, batch_dim, batch_dim + 1 if split else None)
+            sharding = self.batch_sharding(v.shape, batch_dim)
             out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(global_shape))
         return out
 
-    def train(self, state: TrainState, host_batch_AxBxL: Batch, rng: jax.Array):
-        batch = self.put_batch(host_batch_AxBxL, batch_dim=1)
+    def batch_sharding(self, shape: tuple[int, ...], batch_dim: int) -> NamedSharding:
+        """The layout of a batch array: rows (dim `batch_dim`) over data x fsdp and, with a "sequence" axis,
+        the dimension after them over it where it divides."""
+        split = (
+            self.sequence_devices > 1
+            and len(shape) > batch_dim + 1
+            and shape[batch_dim + 1] % self.sequence_devices == 0
+        )
+        return shd.batch_sharding(self.mesh, len(shape), batch_dim, batch_dim + 1 if split else None)
+
+    def jit_train(self, batch_shardings: Batch):
+        """The jitted train step for batches laid out as `batch_shardings` (trace and call it under the mesh)."""
         if self._jit_train is None:  # batch arrays of any rank (labels per token, per row, ...)
             self._jit_train = jax.jit(
                 self._train_step,
-                in_shardings=(self._shardings, jax.tree.map(lambda x: x.sharding, batch), self.replicated),
+                in_shardings=(self._shardings, batch_shardings, self.replicated),
                 out_shardings=(self._shardings, self.replicated),
                 donate_argnums=(0,),
             )
+        return self._jit_train
+
+    def jit_eval(self, batch_shardings: Batch):
+        """The jitted eval step (`make_eval_step`) for batches laid out as `batch_shardings`."""
+        if self._jit_eval is None:
+            self._jit_eval = jax.jit(
+                self._eval_step,
+                in_shardings=(self._shardings.params, batch_shardings),
+                out_shardings=self.replicated,
+            )
+        return self._jit_eval
+
+    def train(self, state: TrainState, host_batch_AxBxL: Batch, rng: jax.Array):
+        batch = self.put_batch(host_batch_AxBxL, batch_dim=1)
+        step = self.jit_train(jax.tree.map(lambda x: x.sharding, batch))
         rng = _put_global(jax.device_get(rng), self.replicated)  # the same key on every process
         with jax.set_mesh(self.mesh):  # the model's kernels see the mesh (longformer_jax.kernels)
-            return self._jit_train(state, batch, rng)
+            return step(state, batch, rng)
 
     def put_params(self, host_params: Any) -> Any:
         """Host parameters -> global arrays laid out by the partition rules (as a state's)."""
@@ -393,14 +413,9 @@ class MeshDriver(Driver):
 
     def evaluate(self, state: TrainState, host_batch_BxL: Batch):
         batch = self.put_batch(host_batch_BxL, batch_dim=0)
-        if self._jit_eval is None:
-            self._jit_eval = jax.jit(
-                self._eval_step,
-                in_shardings=(self._shardings.params, jax.tree.map(lambda x: x.sharding, batch)),
-                out_shardings=self.replicated,
-            )
+        step = self.jit_eval(jax.tree.map(lambda x: x.sharding, batch))
         with jax.set_mesh(self.mesh):
-            return self._jit_eval(state.params, batch)
+            return step(state.params, batch)
 
 
 class PmapDriver(Driver):
