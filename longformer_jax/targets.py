@@ -229,9 +229,12 @@ def get_target(name: str) -> Target:
     return Target(name, chip, f"1x1x{count}", count)
 
 
-def _quiet_libtpu_environment() -> None:
-    """libtpu, loaded on a host without a TPU to compile, looks for the TPU's hosts and complains
-    on stderr unless told that this host is the only one."""
+def _quiet_libtpu_environment(target: Target) -> None:
+    """libtpu, loaded on a host without a TPU to compile, looks for the TPU's type and hosts and complains
+    on stderr unless told them: the target's, on this one host."""
+    cores = target.num_devices * target.chip.cores_per_chip
+    prefix = {"v5e": "v5litepod"}.get(target.chip.generation, target.chip.generation)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{prefix}-{cores}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
@@ -242,7 +245,7 @@ def target_devices(target: Target) -> list:
     A RuntimeError naming the package to install when the compiler of the target is missing."""
     try:
         if target.platform == "tpu":
-            _quiet_libtpu_environment()
+            _quiet_libtpu_environment(target)
             kw = {"chip_config_name": "megacore"} if target.chip.cores_per_chip > 1 else {}
             if target.num_devices == 1:
                 kw["chips_per_host_bounds"] = (1, 1, 1)

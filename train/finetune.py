@@ -48,13 +48,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from longformer_jax.inputs import pow2_bucket
 from longformer_jax.pretrained import load_checkpoint, load_flax_checkpoint
 from longformer_jax.state_dict import convert_params, params_from_state_dict, state_dict_from_params
 from longformer_jax.tasks import TASKS, build_model
+from train import aot, export, trainer
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import data as data_lib
-from train import export, trainer
 from train import finetune_data as fd
 from train import finetune_eval as fe
 from train import metrics as metrics_lib
@@ -633,6 +634,35 @@ def setup(cfg: FinetuneConfig, log) -> Run:
     )
 
 
+# Label counts of the presets' datasets, for sizing a run without reading its data (--compile-only).
+KNOWN_NUM_LABELS = {"hf:lex_glue:ecthr_b": 10, "hf:lex_glue:ecthr_a": 10}
+
+
+def compile_plan(cfg: FinetuneConfig, num_labels: int | None = None) -> aot.Plan:
+    """What ``--target NAME --compile-only`` compiles: this run's model, head, objective and batch shapes, from
+    the config.json of ``--init`` (`train.aot.model_config`, never its weights) and the settings; no data read."""
+    config = aot.model_config(cfg.replace(seq_len=cfg.seq_len or 4096))
+    init = Init(config, "masked-lm", None, "", {})
+    cfg = resolve_layout(cfg, init)
+    if cfg.labels and Path(cfg.labels).is_file():
+        num_labels = num_labels or len([n for n in Path(cfg.labels).read_text().splitlines() if n.strip()])
+    num_labels = num_labels or KNOWN_NUM_LABELS.get(str(cfg.data))
+    needs_labels = cfg.task not in ("question-answering", "multiple-choice")
+    if needs_labels and not num_labels:
+        raise ValueError(f"--compile-only reads no data: give the number of labels of {cfg.data} (--num-labels N).")
+    labels = fd.LabelSet(tuple(f"label_{i}" for i in range(num_labels))) if needs_labels else None
+    config = head_config(cfg, init, labels)
+    slots = pow2_bucket(cfg.seq_len // cfg.block_size if cfg.layout == "blocks" else 1)
+    objective = fe.objective_for(cfg.task, slots, cfg.multi_label, cfg.choice_scoring)
+    rows = aot.finetune_row_shapes(cfg, num_labels or 0)
+    steps = cfg.max_steps  # None: epochs x the training data's batches, unknown without the data
+    cfg = cfg.replace(max_steps=steps or 1, eval_every=cfg.eval_every or 1, save_every=cfg.save_every or 1)
+    cfg.validate()
+    model = build_model(config, cfg.model_task)
+    eval_batch = cfg.eval_batch_size or cfg.batch_size
+    return aot.Plan(cfg, model, objective, rows, eval_batch, slots, 0.0, steps)
+
+
 def write_run_files(r: Run) -> None:
     """DIR/config.json (settings, fingerprint), DIR/model/config.json (the model with its head), DIR/tokenizer."""
     saved = {**r.cfg.to_dict(), "fingerprint": r.cfg.fingerprint()}
@@ -854,12 +884,19 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        request, argv = aot.split_args(argv)
         cfg = parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad option (1, its error line already printed)
         return int(e.code or 0)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    if request is not None:  # --target NAME --compile-only: sized for the target, nothing trained
+        try:
+            return aot.main(request, compile_plan(cfg, request.num_labels))
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
     try:
         if cfg.predict:
             predict(cfg)
@@ -878,5 +915,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from longformer_jax.compile_options import use_training_xla_flags
 
+    if "--target" in sys.argv:
+        aot.use_cpu_host()  # compiles for another machine: JAX runs on this host's CPU
     use_training_xla_flags()  # before the first JAX computation (XLA reads XLA_FLAGS once)
     sys.exit(main())
