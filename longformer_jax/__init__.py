@@ -6,6 +6,10 @@ Usage (``lj`` is ``longformer_jax``; the README has more)::
     out = model.apply({"params": params}, input_ids, attention_mask=am, global_attention_mask=gm)
 """
 
+from longformer_jax import startup
+
+startup.import_jax()  # before anything imports JAX: see longformer_jax.startup
+
 from longformer_jax import attention
 from longformer_jax.compile_options import use_training_xla_flags
 from longformer_jax.config import LongformerConfig

@@ -30,6 +30,7 @@ compile, never probed for a device.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import math
 import os
@@ -38,9 +39,11 @@ import re
 import jax
 from jax.experimental import topologies
 
-from longformer_jax import sharding
+from longformer_jax import sharding, startup
 
 GiB = 1 << 30
+# Device files of an accelerator on this host: NVIDIA GPUs, TPUs (v4: accel, v5e and later: vfio).
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +282,23 @@ def compiler_available(platform: str) -> bool:
         return False
 
 
+def host_has_accelerator() -> bool:
+    """Whether this host shows the device file of a GPU or TPU."""
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
+def start_jax() -> list:
+    """Starts JAX's backends and returns its devices: on the host's CPU where the host has no GPU or TPU
+    (and ``JAX_PLATFORMS`` is not set), so that the compilers of the ``aot`` extra are never probed for a
+    device they cannot find; the CUDA plugin's start-up lines about a missing driver are left out.
+
+    Call it before the first JAX computation (after setting ``XLA_FLAGS``)."""
+    if not os.environ.get("JAX_PLATFORMS") and not host_has_accelerator():
+        jax.config.update("jax_platforms", "cpu")
+    with startup.stderr_without():
+        return jax.devices()
+
+
 def target_mesh(target: Target, data: int = -1, fsdp: int = 1, sequence: int = 1) -> jax.sharding.Mesh:
     """A ("data", "fsdp", "sequence") mesh (`longformer_jax.sharding.make_mesh`) over the target's devices."""
     return sharding.make_mesh(data, fsdp, sequence, devices=target_devices(target))
@@ -292,6 +312,8 @@ __all__ = [
     "Target",
     "compiler_available",
     "get_target",
+    "host_has_accelerator",
+    "start_jax",
     "gpu_target_config",
     "known_targets",
     "target_devices",

@@ -4,11 +4,19 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
+from longformer_jax.startup import import_jax  # noqa: E402
+
+jax = import_jax()  # without the aot extra's CUDA plugin start-up lines (longformer_jax.startup)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from longformer_jax import targets  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+# On the host's CPU unless it has a GPU or TPU (the compilers of the aot extra are then only used to
+# compile for a target, tests/test_aot.py), with the CUDA plugin's start-up lines about a missing driver left out.
+targets.start_jax()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO, "..", "shared", "data")

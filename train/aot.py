@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -284,12 +285,47 @@ class Compiled:
     xla_flops: float | None
     kernels: dict[str, int]
     seconds: float
+    refused: str | None = None  # the compiler's words when it refused the step for want of memory
+
+
+# The TPU compiler refuses a program that cannot fit, with what its temporaries need.
+_TPU_OOM = re.compile(
+    r"RESOURCE_EXHAUSTED.*?HLO temporaries \(([\d.]+)([KMGT]?)\).*?available HBM \(([\d.]+)([KMGT]?)\)", re.S
+)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays (``jax.ShapeDtypeStruct`` with shardings)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _refused_for_memory(error: Exception, args, seconds: float) -> Compiled | None:
+    """The bytes of a step the compiler refused for want of memory (TPU): its arguments and the
+    temporaries it says it needs; None for any other error."""
+    m = _TPU_OOM.search(str(error))
+    if not m:
+        return None
+    temp = int(float(m[1]) * _UNITS[m[2]])
+    arguments = per_device_bytes(args)
+    b = {"arguments": arguments, "outputs": 0, "temp": temp, "alias": 0, "code": 0, "total": arguments + temp}
+    return Compiled(b, None, {k: 0 for k in (*_KERNEL_PATTERNS, "total")}, seconds, refused=" ".join(m[0].split()))
 
 
 def _compile(jitted, mesh, *args) -> Compiled:
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = jitted.lower(*args).compile()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = jitted.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:
+        refused = _refused_for_memory(e, args, time.perf_counter() - t0)
+        if refused is None:
+            raise
+        return refused
     seconds = time.perf_counter() - t0
     return Compiled(_bytes(compiled.memory_analysis()), _xla_flops(compiled), kernel_calls(compiled.as_text()), seconds)
 
@@ -383,6 +419,7 @@ def build_report(plan: Plan, target: targets.Target, train: Compiled, ev: Compil
         "kernel_calls_by_kind": train.kernels,
         "eval_kernel_calls": ev.kernels["total"] if ev else None,
         "compile_seconds": train.seconds + (ev.seconds if ev else 0.0),
+        "compiler_refused": train.refused or (ev.refused if ev else None),
     }
 
 
@@ -416,6 +453,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"kernel calls:  {r['kernel_calls']} in the train step {r['kernel_calls_by_kind']}",
         f"compile time:  {r['compile_seconds']:.1f} s",
     ]
+    if r.get("compiler_refused"):
+        lines.append(f"compiler:      refused the step: {r['compiler_refused']}")
     if "recommended" in r:
         lines.append(f"--fit:         {r['recommended']['flags']}")
     return "\n".join(lines)
@@ -483,13 +522,19 @@ def _batch_sizes(plan: Plan, batch_devices: int) -> list[int]:
     return sorted((b for b in _divisors(g) if b % batch_devices == 0), reverse=True)
 
 
-def _first_fit(plan: Plan, target, devices, sizes: list[int], remat: bool, impl: str, log) -> list[dict[str, Any]]:
-    """Compiles the micro-batches of `sizes` (largest first) until one fits; every try as a row."""
+def _first_fit(
+    plan: Plan, target, devices, sizes: list[int], remat: bool, impl: str, known: dict[str, Any] | None, log
+) -> list[dict[str, Any]]:
+    """Compiles the micro-batches of `sizes` (largest first) until one fits; every try as a row. `known`: the
+    run's own compile (of the same implementation and remat), not compiled again."""
     tried = []
     for b in sizes:
         variant = _variant(plan, batch_size=b, remat=remat, implementation=impl)
         try:
-            train, _ = compile_steps(variant, target, devices, eval_step=False)
+            if known and known["batch_size"] == b:
+                train = known["compiled"]
+            else:
+                train, _ = compile_steps(variant, target, devices, eval_step=False)
         except ValueError as e:  # the kernel refuses these settings: no smaller batch changes that
             tried.append({"implementation": impl, "remat": remat, "batch_size": b, "error": " ".join(str(e).split())})
             log(f"  {impl}, remat {remat}: refused ({tried[-1]['error'][:120]})")
@@ -534,10 +579,8 @@ def fit(plan: Plan, target: targets.Target, devices, known: dict[str, Any] | Non
     tried = []
     for impl in ["blocked", *target_kernels(target)]:
         for remat in (False, True):
-            same = known and known["remat"] == remat and known["implementation"] == impl
-            rows = _first_fit(
-                plan, target, devices, _start(sizes, known if same else None, target.memory_bytes), remat, impl, log
-            )
+            same = known if known and known["remat"] == remat and known["implementation"] == impl else None
+            rows = _first_fit(plan, target, devices, _start(sizes, same, target.memory_bytes), remat, impl, same, log)
             tried += rows
             if any(r.get("fits") for r in rows) or any("error" in r for r in rows):
                 break
@@ -561,6 +604,7 @@ def compile_run(plan: Plan, target_name: str, *, fit_search: bool = False, log=p
         known = {
             "batch_size": plan.cfg.batch_size,
             "bytes": train.bytes,
+            "compiled": train,
             "remat": plan.cfg.remat,
             "implementation": plan.config.attention_implementation,
         }

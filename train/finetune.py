@@ -913,9 +913,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from longformer_jax import targets
     from longformer_jax.compile_options import use_training_xla_flags
 
     if "--target" in sys.argv:
         aot.use_cpu_host()  # compiles for another machine: JAX runs on this host's CPU
-    use_training_xla_flags()  # before the first JAX computation (XLA reads XLA_FLAGS once)
+    use_training_xla_flags()
+    targets.start_jax()  # the host's CPU unless it has a GPU or TPU (the aot extra's plugins stay quiet)
     sys.exit(main())
