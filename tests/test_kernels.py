@@ -31,6 +31,7 @@ import longformer_jax as lj
 from longformer_jax import attention as A
 from longformer_jax import kernels
 from longformer_jax.kernels import common
+from longformer_jax.state_dict import convert_params
 
 KERNELS = ("splash", "pallas-gpu")
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -168,6 +169,56 @@ def test_kernels_lower_for_their_accelerator(impl, platform, call):
 
     text = jax.jit(grads).trace(q, k, v).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(call) == 3, f"{impl}: {text.count(call)} kernel calls, expected forward, dQ, dK/dV"
+
+
+def test_splash_is_made_with_no_device_computation():
+    """Splash's mask tables are NumPy work that enters the program as constants: tracing the kernel
+    moves nothing to a device (so it lowers for a target's devices that this host does not have)."""
+    case = CASES["pads+globals,w8"]
+    q, k, v, mask, slots = band_inputs(case, "float32")
+    fn = jax.jit(lambda q, k, v: kernels.splash.band_attention(q, k, v, mask, case.w, slots, interpret=True))
+    with jax.transfer_guard("disallow"):
+        text = fn.trace(q, k, v).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" not in text  # interpret mode: plain HLO
+    with jax.transfer_guard("disallow"):
+        text = (
+            jax.jit(lambda q: kernels.splash.band_attention(q, k, v, mask, case.w, slots))
+            .trace(q)
+            .lower(lowering_platforms=("tpu",))
+        )
+    assert text.as_text().count("tpu_custom_call") == 1
+
+
+def tpu_topology_mesh(n: int):
+    """A mesh of ``n`` devices of a v5e:2x2 topology (libtpu, no TPU needed); skipped where libtpu is absent."""
+    pytest.importorskip("libtpu", reason="libtpu (the 'aot' extra) compiles for TPU targets")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+    return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
+
+
+def test_kernel_choice_follows_the_mesh_platform_not_the_host():
+    """On this CPU host, under a mesh of TPU target devices, ``auto`` is splash and splash runs compiled
+    (Mosaic calls in the lowered program), not refused or interpreted; outside the mesh, the host's choice."""
+    assert kernels.mesh_platform() is None
+    assert kernels.resolve_implementation("auto") == "blocked"
+    cpu_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    with jax.set_mesh(cpu_mesh):
+        assert kernels.mesh_platform() == "cpu"
+    case = CASES["pads+globals,w8"]
+    q, k, v, mask, slots = band_inputs(case, "float32")
+    mesh = tpu_topology_mesh(q.shape[0])  # the kernel runs on each device's rows
+    with jax.set_mesh(mesh):
+        assert kernels.mesh_platform() == "tpu"
+        assert kernels.resolve_implementation("auto") == "splash"
+        assert kernels.check_implementation("splash") == ("splash", False)
+        fn = jax.jit(lambda q: kernels.band_attention("auto", q, k, v, mask, case.w, slots))
+        text = fn.trace(q).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 1
+    with pytest.raises(ValueError, match=r"'splash' runs on TPU, but the program is built for 'cpu' devices"):
+        kernels.check_implementation("splash")
 
 
 # ------------------------------------------------------------------------------------- dropout
@@ -355,7 +406,9 @@ def tiny_model_inputs():
     }
 
 
-def tiny_config(impl: str = "blocked", dtype: str = "float32", **extra) -> lj.LongformerConfig:
+def tiny_config(
+    impl: str = "blocked", dtype: str = "float32", attention_window=(8, 16), **extra
+) -> lj.LongformerConfig:
     """A 2-layer model with per-layer windows 8 / 16; ``extra`` goes to config.json's extra fields."""
     return lj.LongformerConfig(
         vocab_size=100,
@@ -363,7 +416,7 @@ def tiny_config(impl: str = "blocked", dtype: str = "float32", **extra) -> lj.Lo
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=48,
-        attention_window=(8, 16),
+        attention_window=attention_window,
         max_position_embeddings=64,
         type_vocab_size=1,
         layer_norm_eps=1e-5,
@@ -453,6 +506,27 @@ def test_bfloat16_model_with_a_kernel_equals_the_blocked_model(impl):
     for g, w in zip(got, want):
         assert scaled_error(g, w) <= TOL["bfloat16"], impl
     assert_trees_close(grads, want_grads, TOL["bfloat16"], f"bfloat16 with {impl}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ("blocked", *KERNELS))
+def test_scan_over_layers_with_every_implementation_equals_the_unrolled_blocked_model(impl):
+    """``scan_layers=True`` with each implementation (kernels in interpret mode): the masked LM's outputs
+    and every parameter's gradient equal the unrolled blocked model's. A kernel is made inside the
+    scanned layer's trace and keeps nothing traced across traces."""
+    unrolled = tiny_config(attention_window=8)
+    params = lj.init_params(lj.build_model(unrolled, "masked-lm"), 0)
+    want, want_grads = outputs_and_grads("masked-lm", unrolled, params)
+    scanned, scanned_params = convert_params(params, unrolled, "masked-lm", scan_layers=True)
+    scanned = scanned.replace(attention_implementation=impl)
+    with kernels.interpret_mode():
+        initialised = lj.init_params(lj.build_model(scanned, "masked-lm"), 0)  # traces the kernel inside nn.scan
+        got, grads = outputs_and_grads("masked-lm", scanned, scanned_params)
+    assert jax.tree.structure(initialised) == jax.tree.structure(scanned_params)
+    for g, w in zip(got, want):
+        assert scaled_error(g, w) <= TOL["float32"], impl
+    _, grads = convert_params(grads, unrolled.replace(scan_layers=True), "masked-lm", scan_layers=False)
+    assert_trees_close(grads, want_grads, TOL["float32"], f"scan with {impl}")
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ name           runs on  what it is
                         attention dropout (refused)
 ``pallas-gpu`` GPU      ``kernels.pallas_gpu``: Pallas (Triton) band kernels, forward and backward,
                         attention dropout inside the kernels
-``auto``       any      the kernel of the backend (``splash`` on TPU, ``pallas-gpu`` on GPU), else
+``auto``       any      the kernel of the platform (``splash`` on TPU, ``pallas-gpu`` on GPU), else
                         ``blocked``; ``blocked`` also where the kernel would refuse the dropout, and
                         for dilated or causal windows
 =============  =======  ==========================================================================
@@ -22,6 +22,10 @@ name           runs on  what it is
 The kernels implement the two-sided, undilated band only: dilated (``dilation``) and causal
 (``causal``) windows are computed by ``blocked`` (``attention.band_pattern``), and asking a kernel for
 them is a ValueError naming the setting.
+
+The platform is that of the devices the program is built for: the ambient mesh's (``jax.set_mesh``)
+when there is one, so a program compiled on a CPU host for a TPU or GPU target (a mesh of the
+target's devices, ``longformer_jax.targets``) gets that target's kernels; else JAX's default backend.
 
 On a backend a kernel is not made for it runs only in Pallas interpret mode (slow; what the tests
 on a CPU use): pass ``interpret=True``, or wrap the call (or a whole model's ``apply``) in
@@ -75,8 +79,20 @@ def interpret_mode(enabled: bool = True):
         _INTERPRET.reset(token)
 
 
+def mesh_platform() -> str | None:
+    """The platform of the ambient mesh's devices (``jax.set_mesh``), None without a mesh.
+
+    A program compiled ahead of time for an accelerator target from a CPU host runs under a mesh of
+    that target's devices (``longformer_jax.targets``): the kernels follow the devices the program is
+    built for, not the host's backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None)
+
+
 def _backend(backend: str | None) -> str:
-    b = backend or jax.default_backend()
+    """``backend``, else the ambient mesh's platform, else JAX's default backend; ``gpu`` for CUDA and ROCm."""
+    b = backend or mesh_platform() or jax.default_backend()
     return "gpu" if b in ("cuda", "rocm") else b
 
 
@@ -90,7 +106,8 @@ def _check_name(name: str) -> None:
 
 
 def available_implementations(backend: str | None = None) -> tuple[str, ...]:
-    """The implementations that run compiled (not interpreted) on ``backend`` (default: JAX's)."""
+    """The implementations that run compiled (not interpreted) on ``backend`` (default: the ambient mesh's
+    platform, else JAX's backend)."""
     b = _backend(backend)
     return tuple(n for n in IMPLEMENTATIONS[:-1] if b in NATIVE_BACKENDS[n])
 
@@ -152,7 +169,7 @@ def check_implementation(
     if not interpret and b not in NATIVE_BACKENDS[impl]:
         where = " or ".join(x.upper() for x in NATIVE_BACKENDS[impl])
         raise ValueError(
-            f"attention_implementation={impl!r} runs on {where}, but JAX's backend here is {b!r}. Use "
+            f"attention_implementation={impl!r} runs on {where}, but the program is built for {b!r} devices. Use "
             f"attention_implementation='auto' (here: {resolve_implementation('auto', b, dropout=dropout)!r}) or "
             "'blocked'; to test the kernel on this backend, run it in Pallas interpret mode "
             "(interpret=True, or inside longformer_jax.kernels.interpret_mode())."
@@ -252,5 +269,6 @@ __all__ = [
     "batch_shard_axes",
     "check_implementation",
     "interpret_mode",
+    "mesh_platform",
     "resolve_implementation",
 ]

@@ -68,8 +68,17 @@ def band_mask(length: int, prefix: int, w: int) -> sa.Mask:
 
 
 @functools.lru_cache(maxsize=64)
+def _mask(length: int, prefix: int, w: int, heads: int) -> sa.MultiHeadMask:
+    return sa.MultiHeadMask([band_mask(length, prefix, w)] * heads)
+
+
 def _kernel(length: int, prefix: int, w: int, heads: int, block: int, interpret: bool):
-    mask = sa.MultiHeadMask([band_mask(length, prefix, w)] * heads)
+    """Splash's kernel for the band, made where it is called.
+
+    Its mask tables are NumPy work (splash caches them per mask and block shape); they enter the
+    program as constants of the trace that calls the kernel. Nothing runs on a device when the kernel
+    is made, so it compiles for devices this host does not have (an accelerator target's topology),
+    and nothing traced is kept between traces (``nn.scan`` over the layers traces the layer apart)."""
     sizes = sa.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -80,9 +89,8 @@ def _kernel(length: int, prefix: int, w: int, heads: int, block: int, interpret:
         block_q_dq=block,
         block_kv_dq=block,
     )
-    # Concrete mask tables even when first asked for inside a trace (the kernel is cached across traces).
-    with jax.ensure_compile_time_eval():
-        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    mask = _mask(length, prefix, w, heads)
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def band_attention(
