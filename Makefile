@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[torch,test,data,sentence-bench]'
+	$(BIN)/pip install -q -e '.[torch,test,data,sentence-bench,aot]'
 	touch $@
 
 test: venv

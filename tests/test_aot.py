@@ -95,9 +95,7 @@ def test_v5e_fit_choice_compiles_and_fits(v5e):
     assert f"--batch-size {rec['batch_size']} --grad-accum-steps {rec['grad_accum_steps']}" in rec["flags"]
     rows = {row["implementation"]: row for row in r["fit"]}
     assert rows["blocked"]["kernel_calls"] == 0
-    splash = rows["splash"]
-    if "error" not in splash:  # compiled for the TPU: Mosaic kernels in the program
-        assert splash["kernel_calls"] > 0
+    assert rows["splash"]["kernel_calls"] > 0  # compiled for the TPU: Mosaic kernels in the program
 
 
 @pytest.mark.slow
@@ -109,8 +107,7 @@ def test_h100_report(h100):
     assert r["step_time_lower_bound_s"] == pytest.approx(r["model_flops_per_step"] / 989.4e12)
     rows = {row["implementation"]: row for row in r["fit"]}
     assert rows["blocked"]["kernel_calls"] == 0
-    if "error" not in rows["pallas-gpu"]:  # compiled for the GPU: Triton kernels in the program
-        assert rows["pallas-gpu"]["kernel_calls"] > 0
+    assert rows["pallas-gpu"]["kernel_calls"] > 0  # compiled for the GPU: Triton kernels in the program
 
 
 @pytest.mark.slow

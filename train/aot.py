@@ -175,10 +175,7 @@ def model_config(cfg) -> LongformerConfig:
             sep_token_id=2,
             max_position_embeddings=cfg.seq_len + 2,
         )
-    config = LongformerConfig.from_dict(
-        {**base, **{k: v for k, v in options.items() if k not in base or k in cfg.model}}
-    )
-    config = config.replace(**{k: v for k, v in options.items() if k in ("dtype", "remat", "scan_layers")})
+    config = LongformerConfig.from_dict(base, **options)  # --model over config.json; JAX-side options too
     if cfg.seq_len > config.max_sequence_length:
         raise ValueError(
             f"seq_len={cfg.seq_len} is longer than the model allows ({config.max_sequence_length} tokens); "
@@ -349,7 +346,8 @@ def compile_steps(
     if not isinstance(driver, trainer.MeshDriver):
         raise ValueError("--compile-only compiles the mesh driver's steps: use --driver mesh.")
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    state = driver.abstract_state(lambda k: lj.init_params(plan.model, k), key)
+    with jax.set_mesh(driver.mesh):  # the model's kernels are those of the target's platform
+        state = driver.abstract_state(lambda k: lj.init_params(plan.model, k), key)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=driver.replicated)
     batch = abstract_batch(driver, plan, (cfg.grad_accum_steps, cfg.batch_size))
     train = _compile(driver.jit_train(jax.tree.map(lambda x: x.sharding, batch)), driver.mesh, state, batch, rng)
