@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import longformer_jax as lj
-from longformer_jax import attention, kernels, targets
+from longformer_jax import attention, kernels, sharding, targets
 from longformer_jax import flops as flops_lib
 from longformer_jax.config import LongformerConfig
 from train import trainer
@@ -346,7 +346,9 @@ def compile_steps(
     if not isinstance(driver, trainer.MeshDriver):
         raise ValueError("--compile-only compiles the mesh driver's steps: use --driver mesh.")
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    with jax.set_mesh(driver.mesh):  # the model's kernels are those of the target's platform
+    # The parameters' shapes, traced as the run's init is: on one device (here one of the target's, so that the
+    # model's kernels are those of its platform), with no sequence axis to split the init's short dummy input.
+    with jax.set_mesh(sharding.make_mesh(devices=devices[:1])):
         state = driver.abstract_state(lambda k: lj.init_params(plan.model, k), key)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=driver.replicated)
     batch = abstract_batch(driver, plan, (cfg.grad_accum_steps, cfg.batch_size))
