@@ -64,10 +64,11 @@ def rows() -> list[tuple[str, list[str]]]:
             str(ECTHR_STEPS),
         ],
     )
-    first = [blocked["v5e-8"], blocked["h100"], long, ecthr]
-    rest = [blocked[t] for t in SEED_TARGETS if blocked[t] not in first]
-    fits = [(f"seed-{t}-fit", [*seed, "--target", t, "--fit"]) for t in SEED_TARGETS]
-    return first + rest + kernels + fits
+    kernel = dict(zip(SEED_TARGETS, kernels))
+    fits = {t: (f"seed-{t}-fit", [*seed, "--target", t, "--fit"]) for t in SEED_TARGETS}
+    first = [blocked["v5e-8"], blocked["h100"], ecthr, blocked["v4-8"], long, kernel["h100"], kernel["v5e-8"]]
+    first += [blocked["v5p-8"], blocked["v6e-8"], fits["h100"], kernel["v4-8"], kernel["v5p-8"], kernel["v6e-8"]]
+    return first + [fits[t] for t in SEED_TARGETS if fits[t] not in first]
 
 
 def run_row(name: str, args: list[str], force: bool) -> dict:
