@@ -17,10 +17,6 @@ TINY = [
     *("--preset", "demo", "--seq-len", "128", "--batch-size", "8", "--grad-accum-steps", "2", "--max-steps", "100"),
 ]
 needs_tpu = pytest.mark.skipif(not targets.compiler_available("tpu"), reason="libtpu is not installed (the aot extra)")
-needs_gpu = pytest.mark.skipif(
-    not targets.compiler_available("cuda"),
-    reason="the CUDA plugin (jax-cuda12-plugin) is not installed (the aot extra)",
-)
 
 
 def _run(program, argv, tmp_path_factory):
@@ -62,7 +58,7 @@ def v5e(tmp_path_factory):
 def h100(tmp_path_factory):
     if not targets.compiler_available("cuda"):
         pytest.skip("the CUDA plugin is not installed (the aot extra)")
-    return _run(pretrain, [*TINY, "--target", "h100", "--fit"], tmp_path_factory)
+    return _run(pretrain, [*TINY, "--target", "h100", "--model", "attention_implementation=auto"], tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -105,9 +101,8 @@ def test_h100_report(h100):
     assert r["device_memory_bytes"] == targets.CHIPS["h100"].memory_bytes
     assert r["xla_flops_per_device"] is None  # the CUDA plugin has no cost model: the model's count is used
     assert r["step_time_lower_bound_s"] == pytest.approx(r["model_flops_per_step"] / 989.4e12)
-    rows = {row["implementation"]: row for row in r["fit"]}
-    assert rows["blocked"]["kernel_calls"] == 0
-    assert rows["pallas-gpu"]["kernel_calls"] > 0  # compiled for the GPU: Triton kernels in the program
+    # auto on a GPU target: the Triton kernels (the demo trains without dropout), whatever the host's backend
+    assert r["attention_implementation"] == "pallas-gpu" and r["kernel_calls"] > 0
 
 
 @pytest.mark.slow
