@@ -124,6 +124,7 @@ class Plan:
     global_slots: int
     head_tokens_per_row: float  # where the masked-LM head runs (for the FLOP count)
     run_steps: int | None
+    evaluates_by_predict: bool = False  # fine-tuning: evaluation runs `make_predict_step` (the Driver's predict)
 
     @property
     def config(self) -> LongformerConfig:
@@ -354,9 +355,10 @@ def compile_steps(
     batch = abstract_batch(driver, plan, (cfg.grad_accum_steps, cfg.batch_size))
     train = _compile(driver.jit_train(jax.tree.map(lambda x: x.sharding, batch)), driver.mesh, state, batch, rng)
     ev = None
-    if eval_step:
+    if eval_step:  # pretraining evaluates with the eval step, fine-tuning with the predict step (outputs too)
         eval_batch = abstract_batch(driver, plan, (plan.eval_batch_size,))
-        jitted = driver.jit_eval(jax.tree.map(lambda x: x.sharding, eval_batch))
+        shardings = jax.tree.map(lambda x: x.sharding, eval_batch)
+        jitted = driver.jit_predict() if plan.evaluates_by_predict else driver.jit_eval(shardings)
         ev = _compile(jitted, driver.mesh, state.params, eval_batch)
     return train, ev
 

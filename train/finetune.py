@@ -660,7 +660,7 @@ def compile_plan(cfg: FinetuneConfig, num_labels: int | None = None) -> aot.Plan
     cfg.validate()
     model = build_model(config, cfg.model_task)
     eval_batch = cfg.eval_batch_size or cfg.batch_size
-    return aot.Plan(cfg, model, objective, rows, eval_batch, slots, 0.0, steps)
+    return aot.Plan(cfg, model, objective, rows, eval_batch, slots, 0.0, steps, evaluates_by_predict=True)
 
 
 def write_run_files(r: Run) -> None:

@@ -405,11 +405,15 @@ class MeshDriver(Driver):
         """(sums, per-row outputs) of `make_predict_step` on the host; `params` as `put_params` lays them out.
         The outputs are gathered whole on every process."""
         batch = self.put_batch(host_batch_BxL, batch_dim=0)
+        return jax.device_get(self.jit_predict()(params, batch))
+
+    def jit_predict(self):
+        """The jitted `make_predict_step` (inputs laid out as given; outputs gathered on every device)."""
         if self._jit_predict is None:
             self._jit_predict = jax.jit(
                 make_predict_step(self.model, self.objective), out_shardings=(self.replicated, self.replicated)
             )
-        return jax.device_get(self._jit_predict(params, batch))
+        return self._jit_predict
 
     def evaluate(self, state: TrainState, host_batch_BxL: Batch):
         batch = self.put_batch(host_batch_BxL, batch_dim=0)
