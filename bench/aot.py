@@ -104,17 +104,19 @@ def _gib(n) -> str:
 def table_row(name: str, r: dict) -> str:
     """One Markdown row of a report."""
     if "failed" in r:
-        return f"| {name} | {r['target']} | | | | | | | | failed: {r['failed'][:200]} |"
-    b, s = r["per_device_bytes"], r["settings"]
+        return f"| {name} | {r['target']} | | | | | | | | | | failed: {r['failed'][:200]} |"
+    b, s, ev = r["per_device_bytes"], r["settings"], r.get("eval_per_device_bytes") or {}
     rec = r.get("recommended")
     days = r.get("run_time_lower_bound_days")
     fit = f"`{rec['flags']}` ({_gib(rec['total_bytes'])} GiB)" if rec else ("none fits" if "fit" in r else "")
     return (
         f"| {name} | {r['target']} | {s['batch_size']}x{s['grad_accum_steps']}, {s['seq_len']}, "
-        f"remat {'on' if s['remat'] else 'off'} | {r['attention_implementation']} ({r['kernel_calls']} kernel calls) "
-        f"| {_gib(b['arguments'])} + {_gib(b['temp'])} = {_gib(r['peak_per_device_bytes'])} of "
-        f"{_gib(r['device_memory_bytes'])} | {'yes' if r['fits'] else '**no**'} "
-        f"| {r['step_time_lower_bound_s'] * 1e3:.0f} | {'' if days is None else f'{days:.2f}'} "
+        f"remat {'on' if s['remat'] else 'off'}{', scan' if s['scan_layers'] else ''}"
+        f"{'' if s['mesh']['sequence'] == 1 else ', sequence ' + str(s['mesh']['sequence'])} "
+        f"| {r['attention_implementation']} ({r['kernel_calls']} kernel calls) "
+        f"| {_gib(b['total'])} ({_gib(b['arguments'])} + {_gib(b['temp'])}) | {_gib(ev.get('total'))} "
+        f"| {_gib(r['device_memory_bytes'])} | {'yes' if r['fits'] else '**no**'} "
+        f"| {r['step_time_lower_bound_s'] * 1e3:.0f} | {'' if days is None else f'{days:.3g}'} "
         f"| {r['compile_seconds']:.0f} | {fit} |"
     )
 
@@ -128,11 +130,13 @@ def write_table(done: dict[str, dict], names: list[str]) -> None:
         "(arguments + temporaries = the peak of the train and eval steps, outputs aliased to the donated state), "
         "GiB per device against the chip's HBM. Step bound: the model's FLOPs per step (`longformer_jax.flops`, x4/3 "
         "with remat) at the chip's peak bf16 FLOP/s on every device; days: the bound x the run's steps. None of "
-        "these numbers has been measured on the hardware itself.",
+        "these numbers has been measured on the hardware itself. Every seed-recipe row scans its 12 layers "
+        "(`--scan-layers`: the same step, one layer compiled instead of twelve); the splash rows train without "
+        "attention dropout (`--model attention_probs_dropout_prob=0.0`: the kernel has none), pallas-gpu with it.",
         "",
-        "| row | target | batch x accum, tokens, remat | attention | GiB per device: arguments + temp = peak "
-        "of HBM | fits | step >= ms | run >= days | compile s | --fit recommends |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | target | batch x accum, tokens, remat, scan | attention | train step GiB per device (arguments + "
+        "temp) | eval step GiB | HBM GiB | fits | step >= ms | run >= days | compile s | --fit recommends |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [table_row(n, done[n]) for n in names if n in done]
     missing = [n for n in names if n not in done]
