@@ -82,7 +82,7 @@ class Request:
 
 def split_args(argv: list[str] | None) -> tuple[Request | None, list[str]]:
     """(the compile-only request or None, the program's own arguments)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--target", default=None)
     p.add_argument("--compile-only", action="store_true")
     p.add_argument("--report", default=None)
