@@ -328,3 +328,21 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
     assert metrics_lib.main([str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert metrics_lib.main([str(tmp_path / "nope")]) == 2
+
+
+def test_plot_title_is_the_command_and_its_summary_not_the_directory(tmp_path):
+    run = tmp_path / "demo2"
+    log = metrics_lib.MetricsLogger(run, tensorboard=False)
+    log.write("eval", 0, {"loss": 7.6732, "accuracy": 0.0, "bpc": 7.6732 / np.log(2)})
+    log.write("eval", 3000, {"loss": 2.91, "accuracy": 0.49, "bpc": 2.91 / np.log(2)})
+    log.close()
+    (run / "config.json").write_text(json.dumps({"preset": "demo"}))
+    evals = [r for r in metrics_lib.read_metrics(run) if r["split"] == "eval"]
+    title = metrics_lib.run_title(run, evals)
+    assert title == (
+        "make demo: python -m train.pretrain --preset demo\n"
+        "eval loss 7.6732 -> 2.9100 (bpc 11.070 -> 4.198, accuracy 0.000 -> 0.490)"
+    )
+    assert "demo2" not in title
+    (run / "config.json").write_text(json.dumps({"preset": "hat", "task": "multiple-choice"}))
+    assert metrics_lib.run_title(run, []) == "python -m train.finetune --preset hat --task multiple-choice"
