@@ -91,7 +91,7 @@ def test_seed_recipe_preset_is_the_spec():
     assert c.global_batch_size == 128 and c.warmup_steps == 5000
     assert (c.seed, c.seq_len, c.mlm_probability, c.clip_norm) == (42, 4096, 0.15, 1.0)
     assert (c.layout, c.block_size, c.num_global_slots, c.min_doc_tokens) == ("blocks", 128, 32, 1024)
-    assert c.data == "data/c4" and c.eval_docs == 1000  # C4 prepared by train.prepare_data (README)
+    assert c.data == "data/c4" and c.eval_docs == 1000  # C4 prepared by train.prepare_data (docs/pretraining.md)
     assert c.init == "kiddothe2b/longformer-base-4096"
     c.validate()
     d = config_lib.preset("demo")
