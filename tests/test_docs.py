@@ -256,6 +256,7 @@ def python_pages() -> list[Path]:
     return [p for p in PAGES if any(b.lang == "python" and b.skip is None for b in read_blocks(p))]
 
 
+@pytest.mark.slow  # a few seconds a page, and the tiny models built once
 @pytest.mark.parametrize("page", python_pages(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_python_blocks_run(page, tiny_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
