@@ -1,6 +1,6 @@
 """longformer-jax: the Longformer in JAX/Flax, exact to Hugging Face ``transformers``.
 
-Usage (``lj`` is ``longformer_jax``; the README has more)::
+Usage (``lj`` is ``longformer_jax``; docs/usage.md has more)::
 
     model, params = lj.load_pretrained("kiddothe2b/longformer-base-4096", task="masked-lm")
     out = model.apply({"params": params}, input_ids, attention_mask=am, global_attention_mask=gm)
