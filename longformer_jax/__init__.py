@@ -12,6 +12,7 @@ runs with jax and numpy alone: Flax and ``transformers`` are imported only by th
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -48,9 +49,11 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    """Imports the module behind ``name`` on first use and caches the value in this package."""
+    """Imports the module behind ``name`` (or the submodule ``name``) on first use; the value is kept here."""
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'longformer_jax' has no attribute {name!r}")
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'longformer_jax' has no attribute {name!r}")
+        return importlib.import_module(f"{__name__}.{name}")
     module = importlib.import_module(_EXPORTS[name])
     value = module if module.__name__.endswith("." + name) else getattr(module, name)
     globals()[name] = value
