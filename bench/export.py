@@ -159,8 +159,9 @@ def _cause(e: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     lines = [ln.strip() for text in chain for ln in text.splitlines() if ln.strip()]
     for ln in lines:
-        if re.search(r"GuardOnDataDependent|data-dependent|Could not guard|Eq\(", ln):
-            return ln[:110].replace("|", "/")
+        m = re.search(r"(Could not guard on data-dependent expression .+?)(?: \(|$)", ln)
+        if m:
+            return "GuardOnDataDependentSymNode: " + m.group(1)[:90].replace("|", "/")
     return (lines[0] if lines else type(e).__name__)[:110].replace("|", "/")
 
 
