@@ -285,3 +285,42 @@ def test_bad_options_fail_cleanly(exported, tmp_path, capsys):
     assert leftovers(tmp_path, "x") == []
     with pytest.raises(ValueError, match="backend='nope' is unknown"):
         lj.load_exported(out, backend="nope")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["document-classification", "sequential-sentence-classification"])
+def test_predict_agrees_with_the_finetuning_predictor(tmp_path, tokenizer_dir, task):  # noqa: F811
+    """A fine-tuned model (its ``"finetuning"`` settings: blocks of 16 in 64 tokens) exported from its Flax
+    checkpoint predicts what ``train.finetune``'s predictor predicts, text in, labels out."""
+    from longformer_jax.pretrained import save_flax_checkpoint
+    from train.finetune_eval import Predictor
+
+    settings = {"task": task, "layout": "blocks", "seq_len": 64, "block_size": 16, "pooling": "max"}
+    config = lj.LongformerConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_window=[4, 8],
+        max_position_embeddings=70,
+        type_vocab_size=1,
+        num_labels=3,
+        id2label={0: "red", 1: "green", 2: "blue"},
+        extra={"sentence_block_size": 16, "finetuning": settings},
+    )
+    model = lj.build_model(config, task)
+    save_flax_checkpoint(tmp_path / "best", config, lj.init_params(model, 2), task, tokenizer_dir)
+    assert export_cmd.main([str(tmp_path / "best"), str(tmp_path / "out"), "--lengths", "32,64"]) == 0
+    served = lj.load_exported(tmp_path / "out")
+    if task == "document-classification":
+        texts = ["Paris is the capital of France. Berlin is the capital of Germany. " * 4, "Hello I'm a fashion model."]
+    else:
+        texts = [["Hello I'm a fashion model.", "The quick brown fox.", "Long documents need long models."] * 2]
+    got = served.predict(texts)
+    want = Predictor(tmp_path / "best").classify(texts)
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    listed = lambda s: s if isinstance(s, list) else [s]  # noqa: E731  (one score dict per block or per text)
+    for g, w in zip(got, want):
+        for ours, theirs in zip(listed(g["scores"]), listed(w["scores"])):
+            np.testing.assert_allclose([ours[k] for k in theirs], list(theirs.values()), atol=1e-5)
