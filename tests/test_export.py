@@ -238,7 +238,11 @@ def test_every_head_exports_and_matches(tmp_path, task):
         hf = make_hf_model(task, tmp_path / "hf", num_labels=2 if task == "question-answering" else 3)
         config, _, params, _ = load_checkpoint(tmp_path / "hf")
         model = lj.build_model(config, task)
-    lj_export.export_model(model, params, tmp_path / "out", lengths=[32], num_global_slots=4, verify=False, log=print)
+    embed = task == "token-classification"  # one head with the weights inside the programs
+    lj_export.export_model(
+        model, params, tmp_path / "out", lengths=[32], num_global_slots=4, embed_weights=embed, verify=False, log=print
+    )
+    assert (tmp_path / "out" / "model.safetensors").exists() != embed
     loaded = lj.load_exported(tmp_path / "out")
     ids, am, gm = _inputs_for(task, config)
     got = loaded(ids, am, gm)
@@ -311,7 +315,7 @@ def test_predict_agrees_with_the_finetuning_predictor(tmp_path, tokenizer_dir, t
     )
     model = lj.build_model(config, task)
     save_flax_checkpoint(tmp_path / "best", config, lj.init_params(model, 2), task, tokenizer_dir)
-    assert export_cmd.main([str(tmp_path / "best"), str(tmp_path / "out"), "--lengths", "32,64"]) == 0
+    assert export_cmd.main([str(tmp_path / "best"), str(tmp_path / "out"), "--lengths", "64"]) == 0
     served = lj.load_exported(tmp_path / "out")
     if task == "document-classification":
         texts = ["Paris is the capital of France. Berlin is the capital of Germany. " * 4, "Hello I'm a fashion model."]
