@@ -13,7 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[torch,test,data,sentence-bench]'
+	$(BIN)/pip install -q -e '.[torch,test,data,sentence-bench,onnx]'
+	# jax2onnx without its declared pins (see the onnx extra in pyproject.toml).
+	$(BIN)/pip install -q --no-deps 'jax2onnx>=0.17,<0.18'
 	touch $@
 
 test: venv
