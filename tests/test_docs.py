@@ -37,7 +37,7 @@ PAGES = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob
 SKIP_MARKER = re.compile(r"<!-- doc-test: skip \((network|accelerator|until merged)\) -->")
 SHELL = {"bash", "sh", "shell", "console"}
 # Pages that other branches add; a link to one is checked once it exists.
-PENDING_PAGES = {"docs/sizing.md", "docs/serving.md"}
+PENDING_PAGES = {"docs/sizing.md"}
 
 # The seed's token ids of "<s>Hello I'm a <mask> model.</s>" (the README's example).
 SEED_IDS = "[[0, 31414, 38, 437, 10, 50264, 1421, 4, 2]]"
