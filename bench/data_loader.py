@@ -17,7 +17,7 @@ python -m bench.data_loader --dir /tmp/x --sizes 10000 1000000 --step-ms 3058
    ``next`` (``num_threads=0``): decoding, masking and batching together. Compared with the examples/s
    a train step consumes at that layout: ``1000 / --step-ms`` (the default, 3,058 ms, is the 2-layer
    base-size train step at 4,096 tokens, window 128 + 32 globals, batch 1, of ``python -m bench.run``
-   in the README; a 12-layer step takes about 6x longer, so the real ratio is larger).
+   in docs/benchmarks.md; a 12-layer step takes about 6x longer, so the real ratio is larger).
 3. **Preparation.** A local sample in C4's format (``c4-train.IIIII-of-NNNNN.json.gz``, JSON lines
    with a ``text`` field) made of the real text at hand: the WikiText-2 validation articles in
    ``../shared/data`` and the built-in python-docs corpus. It is not C4: its documents are longer

@@ -1,4 +1,4 @@
-"""The README's fine-tuning table in one command: ``python -m bench.finetune_table --init MODEL``.
+"""The fine-tuning table of docs/finetuning.md in one command: ``python -m bench.finetune_table --init MODEL``.
 
 For each offline task of ``train/demo_tasks.py`` (built into ``OUT/tasks`` unless ``--tasks`` names a
 folder of them) this prints, on the held-out test split: chance (the train split's majority label, and a

@@ -7,6 +7,8 @@ COMMANDS = {
     "flax_to_hf": "Flax checkpoint / HF dir / pretraining run -> HF dir (config.json, model.safetensors)",
     "roberta_to_longformer": "RoBERTa -> long Longformer (positions copied in repeats, global q/k/v copied); "
     "a Longformer -> a longer one",
+    "export": "a model -> serving artifacts (jax.export programs per length bucket, ONNX, manifest) for "
+    "longformer_jax.load_exported",
     "fill_mask": "top-k fillers of <mask> tokens with a masked-LM model",
 }
 

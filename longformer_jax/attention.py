@@ -82,7 +82,8 @@ def global_slots(is_global_BxL: Array, num_slots: int) -> GlobalSlots:
     slot_BxL = jnp.where(is_global_BxL & (rank_BxL < num_slots), rank_BxL, num_slots)
     pos_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     index_BxG = jnp.zeros((B, num_slots + 1), jnp.int32)
-    index_BxG = index_BxG.at[jnp.arange(B)[:, None], slot_BxL].set(pos_BxL, mode="drop")[:, :num_slots]
+    row_Bx1 = jax.lax.broadcasted_iota(jnp.int32, (B, 1), 0)  # not arange(B): B may be symbolic (jax.export)
+    index_BxG = index_BxG.at[row_Bx1, slot_BxL].set(pos_BxL, mode="drop")[:, :num_slots]
     valid_BxG = jnp.arange(num_slots)[None, :] < count_B[:, None]
     index_BxG = jnp.where(valid_BxG, index_BxG, 0)
     return GlobalSlots(index_BxG, valid_BxG, count_B > num_slots)
@@ -916,7 +917,7 @@ def scatter_global_rows_heads(out_BxHxLxD: Array, rows_BxHxGxD: Array, slots: Gl
     index = jnp.where(slots.valid_BxG, slots.index_BxG, L)  # L: out of bounds -> dropped
     # Advanced indices around a slice: the indexed sub-array is laid out (B, G, H, D).
     rows_BxGxHxD = jnp.swapaxes(rows_BxHxGxD, 1, 2)
-    return out_BxHxLxD.at[jnp.arange(B)[:, None], :, index].set(rows_BxGxHxD, mode="drop")
+    return out_BxHxLxD.at[jax.lax.broadcasted_iota(jnp.int32, (B, 1), 0), :, index].set(rows_BxGxHxD, mode="drop")
 
 
 def dense_attention_mask(

@@ -24,6 +24,11 @@ import numpy as np
 
 from longformer_jax.config import LongformerConfig
 from longformer_jax.dropout import Dropout
+from longformer_jax.global_rules import (
+    block_start_global_mask,
+    choice_global_attention_mask,
+    question_global_attention_mask,
+)
 from longformer_jax.inputs import ModelInputs, concrete
 from longformer_jax.losses import IGNORE_INDEX, classification_loss, cross_entropy
 from longformer_jax.modeling import LongformerBaseModelOutput, LongformerModel, activation, dense, layer_norm
@@ -327,34 +332,6 @@ class LongformerForTokenClassification(LongformerTaskModel):
 
 
 # ---------------------------------------------------------------------------------------- QA / multiple choice
-def _first_separator(input_ids, sep_token_id: int, what: str):
-    """Index of the first separator of every row; HF requires exactly three per row."""
-    ids = concrete(input_ids)
-    if ids is not None:
-        counts = (ids == sep_token_id).sum(-1)
-        bad = np.nonzero(counts != 3)[0]
-        if bad.size:
-            r = int(bad[0])
-            raise ValueError(
-                f"{what}: row {r} holds {int(counts[r])} separator tokens (id {sep_token_id}) but exactly 3 are "
-                "needed to place the global attention automatically (<s> question </s></s> context </s>); "
-                "fix the input or pass global_attention_mask explicitly."
-            )
-    return jnp.argmax(jnp.asarray(input_ids) == sep_token_id, axis=-1)
-
-
-def question_global_attention_mask(input_ids, sep_token_id: int) -> Array:
-    """Global attention on every token before the first separator (the question and ``<s>``)."""
-    end = _first_separator(input_ids, sep_token_id, "question answering")
-    return (jnp.arange(input_ids.shape[-1])[None, :] < end[:, None]).astype(jnp.int32)
-
-
-def choice_global_attention_mask(input_ids, sep_token_id: int) -> Array:
-    """Global attention on every token after the first ``</s></s>`` (HF's multiple-choice rule)."""
-    end = _first_separator(input_ids, sep_token_id, "multiple choice")
-    return (jnp.arange(input_ids.shape[-1])[None, :] > end[:, None] + 1).astype(jnp.int32)
-
-
 class LongformerForQuestionAnswering(LongformerTaskModel):
     """Global attention on the question when no mask is given; start/end logits; loss (CE_s + CE_e)/2.
 
@@ -445,13 +422,6 @@ class LongformerForMultipleChoice(LongformerTaskModel):
 
 
 # ---------------------------------------------------------------------------------------- sentence blocks
-def block_start_global_mask(attention_mask_BxL: Array, block_size: int) -> Array:
-    """Global attention on the first token of every non-empty block of ``block_size`` tokens."""
-    B, L = attention_mask_BxL.shape
-    starts = (jnp.arange(L) % block_size == 0)[None, :]
-    return (starts & (attention_mask_BxL != 0)).astype(jnp.int32)
-
-
 def _with_block_defaults(inputs: HeadInputs, block_size: int) -> HeadInputs:
     """An attention mask of ones when none is given; global attention on the block starts by default."""
     am = jnp.ones(inputs.shape, jnp.int32) if inputs.attention_mask is None else jnp.asarray(inputs.attention_mask)

@@ -24,9 +24,9 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from longformer_jax.config import LongformerConfig
+from longformer_jax.global_rules import concrete
 
 Array = jax.Array
 
@@ -50,16 +50,6 @@ class ModelInputs:
     num_global_slots: int = flax.struct.field(pytree_node=False)
     length: int = flax.struct.field(pytree_node=False)
     global_columns: int = flax.struct.field(pytree_node=False)
-
-
-def concrete(x) -> np.ndarray | None:
-    """``x`` as a numpy array when its value is known (not traced by jit), else None."""
-    if x is None:
-        return None
-    try:
-        return np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
 
 
 def pow2_bucket(n: int) -> int:

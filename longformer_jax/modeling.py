@@ -72,7 +72,20 @@ class LongformerBaseModelOutput:
 
 
 # ---------------------------------------------------------------------------------------- modules
+def embed_with_padding_idx(table: nn.Embed, ids, padding_idx: int):
+    """``table(ids)`` with no gradient into the row ``padding_idx``, as torch's ``nn.Embedding(padding_idx=...)``.
+
+    The values are unchanged; every lookup of that row (whichever position it is at) passes no gradient,
+    so the row's gradient is the one it gets elsewhere (the tied LM decoder), as in transformers.
+    """
+    x_BxLxE = table(ids)
+    return jnp.where((ids == padding_idx)[..., None], jax.lax.stop_gradient(x_BxLxE), x_BxLxE)
+
+
 class LongformerEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout. The word and position tables are built
+    with transformers' ``padding_idx=pad_token_id``: their pad row gets no gradient from the lookups."""
+
     config: LongformerConfig
 
     @nn.compact
@@ -83,10 +96,11 @@ class LongformerEmbeddings(nn.Module):
         pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="position_embeddings")
         tok = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="token_type_embeddings")
         if inputs_embeds is None:
-            inputs_embeds = word(input_ids)
+            inputs_embeds = embed_with_padding_idx(word, input_ids, cfg.pad_token_id)
         else:
             word(jnp.zeros((1, 1), jnp.int32))  # create the table when built from inputs_embeds
-        x = inputs_embeds.astype(jnp.float32) + pos(position_ids) + tok(token_type_ids)
+        positions = embed_with_padding_idx(pos, position_ids, cfg.pad_token_id)
+        x = inputs_embeds.astype(jnp.float32) + positions + tok(token_type_ids)
         x = layer_norm(cfg, "LayerNorm")(x)
         return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 

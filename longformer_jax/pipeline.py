@@ -171,10 +171,27 @@ class FillMaskPipeline:
         return [spec] * n
 
 
+# The files one of which a tokenizer directory holds (fast tokenizer, byte-level BPE, WordPiece, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
 @functools.lru_cache(maxsize=4)
-def _pipeline_for_directory(directory: str, dtype: str) -> FillMaskPipeline:
+def _model_for_directory(directory: str, dtype: str):
     local = str(resolve_source(directory))
     model, params = load_pretrained(local, task="masked-lm", dtype=dtype)
+    return local, model, params
+
+
+@functools.lru_cache(maxsize=4)
+def _pipeline_for_directory(directory: str, dtype: str) -> FillMaskPipeline:
+    """The model of ``directory`` with the tokenizer beside it; a ValueError when there is none."""
+    local, model, params = _model_for_directory(directory, dtype)
+    if not any(os.path.exists(os.path.join(local, name)) for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"fill-mask: {directory} holds a model but no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). "
+            "Pass tokenizer= (a transformers tokenizer, a directory or a hub id), or save the tokenizer beside the "
+            "model (lj.save_pretrained(dir, model, params, tokenizer=...) or tokenizer.save_pretrained(dir))."
+        )
     return FillMaskPipeline(model, params, local)
 
 
@@ -200,10 +217,11 @@ def fill_mask(
     """
     if isinstance(model_or_dir, FillMaskPipeline):
         pipe = model_or_dir
-    elif isinstance(model_or_dir, (str, os.PathLike)):
+    elif isinstance(model_or_dir, (str, os.PathLike)) and tokenizer is None:
         pipe = _pipeline_for_directory(os.fspath(model_or_dir), dtype)
-        if tokenizer is not None:
-            pipe = FillMaskPipeline(pipe.model, pipe.params, tokenizer)
+    elif isinstance(model_or_dir, (str, os.PathLike)):
+        _, model, params = _model_for_directory(os.fspath(model_or_dir), dtype)
+        pipe = FillMaskPipeline(model, params, tokenizer)
     else:
         if params is None:
             raise ValueError("fill_mask(model, ...) with a Flax module needs params=.")

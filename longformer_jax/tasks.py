@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longformer_jax import heads
+from longformer_jax import global_rules, heads
 from longformer_jax.config import LongformerConfig
 from longformer_jax.modeling import LongformerModel
 
@@ -31,25 +31,25 @@ GlobalAttentionRule = Callable[[nn.Module, Array, Array], Array]
 
 def _first_token(model, input_ids, attention_mask):
     """HF's sequence classification: global attention on position 0 (``<s>``)."""
-    return jnp.zeros(jnp.shape(input_ids), jnp.int32).at[..., 0].set(1)
+    return global_rules.first_token_global_mask(input_ids)
 
 
 def _question(model, input_ids, attention_mask):
     """HF's question answering: every token before the first ``</s>`` (the question and ``<s>``)."""
-    return heads.question_global_attention_mask(jnp.asarray(input_ids), model.config.sep_token_id)
+    return global_rules.question_global_attention_mask(jnp.asarray(input_ids), model.config.sep_token_id)
 
 
 def _choices(model, input_ids, attention_mask):
     """HF's multiple choice: every token after the first ``</s></s>``, per choice."""
     ids = jnp.asarray(input_ids)
-    flat = heads.choice_global_attention_mask(ids.reshape(-1, ids.shape[-1]), model.config.sep_token_id)
+    flat = global_rules.choice_global_attention_mask(ids.reshape(-1, ids.shape[-1]), model.config.sep_token_id)
     return flat.reshape(ids.shape)
 
 
 def _block_starts(model, input_ids, attention_mask):
     """The seed checkpoint's layout: the first token of every non-empty sentence block."""
     am = jnp.ones(jnp.shape(input_ids), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
-    return heads.block_start_global_mask(am, model.sentence_block_size)
+    return global_rules.block_start_global_mask(am, model.sentence_block_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -287,19 +287,21 @@ def test_one_window_for_all_layers_parity(torch):
     compare_outputs(jo, to, [("logits", "logits")])
 
 
-@pytest.mark.slow
-def test_mlm_gradients_match_pytorch(torch):
-    tm, model, params, cfg = make_pair(torch, "masked-lm")
-    tm.train()  # dropout probabilities are 0.1: turn them off for an exact comparison
+def no_dropout(torch, tm):
+    """Dropout off in a torch model kept in train mode (its probabilities are 0.1): an exact comparison."""
+    tm.train()
     for m in tm.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    for m in tm.modules():
         if hasattr(m, "dropout") and isinstance(m.dropout, float):
             m.dropout = 0.0
-    ids, am, gm = batch("mixed", np.random.default_rng(9))
-    labels = np.where((np.random.default_rng(10).random(ids.shape) < 0.4) & (am == 1), ids, -100)
-    labels[0, 1] = 7
+
+
+def mlm_grads_both(torch, pair, ids, am, gm, labels):
+    """The masked-LM loss of both models on the same batch and labels, and each model's gradients by HF
+    state-dict name: (jax loss, torch loss, jax grads, torch grads)."""
+    tm, model, params, cfg = pair
+    no_dropout(torch, tm)
     tm.zero_grad()
     out = tm(
         torch.tensor(ids),
@@ -314,8 +316,17 @@ def test_mlm_gradients_match_pytorch(torch):
         return model.apply({"params": p}, ids, attention_mask=am, global_attention_mask=gm, labels=labels).loss
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    assert abs(float(loss) - float(out.loss)) <= TOL
-    jax_grads = lj.state_dict_from_params(grads, cfg, "masked-lm")
+    return float(loss), out.loss.item(), lj.state_dict_from_params(grads, cfg, "masked-lm"), torch_grads
+
+
+@pytest.mark.slow
+def test_mlm_gradients_match_pytorch(torch):
+    pair = make_pair(torch, "masked-lm")
+    ids, am, gm = batch("mixed", np.random.default_rng(9))
+    labels = np.where((np.random.default_rng(10).random(ids.shape) < 0.4) & (am == 1), ids, -100)
+    labels[0, 1] = 7
+    loss, torch_loss, jax_grads, torch_grads = mlm_grads_both(torch, pair, ids, am, gm, labels)
+    assert abs(loss - torch_loss) <= TOL
     # torch ties lm_head.decoder.weight to the word embeddings: its grad is already summed in.
     assert set(jax_grads) == set(torch_grads), set(jax_grads) ^ set(torch_grads)
     worst = max(max_diff(jax_grads[k], torch_grads[k]) for k in torch_grads)

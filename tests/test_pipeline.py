@@ -165,3 +165,16 @@ def test_fill_mask_function_and_command(mlm_dir, pt, tmp_path):
     assert_same(json.loads(r.stdout), ref)
     r = run_cmd("convert.fill_mask", tmp_path / "flax", "no mask")
     assert r.returncode != 0 and "no mask token" in r.stderr
+
+
+def test_fill_mask_on_a_directory_without_a_tokenizer_says_so(mlm_dir, pt, tmp_path):
+    """A model saved without its tokenizer: a ValueError naming the fix (not empty token strings);
+    with tokenizer= given, the same answers as on the directory that has one."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((mlm_dir / name).read_bytes())
+    with pytest.raises(ValueError, match=r"no tokenizer files.*Pass tokenizer="):
+        fill_mask(str(bare), "Hello I'm a <mask> model.", top_k=3)
+    got = fill_mask(str(bare), "Hello I'm a <mask> model.", top_k=3, tokenizer=str(mlm_dir), global_attention=[])
+    assert_same(got, fill_mask(str(mlm_dir), "Hello I'm a <mask> model.", top_k=3, global_attention=[]))

@@ -46,7 +46,7 @@ def test_demo_eval_loss_falls_well_below_start(demo_run):
     )
     assert start > math.log(cfg.tokenizer_vocab_size) - 0.5  # about ln(vocab) at initialisation
     # Perplexity / 2.7 or better: from about ln(2048) = 7.6 (the demo's vocabulary) to the
-    # frequent-token level in this short budget; the full demo goes on past it (README).
+    # frequent-token level in this short budget; the full demo goes on past it (docs/pretraining.md).
     assert end < start - 1.0, (start, end)
     assert s["final_eval"]["accuracy"] > s["first_eval"]["accuracy"]
 

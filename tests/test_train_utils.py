@@ -91,7 +91,7 @@ def test_seed_recipe_preset_is_the_spec():
     assert c.global_batch_size == 128 and c.warmup_steps == 5000
     assert (c.seed, c.seq_len, c.mlm_probability, c.clip_norm) == (42, 4096, 0.15, 1.0)
     assert (c.layout, c.block_size, c.num_global_slots, c.min_doc_tokens) == ("blocks", 128, 32, 1024)
-    assert c.data == "data/c4" and c.eval_docs == 1000  # C4 prepared by train.prepare_data (README)
+    assert c.data == "data/c4" and c.eval_docs == 1000  # C4 prepared by train.prepare_data (docs/pretraining.md)
     assert c.init == "kiddothe2b/longformer-base-4096"
     c.validate()
     d = config_lib.preset("demo")
@@ -328,3 +328,21 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
     assert metrics_lib.main([str(tmp_path)]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert metrics_lib.main([str(tmp_path / "nope")]) == 2
+
+
+def test_plot_title_is_the_command_and_its_summary_not_the_directory(tmp_path):
+    run = tmp_path / "demo2"
+    log = metrics_lib.MetricsLogger(run, tensorboard=False)
+    log.write("eval", 0, {"loss": 7.6732, "accuracy": 0.0, "bpc": 7.6732 / np.log(2)})
+    log.write("eval", 3000, {"loss": 2.91, "accuracy": 0.49, "bpc": 2.91 / np.log(2)})
+    log.close()
+    (run / "config.json").write_text(json.dumps({"preset": "demo"}))
+    evals = [r for r in metrics_lib.read_metrics(run) if r["split"] == "eval"]
+    title = metrics_lib.run_title(run, evals)
+    assert title == (
+        "make demo: python -m train.pretrain --preset demo\n"
+        "eval loss 7.6732 -> 2.9100 (bpc 11.070 -> 4.198, accuracy 0.000 -> 0.490)"
+    )
+    assert "demo2" not in title
+    (run / "config.json").write_text(json.dumps({"preset": "hat", "task": "multiple-choice"}))
+    assert metrics_lib.run_title(run, []) == "python -m train.finetune --preset hat --task multiple-choice"

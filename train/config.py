@@ -286,7 +286,7 @@ _SEED_RECIPE = dict(
     init="kiddothe2b/longformer-base-4096",
     model=SEED_MODEL,
     tokenizer=None,  # None with --init: the tokenizer saved beside the initial model
-    # C4 `en` prepared once by `python -m train.prepare_data ... --output data/c4` (README): shards
+    # C4 `en` prepared once by `python -m train.prepare_data ... --output data/c4` (docs/pretraining.md): shards
     # streamed by every host, documents of at least 1,024 subword tokens, 1,000 held out.
     data="data/c4",
     layout="blocks",
@@ -324,7 +324,7 @@ _DEMO = dict(
     # 32 tokens: few position embeddings to learn, many updates per second), 30% of the tokens masked
     # (the LM head runs only at the masked slots, so more labels per step cost little), a high
     # learning rate without dropout, and enough steps: its eval loss falls steeply between about
-    # steps 750 and 1,250, when it starts to use its neighbours (README, docs/demo_curves.png).
+    # steps 750 and 1,250, when it starts to use its neighbours (docs/pretraining.md, docs/demo_curves.png).
     preset="demo",
     init=None,
     tokenizer=None,

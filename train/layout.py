@@ -29,7 +29,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from train.sentences import split_sentences
+from longformer_jax.sentences import split_sentences
+from longformer_jax.text_layout import blocks_example, group_blocks
+from longformer_jax.text_layout import expand_blocks as expand_blocks  # re-exported for train.records
 
 LAYOUTS = ("blocks", "contiguous")
 MODEL_KEYS = ("input_ids", "attention_mask", "global_attention_mask")
@@ -56,58 +58,6 @@ def check_layout(layout: str, seq_len: int, block_size: int, min_blocks: int = 1
     n_blocks = seq_len // block_size
     if not 1 <= min_blocks <= n_blocks:
         raise ValueError(f"min_blocks={min_blocks} must lie in [1, {n_blocks}] (blocks per example)")
-
-
-def group_blocks(sentences: Iterable[Sequence[int]], content: int) -> list[list[int]]:
-    """Greedy grouping of sentences (token id lists) into blocks of at most ``content`` tokens.
-
-    A sentence goes into the current block if it fits, else it starts a new one; a sentence
-    longer than ``content`` is cut into ``content``-token pieces first. Order is kept.
-    """
-    blocks: list[list[int]] = []
-    current: list[int] = []
-    for sentence in sentences:
-        for start in range(0, len(sentence), content):
-            piece = sentence[start : start + content]
-            if current and len(current) + len(piece) > content:
-                blocks.append(current)
-                current = []
-            current.extend(piece)
-    if current:
-        blocks.append(current)
-    return blocks
-
-
-def expand_blocks(
-    lengths: np.ndarray, tokens: np.ndarray, *, seq_len: int, block_size: int, bos_id: int, eos_id: int, pad_id: int
-) -> Example:
-    """A ``"blocks"`` example from its block lengths (n,) and content tokens (sum of lengths,)."""
-    lengths = np.asarray(lengths, np.int64)
-    starts = np.arange(len(lengths)) * block_size
-    # Position of each content token: its block's start + 1 + its offset inside the block.
-    offsets = np.arange(len(tokens)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    positions = np.repeat(starts, lengths) + 1 + offsets
-    input_ids = np.full((seq_len,), pad_id, np.int32)
-    attention_mask = np.zeros((seq_len,), np.int32)
-    global_mask = np.zeros((seq_len,), np.int32)
-    input_ids[starts] = eos_id
-    input_ids[starts[:1]] = bos_id
-    input_ids[positions] = tokens
-    attention_mask[starts] = 1
-    attention_mask[positions] = 1
-    global_mask[starts] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "global_attention_mask": global_mask}
-
-
-def blocks_example(
-    blocks: Sequence[Sequence[int]], *, seq_len: int, block_size: int, bos_id: int, eos_id: int, pad_id: int
-) -> Example:
-    """One example from at most ``seq_len // block_size`` blocks of at most ``block_size - 1`` tokens."""
-    lengths = np.asarray([len(b) for b in blocks], np.int64)
-    tokens = np.asarray([t for b in blocks for t in b], np.int32)
-    return expand_blocks(
-        lengths, tokens, seq_len=seq_len, block_size=block_size, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id
-    )
 
 
 def document_blocks(

@@ -118,6 +118,34 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return recs
 
 
+def eval_summary(first: dict[str, Any] | None, last: dict[str, Any]) -> str:
+    """The line the training programs print at the end: `eval loss A -> B (bpc .., accuracy ..)`."""
+    if not first:
+        return f"eval loss {last['loss']:.4f} (bpc {last['bpc']:.3f}, accuracy {last['accuracy']:.3f})"
+    return (
+        f"eval loss {first['loss']:.4f} -> {last['loss']:.4f} (bpc {first['bpc']:.3f} -> {last['bpc']:.3f}, "
+        f"accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f})"
+    )
+
+
+def run_title(run_dir: str | Path, evals: list[dict[str, Any]]) -> str:
+    """A run's plot title: the command that made it (from its `config.json`) and the evaluation summary line
+    the program printed (never the directory's name, which says nothing to a reader of a copied picture)."""
+    path = Path(run_dir) / "config.json"
+    lines = []
+    if path.exists():
+        cfg = json.loads(path.read_text())
+        if "task" in cfg:
+            lines.append(f"python -m train.finetune --preset {cfg.get('preset')} --task {cfg['task']}")
+        elif cfg.get("preset") == "demo":
+            lines.append("make demo: python -m train.pretrain --preset demo")
+        else:
+            lines.append(f"python -m train.pretrain --preset {cfg.get('preset')}")
+    if evals and all(k in evals[-1] for k in ("loss", "bpc", "accuracy")):
+        lines.append(eval_summary(evals[0] if len(evals) > 1 else None, evals[-1]))
+    return "\n".join(lines)
+
+
 def plot_run(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -142,7 +170,8 @@ def plot_run(
     train = sorted(series["train"].items())
     evals = sorted(series["eval"].items())
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig.suptitle(run_title(run_dir, [r for _, r in evals]), fontsize=11)
     ax = axes[0]
     if train:
         ax.plot([s for s, _ in train], [r["loss"] for _, r in train], label="train loss", lw=1)
@@ -150,7 +179,6 @@ def plot_run(
         ax.plot([s for s, _ in evals], [r["loss"] for _, r in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel(loss_label)
-    ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()

@@ -371,13 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(summary["output_dir"])
     fe, le = summary.get("first_eval") or {}, summary.get("final_eval") or {}
-    if fe and le:
-        print(
-            f"eval loss {fe['loss']:.4f} -> {le['loss']:.4f} (bpc {fe['bpc']:.3f} -> {le['bpc']:.3f}, "
-            f"accuracy {fe['accuracy']:.3f} -> {le['accuracy']:.3f})"
-        )
-    elif le:
-        print(f"eval loss {le['loss']:.4f} (bpc {le['bpc']:.3f}, accuracy {le['accuracy']:.3f})")
+    if le:
+        print(metrics_lib.eval_summary(fe, le))
     if summary.get("tokens_per_s"):
         print(
             f"{summary['steps_run']} steps in {summary['train_seconds']:.0f}s ({summary['tokens_per_s']:,.0f} tokens/s)"
