@@ -9,36 +9,15 @@ The names below are imported on first use (PEP 562), so ``lj.load_exported`` (se
 runs with jax and numpy alone: Flax and ``transformers`` are imported only by the names that need them.
 """
 
-<<<<<<< HEAD
-from longformer_jax import startup
-
-startup.import_jax()  # before anything imports JAX: see longformer_jax.startup
-
-from longformer_jax import attention
-from longformer_jax.compile_options import use_training_xla_flags
-from longformer_jax.config import LongformerConfig
-from longformer_jax.heads import (
-    LongformerForDocumentClassification,
-    LongformerForMaskedLM,
-    LongformerForMultipleChoice,
-    LongformerForQuestionAnswering,
-    LongformerForSequenceClassification,
-    LongformerForSequentialSentenceClassification,
-    LongformerForTokenClassification,
-)
-from longformer_jax.inputs import ModelInputs, global_slot_bucket, prepare_inputs
-from longformer_jax.modeling import LongformerModel
-from longformer_jax.pipeline import fill_mask
-from longformer_jax.pretrained import load_pretrained, save_pretrained
-from longformer_jax.state_dict import params_from_state_dict, state_dict_from_params
-from longformer_jax.tasks import TASKS, build_model, init_params
-=======
 from __future__ import annotations
 
 import importlib
 import importlib.util
 from typing import Any
->>>>>>> main
+
+from longformer_jax import startup
+
+startup.import_jax()  # before anything imports JAX: see longformer_jax.startup
 
 __version__ = "0.1.0"
 
