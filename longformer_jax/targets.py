@@ -42,8 +42,8 @@ from jax.experimental import topologies
 from longformer_jax import sharding, startup
 
 GiB = 1 << 30
-# Device files of an accelerator on this host: NVIDIA GPUs, TPUs (v4: accel, v5e and later: vfio).
-ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+# Device files of an accelerator on this host: NVIDIA and AMD GPUs, TPUs (v4: accel, v5e and later: vfio).
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 
 
 @dataclasses.dataclass(frozen=True)
