@@ -115,7 +115,7 @@ def table_row(name: str, r: dict) -> str:
         f"{'' if s['mesh']['sequence'] == 1 else ', sequence ' + str(s['mesh']['sequence'])} "
         f"| {r['attention_implementation']} ({r['kernel_calls']} kernel calls) "
         f"| {_gib(b['total'])} ({_gib(b['arguments'])} + {_gib(b['temp'])}) | {_gib(ev.get('total'))} "
-        f"| {_gib(r['device_memory_bytes'])} | {'yes' if r['fits'] else '**no**'} "
+        f"| {_gib(r.get('usable_memory_bytes', r['device_memory_bytes']))} | {'yes' if r['fits'] else '**no**'} "
         f"| {r['step_time_lower_bound_s'] * 1e3:.0f} | {'' if days is None else f'{days:.3g}'} "
         f"| {r['compile_seconds']:.0f} | {fit} |"
     )
@@ -128,14 +128,15 @@ def write_table(done: dict[str, dict], names: list[str]) -> None:
         "Printed by `python -m bench.aot` (every row: `python -m train.pretrain|finetune ... --target NAME "
         "--compile-only`, reports in `bench/aot/`). Memory: XLA's memory analysis of the compiled train step "
         "(arguments + temporaries = the peak of the train and eval steps, outputs aliased to the donated state), "
-        "GiB per device against the chip's HBM. Step bound: the model's FLOPs per step (`longformer_jax.flops`, x4/3 "
+        "GiB per device against what a run may use: a TPU's HBM, 75% of a GPU's (JAX's default preallocation, "
+        "`XLA_PYTHON_CLIENT_MEM_FRACTION`). Step bound: the model's FLOPs per step (`longformer_jax.flops`, x4/3 "
         "with remat) at the chip's peak bf16 FLOP/s on every device; days: the bound x the run's steps. None of "
         "these numbers has been measured on the hardware itself. Every seed-recipe row scans its 12 layers "
         "(`--scan-layers`: the same step, one layer compiled instead of twelve); the splash rows train without "
         "attention dropout (`--model attention_probs_dropout_prob=0.0`: the kernel has none), pallas-gpu with it.",
         "",
         "| row | target | batch x accum, tokens, remat, scan | attention | train step GiB per device (arguments + "
-        "temp) | eval step GiB | HBM GiB | fits | step >= ms | run >= days | compile s | --fit recommends |",
+        "temp) | eval step GiB | usable GiB | fits | step >= ms | run >= days | compile s | --fit recommends |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [table_row(n, done[n]) for n in names if n in done]

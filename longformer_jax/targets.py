@@ -120,6 +120,7 @@ _GPU_INFO = {
     "a100-80g": ("NVIDIA A100-SXM4-80GB", 108, 64, 167936, 166912, 41943040, 2039040000000, 1.41, 8, "NONE"),
 }
 MAX_GPUS_PER_HOST = 8
+GPU_MEMORY_FRACTION = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION: the GPU memory it preallocates
 _GPU_NAME = re.compile(r"^(?P<chip>[a-z0-9-]+?)(?:x(?P<count>\d+))?$")
 _TOPOLOGY_NAME = re.compile(r"^(?P<gen>v\d+[a-z]*):(?P<dims>\d+(?:x\d+){1,2})$")
 
@@ -182,6 +183,14 @@ class Target:
     def memory_bytes(self) -> int:
         """HBM of one device."""
         return self.chip.memory_bytes
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """What a run may use of one device's memory: a TPU's HBM; on a GPU the share JAX preallocates
+        (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 unless set: set it the same when sizing and running)."""
+        if self.platform == "tpu":
+            return self.memory_bytes
+        return int(self.memory_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)))
 
     @property
     def peak_flops(self) -> float:

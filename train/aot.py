@@ -387,7 +387,7 @@ def settings_of(cfg) -> dict[str, Any]:
 
 def build_report(plan: Plan, target: targets.Target, train: Compiled, ev: Compiled | None) -> dict[str, Any]:
     """The JSON report of one compiled run (see the module docstring)."""
-    cfg, memory = plan.cfg, target.memory_bytes
+    cfg, memory = plan.cfg, target.usable_memory_bytes
     peak_bytes = max(train.bytes["total"], ev.bytes["total"] if ev else 0)
     model_flops = plan.model_flops_per_step()
     factor = REMAT_FLOPS_FACTOR if cfg.remat else 1.0
@@ -404,7 +404,8 @@ def build_report(plan: Plan, target: targets.Target, train: Compiled, ev: Compil
         "per_device_bytes": train.bytes,
         "eval_per_device_bytes": ev.bytes if ev else None,
         "peak_per_device_bytes": peak_bytes,
-        "device_memory_bytes": memory,
+        "device_memory_bytes": target.memory_bytes,
+        "usable_memory_bytes": memory,
         "fits": peak_bytes <= memory,
         "headroom_bytes": memory - peak_bytes,
         "headroom_fraction": (memory - peak_bytes) / memory,
@@ -439,7 +440,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"eval step:     {_gib(r['eval_per_device_bytes']['total'])} per device")
     verdict = "fits" if r["fits"] else "does NOT fit"
     lines += [
-        f"memory:        {verdict}: {_gib(r['peak_per_device_bytes'])} of {_gib(r['device_memory_bytes'])} "
+        f"memory:        {verdict}: {_gib(r['peak_per_device_bytes'])} of {_gib(r['usable_memory_bytes'])} usable "
+        f"(of {_gib(r['device_memory_bytes'])}) "
         f"({r['headroom_fraction']:.0%} headroom)",
         f"model FLOPs:   {r['model_flops_per_step']:.4g} per step"
         + (
@@ -465,12 +467,12 @@ def format_report(r: dict[str, Any]) -> str:
 def overflow_error(r: dict[str, Any], cfg) -> str:
     """The one `error:` line of a run that does not fit: by how much, and settings estimated to fit."""
     b = r["per_device_bytes"]
-    over = r["peak_per_device_bytes"] - r["device_memory_bytes"]
+    over = r["peak_per_device_bytes"] - r["usable_memory_bytes"]
     fixed = b["arguments"] + b["outputs"] - b["alias"]
     rows = cfg.batch_size
     hints = []
-    if fixed < r["device_memory_bytes"] and b["temp"]:
-        scale = (r["device_memory_bytes"] - fixed) / b["temp"]
+    if fixed < r["usable_memory_bytes"] and b["temp"]:
+        scale = (r["usable_memory_bytes"] - fixed) / b["temp"]
         for smaller in sorted((d for d in _divisors(rows) if d < rows), reverse=True):
             if smaller / rows <= scale * 0.9:
                 hints.append(f"--batch-size {smaller} --grad-accum-steps {cfg.grad_accum_steps * rows // smaller}")
@@ -480,7 +482,7 @@ def overflow_error(r: dict[str, Any], cfg) -> str:
     hints.append("more devices or --mesh fsdp=N")
     return (
         f"{r['target']}: the step needs {_gib(r['peak_per_device_bytes'])} per device but the chip has "
-        f"{_gib(r['device_memory_bytes'])} (over by {_gib(over)}; temporaries {_gib(b['temp'])}, arguments "
+        f"{_gib(r['usable_memory_bytes'])} to use (over by {_gib(over)}; temporaries {_gib(b['temp'])}, arguments "
         f"{_gib(b['arguments'])}); settings estimated to fit: {' or '.join(hints)} (--fit compiles and checks them)"
     )
 
@@ -582,7 +584,9 @@ def fit(plan: Plan, target: targets.Target, devices, known: dict[str, Any] | Non
     for impl in ["blocked", *target_kernels(target)]:
         for remat in (False, True):
             same = known if known and known["remat"] == remat and known["implementation"] == impl else None
-            rows = _first_fit(plan, target, devices, _start(sizes, same, target.memory_bytes), remat, impl, same, log)
+            rows = _first_fit(
+                plan, target, devices, _start(sizes, same, target.usable_memory_bytes), remat, impl, same, log
+            )
             tried += rows
             if any(r.get("fits") for r in rows) or any("error" in r for r in rows):
                 break
@@ -631,7 +635,7 @@ def main(request: Request, plan: Plan, log=print) -> int:
     if found:
         message = (
             f"{report['target']}: the step needs {_gib(report['peak_per_device_bytes'])} per device, the chip has "
-            f"{_gib(report['device_memory_bytes'])}; these settings fit (compiled): {found['flags']}"
+            f"{_gib(report['usable_memory_bytes'])} to use; these settings fit (compiled): {found['flags']}"
         )
     elif request.fit:
         message = (
