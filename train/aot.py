@@ -583,10 +583,13 @@ def fit(plan: Plan, target: targets.Target, devices, known: dict[str, Any] | Non
     tried = []
     for impl in ["blocked", *target_kernels(target)]:
         for remat in (False, True):
-            same = known if known and known["remat"] == remat and known["implementation"] == impl else None
-            rows = _first_fit(
-                plan, target, devices, _start(sizes, same, target.usable_memory_bytes), remat, impl, same, log
-            )
+            same_impl = known if known and known["implementation"] == impl else None
+            same = same_impl if same_impl and same_impl["remat"] == remat else None
+            # The run's compile bounds what fits: exactly with the same settings, from below without remat
+            # when it had remat (a rematerialised step holds less).
+            bound = same_impl if same_impl and (same_impl["remat"] == remat or same_impl["remat"]) else None
+            start = _start(sizes, bound, target.usable_memory_bytes)
+            rows = _first_fit(plan, target, devices, start, remat, impl, same, log)
             tried += rows
             if any(r.get("fits") for r in rows) or any("error" in r for r in rows):
                 break
