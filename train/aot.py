@@ -42,6 +42,7 @@ from longformer_jax import attention, kernels, sharding, targets
 from longformer_jax import flops as flops_lib
 from longformer_jax.config import LongformerConfig
 from train import trainer
+from train.config import SEED_MODEL
 from train.masking import max_masked
 from train.objectives import Objective, mlm_objective
 
@@ -49,6 +50,7 @@ GiB = targets.GiB
 # The architecture of checkpoints known by name, for a host that cannot read their config.json (SPEC.md).
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "kiddothe2b/longformer-base-4096": dict(
+        **SEED_MODEL,
         vocab_size=50265,
         max_position_embeddings=4099,
         pad_token_id=1,
