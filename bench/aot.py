@@ -108,7 +108,11 @@ def table_row(name: str, r: dict) -> str:
     b, s, ev = r["per_device_bytes"], r["settings"], r.get("eval_per_device_bytes") or {}
     rec = r.get("recommended")
     days = r.get("run_time_lower_bound_days")
-    fit = f"`{rec['flags']}` ({_gib(rec['total_bytes'])} GiB)" if rec else ("none fits" if "fit" in r else "")
+    fit = (
+        f"`{rec['flags']}` ({_gib(rec['total_bytes'])} GiB, step >= {rec['step_time_lower_bound_s'] * 1e3:.0f} ms)"
+        if rec
+        else ("none fits" if "fit" in r else "")
+    )
     return (
         f"| {name} | {r['target']} | {s['batch_size']}x{s['grad_accum_steps']}, {s['seq_len']}, "
         f"remat {'on' if s['remat'] else 'off'}{', scan' if s['scan_layers'] else ''}"
