@@ -1,22 +1,50 @@
-"""JAX started without the start-up lines of the ``aot`` extra's CUDA plugin on a host with no NVIDIA driver.
+"""JAX started on a CPU-only host as it was before the ``aot`` extra: on the CPU, without the plugins' noise.
 
-With the CUDA plugin installed (the ``aot`` extra: it compiles for GPU targets), every ``import jax``
-on a host without NVIDIA's driver writes absl lines on stderr ("Could not find cuda drivers on your
-machine, GPU will not be used"), whatever ``JAX_PLATFORMS`` says, before any setting can silence them.
-This package imports JAX first thing through :func:`import_jax`, which leaves out exactly those lines
-(every other line written meanwhile is written out), so programs and tests of this project start as
-they did without the extra. Nothing here imports JAX at module level.
+The ``aot`` extra installs libtpu and the CUDA plugin (they compile for TPU and GPU targets). On a host
+without a GPU or TPU, JAX would then probe both at start-up: a traceback ("Unable to load CUDA") and
+libtpu's complaints on stderr, before it falls back to the CPU; and every ``import jax`` writes the CUDA
+plugin's absl lines ("Could not find cuda drivers on your machine"), whatever ``JAX_PLATFORMS`` says.
+This package imports JAX first thing through :func:`import_jax`, which, where such a plugin is installed,
+the host shows no accelerator device file and ``JAX_PLATFORMS`` is unset, sets ``JAX_PLATFORMS=cpu``
+(inherited by subprocesses), and leaves out exactly the driver lines (every other line written meanwhile
+is written out). Nothing here imports JAX at module level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
 import os
 import sys
 import tempfile
 
 # What the CUDA plugin's libraries print when they find no driver (absl logs, before absl is set up).
 BENIGN_STARTUP_LINES = ("cudart_stub.cc", "All log messages before absl::InitializeLog() is called")
+# Device files of an accelerator on this host: NVIDIA and AMD GPUs, TPUs (v4: accel, v5e and later: vfio).
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+# What makes JAX probe for accelerators when it starts: libtpu, or PJRT plugins (the CUDA plugin).
+ACCELERATOR_PACKAGES = ("libtpu", "jax_plugins")
+
+
+def host_has_accelerator() -> bool:
+    """Whether this host shows the device file of a GPU or TPU."""
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def choose_cpu_where_no_accelerator() -> None:
+    """``JAX_PLATFORMS=cpu`` when it is unset, accelerator plugins are installed and the host has no GPU or TPU."""
+    if os.environ.get("JAX_PLATFORMS") or host_has_accelerator():
+        return
+    if any(_installed(m) for m in ACCELERATOR_PACKAGES):
+        os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 @contextlib.contextmanager
@@ -48,10 +76,18 @@ def import_jax():
     """``import jax`` (a no-op when it is imported already), without the CUDA plugin's driver lines."""
     if "jax" in sys.modules:
         return sys.modules["jax"]
+    choose_cpu_where_no_accelerator()
     with stderr_without():
         import jax
 
     return jax
 
 
-__all__ = ["BENIGN_STARTUP_LINES", "import_jax", "stderr_without"]
+__all__ = [
+    "ACCELERATOR_DEVICE_FILES",
+    "BENIGN_STARTUP_LINES",
+    "choose_cpu_where_no_accelerator",
+    "host_has_accelerator",
+    "import_jax",
+    "stderr_without",
+]

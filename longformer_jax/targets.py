@@ -30,7 +30,6 @@ compile, never probed for a device.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import math
 import os
@@ -42,8 +41,6 @@ from jax.experimental import topologies
 from longformer_jax import sharding, startup
 
 GiB = 1 << 30
-# Device files of an accelerator on this host: NVIDIA and AMD GPUs, TPUs (v4: accel, v5e and later: vfio).
-ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,18 +288,14 @@ def compiler_available(platform: str) -> bool:
         return False
 
 
-def host_has_accelerator() -> bool:
-    """Whether this host shows the device file of a GPU or TPU."""
-    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
-
-
 def start_jax() -> list:
     """Starts JAX's backends and returns its devices: on the host's CPU where the host has no GPU or TPU
     (and ``JAX_PLATFORMS`` is not set), so that the compilers of the ``aot`` extra are never probed for a
     device they cannot find; the CUDA plugin's start-up lines about a missing driver are left out.
 
     Call it before the first JAX computation (after setting ``XLA_FLAGS``)."""
-    if not os.environ.get("JAX_PLATFORMS") and not host_has_accelerator():
+    startup.choose_cpu_where_no_accelerator()
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_platforms", "cpu")
     with startup.stderr_without():
         return jax.devices()
@@ -321,7 +314,6 @@ __all__ = [
     "Target",
     "compiler_available",
     "get_target",
-    "host_has_accelerator",
     "start_jax",
     "gpu_target_config",
     "known_targets",
