@@ -315,7 +315,8 @@ def test_predict_agrees_with_the_finetuning_predictor(tmp_path, tokenizer_dir, t
     )
     model = lj.build_model(config, task)
     save_flax_checkpoint(tmp_path / "best", config, lj.init_params(model, 2), task, tokenizer_dir)
-    assert export_cmd.main([str(tmp_path / "best"), str(tmp_path / "out"), "--lengths", "64"]) == 0
+    # The run directory: its best/ is what is exported.
+    assert export_cmd.main([str(tmp_path), str(tmp_path / "out"), "--lengths", "64"]) == 0
     served = lj.load_exported(tmp_path / "out")
     if task == "document-classification":
         texts = ["Paris is the capital of France. Berlin is the capital of Germany. " * 4, "Hello I'm a fashion model."]

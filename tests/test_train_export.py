@@ -111,6 +111,37 @@ def test_export_of_a_run_dir_loads_in_transformers_with_equal_logits(run_dir, tm
     assert np.abs(flax_logits(config, other, ids, am, gm) - fx).max() > 1e-3
 
 
+@pytest.mark.slow
+def test_serving_export_of_a_run_dir_is_its_latest_step(run_dir, tmp_path):
+    """``python -m convert.export RUN DST`` on a pretraining run: the latest step's scanned-layer weights,
+    served with the run's tokenizer, give the Flax model's logits at that step (and not step 3's)."""
+    from convert import export as serve_cmd
+
+    run, saved = run_dir
+    assert (
+        serve_cmd.main(
+            [str(run), str(tmp_path / "served"), "--lengths", "32,64", "--num-global-slots", "2", "--platforms", "cpu"]
+        )
+        == 0
+    )
+    served = lj.load_exported(tmp_path / "served")
+    assert (tmp_path / "served" / "tokenizer.json").is_file()
+    config = lj.LongformerConfig.from_pretrained(run / "model")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, config.vocab_size, (2, 40)).astype(np.int32)
+    ids[:, 0] = config.bos_token_id
+    am = np.ones_like(ids)
+    gm = np.zeros_like(ids)
+    gm[:, 0] = 1
+    got = served(ids, am, gm)["logits"]
+    for step, close in ((7, True), (3, False)):
+        params = lj.params_from_state_dict(
+            lj.state_dict_from_params(saved[step], config.replace(scan_layers=True)), config
+        )
+        diff = np.abs(got - flax_logits(config, params, ids, am, gm)).max()
+        assert (diff <= 1e-5) == close, (step, diff)
+
+
 def test_export_of_a_given_step_as_flax_and_by_the_command(run_dir, tmp_path):
     run, saved = run_dir
     export.export_run(run, tmp_path / "flax", step=3, output_format="flax", log=lambda _: None)
