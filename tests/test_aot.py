@@ -130,3 +130,12 @@ def test_finetune_compile_only(tmp_path_factory):
     assert rc == 0 and r["fits"] and r["settings"]["seq_len"] == 256
     assert r["settings"]["dtype"] == "bfloat16" and r["settings"]["remat"]  # the preset's
     assert r["eval_per_device_bytes"]["total"] > 0
+
+
+@pytest.mark.slow
+@needs_tpu
+def test_sequence_axis_compiles_for_the_target(tmp_path_factory):
+    argv = [*TINY, "--seq-len", "512", "--model", "max_position_embeddings=600", "--batch-size", "1"]
+    rc, r = _run(pretrain, [*argv, "--mesh", "data=1,sequence=4", "--target", "v5p-8"], tmp_path_factory)
+    assert rc == 0 and r["fits"] and r["num_devices"] == 4 and r["settings"]["mesh"]["sequence"] == 4
+    assert r["per_device_bytes"]["temp"] > 0 and r["eval_per_device_bytes"]["total"] > 0
