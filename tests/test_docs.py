@@ -32,12 +32,9 @@ from train import data as data_lib
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "CHANGELOG.md", *sorted((REPO / "docs").glob("*.md"))]
-# Only these reasons: a block that needs the network or an accelerator. "until merged" marks the README's
-# lines for programs that other branches add; remove those marks once they are merged.
-SKIP_MARKER = re.compile(r"<!-- doc-test: skip \((network|accelerator|until merged)\) -->")
+# Only these reasons: a block that needs the network or an accelerator.
+SKIP_MARKER = re.compile(r"<!-- doc-test: skip \((network|accelerator)\) -->")
 SHELL = {"bash", "sh", "shell", "console"}
-# Pages that other branches add; a link to one is checked once it exists.
-PENDING_PAGES = {"docs/sizing.md"}
 
 # The seed's token ids of "<s>Hello I'm a <mask> model.</s>" (the README's example).
 SEED_IDS = "[[0, 31414, 38, 437, 10, 50264, 1421, 4, 2]]"
@@ -216,8 +213,7 @@ def test_relative_links_and_pictures_exist():
             if re.match(r"[a-z]+:", target) or target.startswith("#"):
                 continue
             path = (page.parent / target.split("#")[0]).resolve()
-            rel = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
-            if not path.exists() and rel not in PENDING_PAGES:
+            if not path.exists():
                 missing.append(f"{page.relative_to(REPO)}: {target}")
     assert not missing, missing
 

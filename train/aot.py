@@ -41,6 +41,7 @@ import longformer_jax as lj
 from longformer_jax import attention, kernels, sharding, targets
 from longformer_jax import flops as flops_lib
 from longformer_jax.config import LongformerConfig
+from train import config as config_lib
 from train import trainer
 from train.config import SEED_MODEL
 from train.masking import max_masked
@@ -85,11 +86,7 @@ class Request:
 def split_args(argv: list[str] | None) -> tuple[Request | None, list[str]]:
     """(the compile-only request or None, the program's own arguments)."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--target", default=None)
-    p.add_argument("--compile-only", action="store_true")
-    p.add_argument("--report", default=None)
-    p.add_argument("--fit", action="store_true")
-    p.add_argument("--num-labels", type=int, default=None)
+    config_lib.add_target_flags(p, defaults=None)
     ns, rest = p.parse_known_args(argv)
     if ns.target is None:
         given = [

@@ -542,7 +542,46 @@ def build_parser(
                 type=_arg_type(f.name, config_class),
                 help=help_,
             )
+    add_target_flags(p)  # read first by train.aot.split_args; here for --help
     return p
+
+
+def add_target_flags(p: argparse.ArgumentParser, defaults: Any = argparse.SUPPRESS) -> None:
+    """The flags that size a run for an accelerator target instead of training (`train.aot`, docs/sizing.md).
+
+    ``defaults``: SUPPRESS in a program's own parser (there for --help: `train.aot.split_args` takes
+    them out of the command line first), None in the parser that reads them."""
+    given = defaults is argparse.SUPPRESS
+    g = p.add_argument_group("sizing for a TPU or GPU target, on this host's CPU (nothing is trained; docs/sizing.md)")
+    g.add_argument(
+        "--target",
+        default=defaults,
+        metavar="NAME",
+        help="a TPU slice (v4-8, v5e-8, v5p-8, v6e-8, ...), a JAX topology name (v5e:4x4) or GPUs on one host "
+        "(h100, h200, a100-80g, h100x8); needs --compile-only and the aot extra",
+    )
+    g.add_argument(
+        "--compile-only",
+        action="store_true",
+        default=defaults if given else False,
+        help="compile this run's train and evaluation steps for --target and print memory per device, whether it "
+        "fits and a step-time bound (exit 1 when it does not fit)",
+    )
+    g.add_argument("--report", default=defaults, metavar="FILE", help="also write the report as JSON")
+    g.add_argument(
+        "--fit",
+        action="store_true",
+        default=defaults if given else False,
+        help="compile and compare micro-batch (global batch kept), remat and attention implementation; print the "
+        "fastest settings that fit",
+    )
+    g.add_argument(
+        "--num-labels",
+        type=int,
+        default=defaults,
+        metavar="N",
+        help="fine-tuning with --compile-only: the head's number of labels (no data is read)",
+    )
 
 
 def _mesh_settings(ns: argparse.Namespace) -> dict[str, int]:
