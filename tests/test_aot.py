@@ -86,7 +86,8 @@ def test_v5e_report(v5e):
 def test_v5e_fit_choice_compiles_and_fits(v5e):
     _, r = v5e
     rec = r["recommended"]
-    assert rec["fits"] and rec["total_bytes"] <= r["device_memory_bytes"]
+    assert rec["fits"] and rec["total_bytes"] <= r["fit_limit_bytes"] == int(0.9 * r["usable_memory_bytes"])
+    assert all(row["fits"] == (row["total_bytes"] <= r["fit_limit_bytes"]) for row in r["fit"] if "error" not in row)
     assert rec["batch_size"] * rec["grad_accum_steps"] == 16  # the global batch is kept
     assert f"--batch-size {rec['batch_size']} --grad-accum-steps {rec['grad_accum_steps']}" in rec["flags"]
     rows = {row["implementation"]: row for row in r["fit"]}

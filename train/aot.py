@@ -68,6 +68,9 @@ _KERNEL_PATTERNS = {
 }
 # What a rematerialised step costs over a plain one: the forward pass again in the backward one.
 REMAT_FLOPS_FACTOR = 4.0 / 3.0
+# The share of a chip's usable memory that --fit leaves free for what the compiler does not see (the
+# runtime's own buffers, fragmentation, a profiler): a recommendation at 99 % of HBM fails at run time.
+DEFAULT_FIT_HEADROOM = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +84,7 @@ class Request:
     report: str | None = None
     fit: bool = False
     num_labels: int | None = None  # fine-tuning: the head's labels (no data is read)
+    fit_headroom: float = DEFAULT_FIT_HEADROOM
 
 
 def split_args(argv: list[str] | None) -> tuple[Request | None, list[str]]:
@@ -97,7 +101,9 @@ def split_args(argv: list[str] | None) -> tuple[Request | None, list[str]]:
         return None, rest
     if not ns.compile_only:
         raise ValueError(f"--target {ns.target} compiles for another machine: add --compile-only (nothing is trained).")
-    return Request(ns.target, True, ns.report, ns.fit, ns.num_labels), rest
+    if not 0.0 <= ns.fit_headroom < 1.0:
+        raise ValueError(f"--fit-headroom {ns.fit_headroom} must be a fraction in [0, 1), e.g. 0.1 (10 % kept free).")
+    return Request(ns.target, True, ns.report, ns.fit, ns.num_labels, ns.fit_headroom), rest
 
 
 def use_cpu_host() -> None:
@@ -526,10 +532,19 @@ def _batch_sizes(plan: Plan, batch_devices: int) -> list[int]:
 
 
 def _first_fit(
-    plan: Plan, target, devices, sizes: list[int], remat: bool, impl: str, known: dict[str, Any] | None, log
+    plan: Plan,
+    target,
+    devices,
+    sizes: list[int],
+    remat: bool,
+    impl: str,
+    known: dict[str, Any] | None,
+    limit: int,
+    log,
 ) -> list[dict[str, Any]]:
-    """Compiles the micro-batches of `sizes` (largest first) until one fits; every try as a row. `known`: the
-    run's own compile (of the same implementation and remat), not compiled again."""
+    """Compiles the micro-batches of `sizes` (largest first) until one fits under `limit` bytes per device;
+    every try as a row. `known`: the run's own compile (of the same implementation and remat), not compiled
+    again."""
     tried = []
     for b in sizes:
         variant = _variant(plan, batch_size=b, remat=remat, implementation=impl)
@@ -550,7 +565,7 @@ def _first_fit(
             "grad_accum_steps": variant.cfg.grad_accum_steps,
             "per_device_batch": b // (target.num_devices // variant.cfg.mesh_sequence),
             "total_bytes": r["per_device_bytes"]["total"],
-            "fits": r["fits"],
+            "fits": r["per_device_bytes"]["total"] <= limit,
             "step_time_lower_bound_s": r["step_time_lower_bound_s"],
             "kernel_calls": r["kernel_calls"],
             "compile_seconds": r["compile_seconds"],
@@ -558,7 +573,7 @@ def _first_fit(
         }
         tried.append(row)
         log(f"  {row['flags']}: {_gib(row['total_bytes'])} per device, {'fits' if row['fits'] else 'too big'}")
-        if r["fits"]:
+        if row["fits"]:
             break
     return tried
 
@@ -574,9 +589,18 @@ def _start(sizes: list[int], known: dict[str, Any] | None, memory: int) -> list[
     return sizes[sizes.index(fitting[0]) :] if fitting else sizes[-1:]
 
 
-def fit(plan: Plan, target: targets.Target, devices, known: dict[str, Any] | None, log=print) -> dict[str, Any]:
+def fit(
+    plan: Plan,
+    target: targets.Target,
+    devices,
+    known: dict[str, Any] | None,
+    headroom: float = DEFAULT_FIT_HEADROOM,
+    log=print,
+) -> dict[str, Any]:
     """Compiles micro-batch x remat x implementation variants; the fastest that fits by the step-time bound
-    (rematerialisation costs a forward pass again; then the larger micro-batch; then a kernel)."""
+    (rematerialisation costs a forward pass again; then the larger micro-batch; then a kernel). A variant fits
+    when it leaves `headroom` (a fraction) of the usable memory free."""
+    limit = int(target.usable_memory_bytes * (1.0 - headroom))
     batch_devices = target.num_devices // plan.cfg.mesh_sequence
     sizes = _batch_sizes(plan, batch_devices)
     tried = []
@@ -587,22 +611,29 @@ def fit(plan: Plan, target: targets.Target, devices, known: dict[str, Any] | Non
             # The run's compile bounds what fits: exactly with the same settings, from below without remat
             # when it had remat (a rematerialised step holds less).
             bound = same_impl if same_impl and (same_impl["remat"] == remat or same_impl["remat"]) else None
-            start = _start(sizes, bound, target.usable_memory_bytes)
-            rows = _first_fit(plan, target, devices, start, remat, impl, same, log)
+            start = _start(sizes, bound, limit)
+            rows = _first_fit(plan, target, devices, start, remat, impl, same, limit, log)
             tried += rows
             if any(r.get("fits") for r in rows) or any("error" in r for r in rows):
                 break
     fitting = [r for r in tried if r.get("fits")]
     kernel_set = set(target_kernels(target))
     fitting.sort(key=lambda r: (r["step_time_lower_bound_s"], -r["batch_size"], r["implementation"] not in kernel_set))
-    return {"recommended": fitting[0] if fitting else None, "tried": tried}
+    return {"recommended": fitting[0] if fitting else None, "tried": tried, "limit_bytes": limit}
 
 
 # ----------------------------------------------------------------------------------------------
 # The programs' entry
 
 
-def compile_run(plan: Plan, target_name: str, *, fit_search: bool = False, log=print) -> dict[str, Any]:
+def compile_run(
+    plan: Plan,
+    target_name: str,
+    *,
+    fit_search: bool = False,
+    fit_headroom: float = DEFAULT_FIT_HEADROOM,
+    log=print,
+) -> dict[str, Any]:
     """The report of a plan compiled for a target (with ``recommended`` and ``fit`` from the search)."""
     target = targets.get_target(target_name)
     devices = targets.target_devices(target)
@@ -616,16 +647,20 @@ def compile_run(plan: Plan, target_name: str, *, fit_search: bool = False, log=p
             "remat": plan.cfg.remat,
             "implementation": plan.config.attention_implementation,
         }
-        log(f"--fit: global batch {plan.cfg.global_batch_size} kept; compiling the variants for {target.name}")
-        found = fit(plan, target, devices, known, log)
+        log(
+            f"--fit: global batch {plan.cfg.global_batch_size} kept, {fit_headroom:.0%} of the memory left free; "
+            f"compiling the variants for {target.name}"
+        )
+        found = fit(plan, target, devices, known, fit_headroom, log)
         report["fit"] = found["tried"]
+        report["fit_limit_bytes"] = found["limit_bytes"]
         report["recommended"] = found["recommended"]
     return report
 
 
 def main(request: Request, plan: Plan, log=print) -> int:
     """Compiles, prints the report (writes it with ``--report``); 0 when it fits, else 1 and an `error:` line."""
-    report = compile_run(plan, request.target, fit_search=request.fit, log=log)
+    report = compile_run(plan, request.target, fit_search=request.fit, fit_headroom=request.fit_headroom, log=log)
     print(format_report(report))
     if request.report:
         Path(request.report).parent.mkdir(parents=True, exist_ok=True)

@@ -576,6 +576,14 @@ def add_target_flags(p: argparse.ArgumentParser, defaults: Any = argparse.SUPPRE
         "fastest settings that fit",
     )
     g.add_argument(
+        "--fit-headroom",
+        type=float,
+        default=defaults if given else 0.1,
+        metavar="FRACTION",
+        help="the share of the chip's usable memory that --fit leaves free for what the compiler does not see "
+        "(runtime buffers, fragmentation; default 0.1)",
+    )
+    g.add_argument(
         "--num-labels",
         type=int,
         default=defaults,
