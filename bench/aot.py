@@ -137,7 +137,8 @@ def write_table(done: dict[str, dict], names: list[str]) -> None:
         "with remat) at the chip's peak bf16 FLOP/s on every device; days: the bound x the run's steps. None of "
         "these numbers has been measured on the hardware itself. Every seed-recipe row scans its 12 layers "
         "(`--scan-layers`: the same step, one layer compiled instead of twelve); the splash rows train without "
-        "attention dropout (`--model attention_probs_dropout_prob=0.0`: the kernel has none), pallas-gpu with it.",
+        "attention dropout (`--model attention_probs_dropout_prob=0.0`: the kernel has none), pallas-gpu with it. "
+        "`--fit` keeps the global batch and leaves 10% of the usable memory free (`--fit-headroom`).",
         "",
         "| row | target | batch x accum, tokens, remat, scan | attention | train step GiB per device (arguments + "
         "temp) | eval step GiB | usable GiB | fits | step >= ms | run >= days | compile s | --fit recommends |",

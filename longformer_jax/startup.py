@@ -72,15 +72,34 @@ def stderr_without(benign: tuple[str, ...] = BENIGN_STARTUP_LINES):
                 sys.stderr.write("\n".join(kept) + "\n")
 
 
-def import_jax():
-    """``import jax`` (a no-op when it is imported already), without the CUDA plugin's driver lines."""
-    if "jax" in sys.modules:
-        return sys.modules["jax"]
-    choose_cpu_where_no_accelerator()
-    with stderr_without():
-        import jax
+def register_plugins() -> None:
+    """JAX's discovery of its PJRT plugins (the CUDA plugin's ``initialize``, which loads its libraries and
+    writes the driver lines), run now, inside the filter, rather than when the backends start.
 
-    return jax
+    Starts no backend, so ``jax.distributed.initialize()`` may still follow. Uses JAX's own discovery
+    function (``jax._src.xla_bridge``); where a JAX release lacks it, nothing is done (the lines then come
+    when the backends start)."""
+    if not _installed("jax_plugins"):
+        return
+    from jax._src import xla_bridge
+
+    discover = getattr(xla_bridge, "_discover_and_register_pjrt_plugins", None)
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: True)
+    if discover is None or started():
+        return
+    with stderr_without():
+        discover()
+
+
+def import_jax():
+    """``import jax`` and its plugins' registration, without the CUDA plugin's driver lines (where JAX was
+    imported already, only the registration, if its backends have not started)."""
+    if "jax" not in sys.modules:
+        choose_cpu_where_no_accelerator()
+        with stderr_without():
+            import jax  # noqa: F401
+    register_plugins()
+    return sys.modules["jax"]
 
 
 __all__ = [
@@ -89,5 +108,6 @@ __all__ = [
     "choose_cpu_where_no_accelerator",
     "host_has_accelerator",
     "import_jax",
+    "register_plugins",
     "stderr_without",
 ]

@@ -288,17 +288,18 @@ def compiler_available(platform: str) -> bool:
         return False
 
 
-def start_jax() -> list:
-    """Starts JAX's backends and returns its devices: on the host's CPU where the host has no GPU or TPU
-    (and ``JAX_PLATFORMS`` is not set), so that the compilers of the ``aot`` extra are never probed for a
-    device they cannot find; the CUDA plugin's start-up lines about a missing driver are left out.
+def start_jax() -> None:
+    """Chooses JAX's platforms for this host before its backends start: the host's CPU where it has no GPU
+    or TPU (and ``JAX_PLATFORMS`` is not set), so that the compilers of the ``aot`` extra are never probed
+    for a device they cannot find; the plugins are registered with their start-up lines about a missing
+    driver left out (``longformer_jax.startup``).
 
-    Call it before the first JAX computation (after setting ``XLA_FLAGS``)."""
+    Starts no backend (``jax.distributed.initialize()`` may follow). Call it before the first JAX
+    computation (after setting ``XLA_FLAGS``)."""
     startup.choose_cpu_where_no_accelerator()
     if os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    with startup.stderr_without():
-        return jax.devices()
+    startup.register_plugins()
 
 
 def target_mesh(target: Target, data: int = -1, fsdp: int = 1, sequence: int = 1) -> jax.sharding.Mesh:
