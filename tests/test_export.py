@@ -203,6 +203,25 @@ def _inputs_for(task, config):
     return ids, am, gm
 
 
+def block_head_config(finetuning=None, **fields) -> lj.LongformerConfig:
+    """The tiny model (the tokenizer's vocabulary, windows 4 / 8) with 16-token sentence blocks for the block
+    heads; ``finetuning``: a fine-tuning run's layout settings."""
+    extra = {"sentence_block_size": 16, **({"finetuning": finetuning} if finetuning else {})}
+    return lj.LongformerConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_window=[4, 8],
+        max_position_embeddings=70,
+        type_vocab_size=1,
+        num_labels=3,
+        extra=extra,
+        **fields,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "task",
@@ -220,18 +239,7 @@ def test_every_head_exports_and_matches(tmp_path, task):
     custom = task in ("document-classification", "sequential-sentence-classification")
     hf = None
     if custom:
-        config = lj.LongformerConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            attention_window=[4, 8],
-            max_position_embeddings=70,
-            type_vocab_size=1,
-            num_labels=3,
-            extra={"sentence_block_size": 16},
-        )
+        config = block_head_config()
         model = lj.build_model(config, task)
         params = lj.init_params(model, 1)
     else:
@@ -300,19 +308,7 @@ def test_predict_agrees_with_the_finetuning_predictor(tmp_path, tokenizer_dir, t
     from train.finetune_eval import Predictor
 
     settings = {"task": task, "layout": "blocks", "seq_len": 64, "block_size": 16, "pooling": "max"}
-    config = lj.LongformerConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        attention_window=[4, 8],
-        max_position_embeddings=70,
-        type_vocab_size=1,
-        num_labels=3,
-        id2label={0: "red", 1: "green", 2: "blue"},
-        extra={"sentence_block_size": 16, "finetuning": settings},
-    )
+    config = block_head_config(id2label={0: "red", 1: "green", 2: "blue"}, finetuning=settings)
     model = lj.build_model(config, task)
     save_flax_checkpoint(tmp_path / "best", config, lj.init_params(model, 2), task, tokenizer_dir)
     # The run directory: its best/ is what is exported.
